@@ -1,0 +1,203 @@
+"""One typed settings object for every process.
+
+Values come from `OPRECON_*` environment variables (nested with `__`, e.g.
+`OPRECON_POLICIES__WELCOME_NOT_SENT=alert`), then an optional TOML file named by
+`OPRECON_CONFIG_FILE`, then the defaults here. A bad value stops start-up with one line
+that names the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Policy(StrEnum):
+    OFF = "off"
+    ALERT = "alert"
+    FIX = "fix"
+
+
+class SettingsError(RuntimeError):
+    """An invalid setting; `str()` is one line naming it."""
+
+
+DEFAULT_VAR = Path("var")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OPRECON_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # -- infrastructure ---------------------------------------------------------------
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # Locks, rate-limit buckets, breaker state: kept apart from the broker's keys.
+    redis_url: str = "redis://127.0.0.1:6379/1"
+    state_db_url: str = f"sqlite:///{DEFAULT_VAR / 'oprecon.sqlite'}"
+    practice: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    heartbeat_dir: Path = DEFAULT_VAR / "heartbeat"
+    metrics_port: int = Field(9808, ge=0, le=65535)  # 0 disables the metrics server
+
+    # -- sources ----------------------------------------------------------------------
+    op_source: Literal["csv", "sql"] = "csv"
+    op_dir: Path | None = None
+    op_db_url: str | None = None
+    portal_source: Literal["csv", "http"] = "csv"
+    portal_dir: Path | None = None
+    portal_url: str | None = None
+    portal_token: SecretStr | None = None
+    portal_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    portal_max_retries: int = Field(3, ge=0, le=10)
+    # Dotted path to a class implementing PortalReader/PortalWriter, for another vendor.
+    portal_adapter: str | None = None
+
+    # -- time rules -------------------------------------------------------------------
+    propagation_delay_minutes: float = Field(15, ge=0)
+    hold_minutes: float = Field(15, ge=0)
+    source_refresh_hold_minutes: float = Field(20, ge=0)
+    verify_max_retries: int = Field(2, ge=0, le=10)
+    welcome_window_days: float = Field(7, gt=0)
+
+    # -- policy and safety ------------------------------------------------------------
+    dry_run: bool = False
+    policies: dict[str, Policy] = Field(default_factory=dict)
+    mass_change_max_fixes: int = Field(50, ge=0)
+    mass_change_max_percent: float = Field(2.0, ge=0, le=100)
+    allow_unguarded_fixes: bool = False
+    portal_rate_per_second: float = Field(5.0, gt=0)
+    breaker_failure_ratio: float = Field(0.5, gt=0, le=1)
+    breaker_min_calls: int = Field(10, ge=1)
+    breaker_cooldown_seconds: float = Field(300, gt=0)
+
+    # -- digests ----------------------------------------------------------------------
+    digest_recipients: dict[str, list[str]] = Field(default_factory=dict)
+    digest_time: str = Field("07:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    digest_timezone: str = "America/New_York"
+    digest_show_names: bool = False
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_starttls: bool = False
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_sender: str = "oprecon@localhost"
+    webhook_url: str | None = None
+
+    # -- scheduling -------------------------------------------------------------------
+    incremental_scan_minutes: float = Field(5, gt=0)
+    full_scan_hour: int = Field(2, ge=0, le=23)
+    scan_soft_limit_seconds: int = Field(1500, gt=0)
+    scan_hard_limit_seconds: int = Field(1800, gt=0)
+    broker_visibility_timeout_seconds: int = Field(7200, gt=0)
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+
+    @field_validator("policies", mode="before")
+    @classmethod
+    def _known_checks(cls, value: Any) -> Any:
+        from worker.checks.catalog import CHECK_IDS
+
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(CHECK_IDS))
+            if unknown:
+                raise ValueError(f"unknown check id(s): {', '.join(unknown)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if not self.scan_soft_limit_seconds < self.scan_hard_limit_seconds:
+            raise ValueError("scan_soft_limit_seconds must be below scan_hard_limit_seconds")
+        if self.scan_hard_limit_seconds * 2 > self.broker_visibility_timeout_seconds:
+            raise ValueError(
+                "broker_visibility_timeout_seconds must be at least twice scan_hard_limit_seconds"
+            )
+        unguarded = self.mass_change_max_fixes == 0 and self.mass_change_max_percent == 0
+        fixing = any(p is Policy.FIX for p in self.policies.values())
+        if unguarded and fixing and not self.allow_unguarded_fixes:
+            raise ValueError(
+                "fix policies with the mass-change guard off need allow_unguarded_fixes=true"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = os.environ.get("OPRECON_CONFIG_FILE")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+    # -- derived ----------------------------------------------------------------------
+
+    @property
+    def propagation_delay(self) -> timedelta:
+        return timedelta(minutes=self.propagation_delay_minutes)
+
+    @property
+    def hold(self) -> timedelta:
+        return timedelta(minutes=self.hold_minutes)
+
+    @property
+    def source_refresh_hold(self) -> timedelta:
+        return timedelta(minutes=self.source_refresh_hold_minutes)
+
+    @property
+    def welcome_window(self) -> timedelta:
+        return timedelta(days=self.welcome_window_days)
+
+    @property
+    def lock_timeout_seconds(self) -> int:
+        """The scan lock outlives the hard limit, and stays below the visibility timeout."""
+        return self.scan_hard_limit_seconds + 60
+
+    def policy_for(self, check: str, default: Policy) -> Policy:
+        return self.policies.get(check, default)
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "settings"
+    name = f"OPRECON_{loc.upper().replace('.', '__')}" if first["loc"] else "settings"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"invalid setting {name}: {msg}{more}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning pydantic's report into one line that names the setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        raise SettingsError(_one_line(err)) from None
+    except (OSError, ValueError) as err:  # unreadable or malformed TOML file
+        raise SettingsError(f"invalid settings file: {err}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
