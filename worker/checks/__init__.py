@@ -1,0 +1,23 @@
+"""All checks: importing this package registers every one of them."""
+
+from __future__ import annotations
+
+from worker.checks import (  # noqa: F401  (imported to register)
+    charts,
+    duplicates,
+    family,
+    invalid,
+    links,
+    portal,
+    welcome,
+)
+from worker.checks.base import CheckContext, iter_findings
+from worker.checks.catalog import BY_ID, CHECK_IDS, SPECS, CheckSpec
+from worker.checks.remedies import REMEDIES
+
+__all__ = ["BY_ID", "CHECK_IDS", "REMEDIES", "SPECS", "CheckContext", "CheckSpec", "run_checks"]
+
+
+def run_checks(ctx: CheckContext) -> list:
+    """Every finding for the snapshot, in a stable order (check order, then ids)."""
+    return list(iter_findings(ctx))

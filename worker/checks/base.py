@@ -1,0 +1,99 @@
+"""What every check receives, and the registry that runs them.
+
+A check is a pure function of a `CheckContext` (snapshot + `now` + the time rules)
+that yields findings. It never reads a clock, a database or the network, which is what
+lets every time rule be tested at its exact boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import lru_cache
+
+from email_validator import EmailNotValidError, validate_email
+
+from worker.checks.catalog import BY_ID
+from worker.findings import Action, Finding, Severity
+from worker.snapshot import Snapshot
+
+CheckFn = Callable[["CheckContext"], Iterable[Finding]]
+
+
+@dataclass
+class CheckContext:
+    snapshot: Snapshot
+    now: datetime
+    propagation_delay: timedelta = timedelta(minutes=15)
+    welcome_window: timedelta = timedelta(days=7)
+    # Cross-system candidates skipped because an OP record changed too recently.
+    suppressed_recent: int = 0
+    memo: dict[str, object] = field(default_factory=dict)
+
+    def recent(self, *records: object) -> bool:
+        """True when any OP record changed within the propagation delay: the portal
+        may not show it yet, so comparing the two systems would raise a false alarm."""
+        cutoff = self.now - self.propagation_delay
+        for record in records:
+            updated = getattr(record, "updated_at", None)
+            if updated is not None and updated > cutoff:
+                return True
+        return False
+
+    def skip_recent(self, *records: object) -> bool:
+        if self.recent(*records):
+            self.suppressed_recent += 1
+            return True
+        return False
+
+
+def finding(
+    check: str,
+    detail: str,
+    *,
+    severity: Severity | None = None,
+    action: Action | None = None,
+    **ids: object,
+) -> Finding:
+    """A finding with the catalog's defaults for `check`."""
+    spec = BY_ID[check]
+    return Finding(
+        check=check,
+        severity=severity or spec.severity,
+        action=action or spec.action,
+        detail=detail,
+        fix=spec.fix if (action or spec.action) is Action.FIX else None,
+        cross_system=spec.cross_system,
+        **ids,  # type: ignore[arg-type]
+    )
+
+
+@lru_cache(maxsize=65536)
+def email_is_valid(email: str) -> bool:
+    try:
+        validate_email(email, check_deliverability=False)
+    except EmailNotValidError:
+        return False
+    return True
+
+
+REGISTRY: list[tuple[str, CheckFn]] = []
+
+
+def register(*check_ids: str) -> Callable[[CheckFn], CheckFn]:
+    """Add a check function; it may yield findings for any of `check_ids`."""
+
+    def deco(fn: CheckFn) -> CheckFn:
+        for cid in check_ids:
+            if cid not in BY_ID:
+                raise KeyError(f"unknown check id {cid}")
+        REGISTRY.append((",".join(check_ids), fn))
+        return fn
+
+    return deco
+
+
+def iter_findings(ctx: CheckContext) -> Iterator[Finding]:
+    for _, fn in REGISTRY:
+        yield from fn(ctx)

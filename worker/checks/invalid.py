@@ -1,0 +1,40 @@
+"""invalid_record: rows a source could not parse, and portal links to unknown users.
+
+A bad row is reported and skipped; the rest of the source still reconciles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from worker.checks.base import CheckContext, finding, register
+from worker.findings import Finding
+from worker.records import InvalidRecord
+
+
+def _where(rec: InvalidRecord) -> str:
+    return f"{rec.source} line {rec.line}" if rec.line is not None else rec.source
+
+
+@register("invalid_record")
+def invalid_record(ctx: CheckContext) -> Iterator[Finding]:
+    snap = ctx.snapshot
+    for rec in snap.invalid:
+        yield finding(
+            "invalid_record",
+            f"{_where(rec)}: {rec.reason}",
+            patient_id=rec.patient_id,
+            contact_id=rec.contact_id,
+            portal_user_id=rec.portal_user_id,
+            key_extra=f"{rec.source}:{rec.line if rec.line is not None else rec.reason}",
+        )
+    for cu, du in sorted(snap.links):
+        missing = [u for u in (cu, du) if u not in snap.users]
+        if missing:
+            yield finding(
+                "invalid_record",
+                f"portal_links: link {cu} -> {du} names unknown portal user(s) "
+                f"{', '.join(missing)}",
+                portal_user_id=cu,
+                key_extra=f"portal_links:{cu}->{du}",
+            )

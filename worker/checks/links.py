@@ -1,0 +1,76 @@
+"""Caregiver/dependent links: missing ones block a parent, stale ones leak a child's record.
+
+A stale link is the one privacy problem in the catalog, hence high severity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from worker.checks.base import CheckContext, finding, register
+from worker.findings import Finding
+
+
+@register("caregiver_link_missing")
+def caregiver_link_missing(ctx: CheckContext) -> Iterator[Finding]:
+    snap = ctx.snapshot
+    for fc in snap.family:
+        if not snap.is_authorized(fc):
+            continue
+        patient = snap.patients.get(fc.patient_id)
+        if patient is None or not patient.active:
+            continue
+        caregivers = snap.active_users_for_contact(fc.contact_id)
+        dependents = snap.active_users_for_patient(fc.patient_id)
+        if not caregivers or not dependents:
+            continue
+        contact = snap.contacts[fc.contact_id]
+        for cu in caregivers:
+            linked = snap.links_by_caregiver.get(cu.user_id, ())
+            for du in dependents:
+                if du.user_id in linked:
+                    continue
+                if ctx.skip_recent(patient, contact, fc):
+                    continue
+                yield finding(
+                    "caregiver_link_missing",
+                    f"contact {fc.contact_id} (portal user {cu.user_id}) is authorized on "
+                    f"chart {fc.patient_id} but the portal does not link them to dependent "
+                    f"user {du.user_id}",
+                    patient_id=fc.patient_id,
+                    contact_id=fc.contact_id,
+                    portal_user_id=cu.user_id,
+                )
+
+
+@register("caregiver_link_stale")
+def caregiver_link_stale(ctx: CheckContext) -> Iterator[Finding]:
+    snap = ctx.snapshot
+    for cu_id, du_id in sorted(snap.links):
+        cu = snap.users.get(cu_id)
+        du = snap.users.get(du_id)
+        if cu is None or du is None or not cu.active or not du.active:
+            continue
+        if not cu.op_contact_id or not du.op_patient_id:
+            continue
+        contact = snap.contacts.get(cu.op_contact_id)
+        patient = snap.patients.get(du.op_patient_id)
+        if contact is None or patient is None or not patient.active:
+            continue  # orphans and inactive patients have checks of their own
+        fcs = [
+            f for f in snap.fc_by_patient.get(patient.patient_id, ())
+            if f.contact_id == contact.contact_id
+        ]
+        if any(snap.is_authorized(f) for f in fcs):
+            continue
+        if ctx.skip_recent(patient, contact, *fcs):
+            continue
+        yield finding(
+            "caregiver_link_stale",
+            f"portal user {cu_id} (contact {contact.contact_id}) can still see patient "
+            f"{patient.patient_id}, whom OP no longer authorizes them for",
+            patient_id=patient.patient_id,
+            contact_id=contact.contact_id,
+            portal_user_id=cu_id,
+        )
+

@@ -1,0 +1,55 @@
+"""welcome_not_sent: an authorized parent who never got (or lost) their Welcome email.
+
+Resending is the fix the guide gives, except when a Self role on the parent's own chart
+blocks the email: then a resend is pointless and staff are alerted instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from worker.checks.base import CheckContext, email_is_valid, finding, register
+from worker.checks.family import self_role_contacts
+from worker.findings import Action, Finding
+
+@register("welcome_not_sent")
+def welcome_not_sent(ctx: CheckContext) -> Iterator[Finding]:
+    snap = ctx.snapshot
+    blocked = self_role_contacts(ctx)
+    since = ctx.now - ctx.welcome_window
+    for cid, contact in snap.contacts.items():
+        if not contact.active:
+            continue
+        fcs = [
+            fc for fc in snap.fc_by_contact.get(cid, ())
+            if snap.is_authorized(fc)
+            and (p := snap.patients.get(fc.patient_id)) is not None
+            and p.active
+        ]
+        if not fcs:
+            continue
+        email = contact.email.strip()
+        if not email or not email_is_valid(email):
+            continue
+        if snap.active_users_for_contact(cid):
+            continue
+        sent = snap.welcome_sent.get(email.lower())
+        if sent is not None and sent >= since:
+            continue
+        if ctx.skip_recent(contact, *fcs):
+            continue
+        if cid in blocked:
+            yield finding(
+                "welcome_not_sent",
+                f"contact {cid} has no portal account and no recent Welcome email; a resend "
+                "will not go out until the Self role on their own chart is fixed",
+                action=Action.ALERT,
+                contact_id=cid,
+            )
+        else:
+            yield finding(
+                "welcome_not_sent",
+                f"contact {cid} is authorized but has no portal account and no Welcome email "
+                "in the window",
+                contact_id=cid,
+            )

@@ -1,0 +1,387 @@
+"""Text row -> record, one function per layout, shared by every adapter.
+
+The CSV and SQL adapters both hand rows over in the CSV representation (strings, `None`
+for a missing value), so a date, boolean or authority means the same thing whichever
+source it came from. A row that breaks a rule becomes an `InvalidRecord` naming every
+problem at once; nothing here raises on bad data, because bad input is a finding, never
+a crashed run.
+
+Reasons never carry names, emails, phones or dates of birth: they reach logs and
+digests. Only the offending value of a non-PHI field (a time, boolean, authority or
+status) is quoted, so staff can see what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
+from typing import Any
+
+from worker.records import (
+    AuditEvent,
+    Authority,
+    CaregiverLink,
+    Contact,
+    FamilyContact,
+    InvalidRecord,
+    Patient,
+    PortalSource,
+    PortalUser,
+)
+
+Row = Mapping[str, str | None]
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+_AUTHORITY = {a.value.lower(): a for a in Authority}
+_STATUS = {"active": "Active", "inactive": "Inactive"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Longer ids are not ids: keep them out of findings rather than echo a whole bad field.
+_MAX_ID = 200
+_MAX_SHOWN = 40
+
+
+class _Problems:
+    """Collects every rule a row breaks, so one finding lists all of them."""
+
+    __slots__ = ("reasons",)
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def add(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def _shown(value: str) -> str:
+    """Quote a non-PHI value for a reason, shortened and safe to print."""
+    value = _SURROGATE.sub("\ufffd", value)
+    if len(value) > _MAX_SHOWN:
+        value = value[:_MAX_SHOWN] + "..."
+    return f"'{value}'"
+
+
+def _text(row: Row, key: str) -> str:
+    value = row.get(key)
+    return "" if value is None else value
+
+
+def _interned(row: Row, key: str) -> str:
+    """Low-cardinality text (roles, cities, actions): one copy for a million rows."""
+    value = row.get(key)
+    return "" if not value else sys.intern(value)
+
+
+def _optional_id(row: Row, key: str) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    return value.strip() or None
+
+
+def _required_id(row: Row, key: str, problems: _Problems) -> str:
+    value = _optional_id(row, key)
+    if value is None:
+        problems.add(f"missing {key}")
+        return ""
+    return value
+
+
+def _date(row: Row, key: str, problems: _Problems, phi: bool) -> date | None:
+    value = (row.get(key) or "").strip()
+    if not value:
+        return None
+    if _DATE.fullmatch(value):
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            pass
+    problems.add(
+        f"bad {key} (not a valid YYYY-MM-DD date)" if phi else f"bad {key} {_shown(value)}"
+    )
+    return None
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """ISO 8601 -> aware datetime; a time without offset is read as UTC.
+
+    Raises ValueError for text that is not a time; blank is None.
+    """
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (ValueError, OverflowError) as err:
+        raise ValueError(value) from err
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def _time(row: Row, key: str, problems: _Problems) -> datetime | None:
+    try:
+        return parse_time(row.get(key))
+    except ValueError:
+        problems.add(f"bad {key} {_shown((row.get(key) or '').strip())}")
+        return None
+
+
+def _bool(row: Row, key: str, problems: _Problems) -> bool:
+    value = (row.get(key) or "").strip()
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    problems.add(f"missing {key}" if not value else f"bad {key} {_shown(value)}")
+    return False
+
+
+def _authority(row: Row, problems: _Problems) -> Authority:
+    value = (row.get("authority") or "").strip()
+    if not value:
+        return Authority.NONE
+    found = _AUTHORITY.get(value.lower())
+    if found is None:
+        problems.add(f"unknown authority {_shown(value)}")
+        return Authority.NONE
+    return found
+
+
+def _status(row: Row, problems: _Problems) -> str:
+    value = (row.get("status") or "").strip()
+    found = _STATUS.get(value.lower())
+    if found is None:
+        problems.add(
+            "missing status" if not value else f"bad status {_shown(value)} (Active or Inactive)"
+        )
+        return ""
+    return found
+
+
+def _clean_id(value: str | None) -> str | None:
+    """An id fit to appear in a finding: present, short and decodable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > _MAX_ID or _SURROGATE.search(value):
+        return None
+    return value
+
+
+# Which row columns name the InvalidRecord's patient, contact and portal user.
+_ID_COLUMNS: dict[str, tuple[str | None, str | None, str | None]] = {
+    "patients": ("patient_id", None, None),
+    "contacts": ("patient_id", "contact_id", None),
+    "family_contacts": ("patient_id", "contact_id", None),
+    "portal_users": ("op_patient_id", "op_contact_id", "user_id"),
+    "portal_links": (None, None, "caregiver_user_id"),
+    "portal_sources": (None, None, "user_id"),
+    "portal_audit": (None, None, "user_id"),
+}
+
+
+def invalid(table: str, row: Row, source: str, line: int | None, reason: str) -> InvalidRecord:
+    """An InvalidRecord carrying whatever ids of the row are readable."""
+    patient_col, contact_col, user_col = _ID_COLUMNS[table]
+    extra: dict[str, str] = {}
+    if table == "portal_links":
+        dependent = _clean_id(row.get("dependent_user_id"))
+        if dependent:
+            extra["dependent_user_id"] = dependent
+    return InvalidRecord(
+        source=source,
+        line=line,
+        reason=reason,
+        patient_id=_clean_id(row.get(patient_col)) if patient_col else None,
+        contact_id=_clean_id(row.get(contact_col)) if contact_col else None,
+        portal_user_id=_clean_id(row.get(user_col)) if user_col else None,
+        extra=extra,
+    )
+
+
+def _bad(table: str, row: Row, source: str, line: int, problems: _Problems) -> InvalidRecord:
+    return invalid(table, row, source, line, "; ".join(problems.reasons))
+
+
+def parse_patient(row: Row, source: str, line: int) -> Patient | InvalidRecord:
+    p = _Problems()
+    patient_id = _required_id(row, "patient_id", p)
+    dob = _date(row, "dob", p, phi=True)
+    status = _status(row, p)
+    updated_at = _time(row, "updated_at", p)
+    if p.reasons:
+        return _bad("patients", row, source, line, p)
+    return Patient(
+        patient_id=patient_id,
+        first_name=_text(row, "first_name"),
+        last_name=_text(row, "last_name"),
+        dob=dob,
+        email=_text(row, "email"),
+        status=status,
+        updated_at=updated_at,
+    )
+
+
+def parse_contact(row: Row, source: str, line: int) -> Contact | InvalidRecord:
+    p = _Problems()
+    contact_id = _required_id(row, "contact_id", p)
+    dob = _date(row, "dob", p, phi=True)
+    active = _bool(row, "active", p)
+    updated_at = _time(row, "updated_at", p)
+    if p.reasons:
+        return _bad("contacts", row, source, line, p)
+    return Contact(
+        contact_id=contact_id,
+        first_name=_text(row, "first_name"),
+        last_name=_text(row, "last_name"),
+        email=_text(row, "email"),
+        dob=dob,
+        phone=_text(row, "phone"),
+        address=_text(row, "address"),
+        city=_interned(row, "city"),
+        postcode=_text(row, "postcode"),
+        active=active,
+        patient_id=_optional_id(row, "patient_id"),
+        updated_at=updated_at,
+    )
+
+
+def parse_family_contact(row: Row, source: str, line: int) -> FamilyContact | InvalidRecord:
+    p = _Problems()
+    patient_id = _required_id(row, "patient_id", p)
+    contact_id = _required_id(row, "contact_id", p)
+    authority = _authority(row, p)
+    updated_at = _time(row, "updated_at", p)
+    if p.reasons:
+        return _bad("family_contacts", row, source, line, p)
+    return FamilyContact(
+        patient_id=patient_id,
+        contact_id=contact_id,
+        role_reason=_interned(row, "role_reason"),
+        authority=authority,
+        updated_at=updated_at,
+    )
+
+
+def parse_portal_user(row: Row, source: str, line: int) -> PortalUser | InvalidRecord:
+    p = _Problems()
+    user_id = _required_id(row, "user_id", p)
+    active = _bool(row, "active", p)
+    updated_at = _time(row, "updated_at", p)
+    if p.reasons:
+        return _bad("portal_users", row, source, line, p)
+    return PortalUser(
+        user_id=user_id,
+        op_patient_id=_optional_id(row, "op_patient_id"),
+        op_contact_id=_optional_id(row, "op_contact_id"),
+        first_name=_text(row, "first_name"),
+        last_name=_text(row, "last_name"),
+        email=_text(row, "email"),
+        role=_interned(row, "role"),
+        active=active,
+        updated_at=updated_at,
+    )
+
+
+def parse_portal_link(row: Row, source: str, line: int) -> CaregiverLink | InvalidRecord:
+    p = _Problems()
+    caregiver = _required_id(row, "caregiver_user_id", p)
+    dependent = _required_id(row, "dependent_user_id", p)
+    created_at = _time(row, "created_at", p)
+    if p.reasons:
+        return _bad("portal_links", row, source, line, p)
+    return CaregiverLink(
+        caregiver_user_id=caregiver, dependent_user_id=dependent, created_at=created_at
+    )
+
+
+def parse_portal_source(row: Row, source: str, line: int) -> PortalSource | InvalidRecord:
+    p = _Problems()
+    user_id = _required_id(row, "user_id", p)
+    last_sync_at = _time(row, "last_sync_at", p)
+    if p.reasons:
+        return _bad("portal_sources", row, source, line, p)
+    return PortalSource(
+        user_id=user_id, status=_interned(row, "status"), last_sync_at=last_sync_at
+    )
+
+
+def parse_portal_audit(row: Row, source: str, line: int) -> AuditEvent | InvalidRecord:
+    p = _Problems()
+    at = _time(row, "at", p)
+    if at is None and not p.reasons:
+        p.add("missing at")
+    if p.reasons or at is None:
+        return _bad("portal_audit", row, source, line, p)
+    return AuditEvent(
+        at=at,
+        action=_interned(row, "action"),
+        user_id=_optional_id(row, "user_id"),
+        email=_text(row, "email"),
+    )
+
+
+PARSERS = {
+    "patients": parse_patient,
+    "contacts": parse_contact,
+    "family_contacts": parse_family_contact,
+    "portal_users": parse_portal_user,
+    "portal_links": parse_portal_link,
+    "portal_sources": parse_portal_source,
+    "portal_audit": parse_portal_audit,
+}
+
+# The time column `since` compares with, per table (None: the table takes no `since`).
+SINCE_COLUMN: dict[str, str | None] = {
+    "patients": "updated_at",
+    "contacts": "updated_at",
+    "family_contacts": "updated_at",
+    "portal_users": "updated_at",
+    "portal_links": None,
+    "portal_sources": None,
+    "portal_audit": "at",
+}
+
+
+# -- the other direction: record -> CSV representation ----------------------------------
+
+
+def format_value(value: Any) -> str:
+    """One value in the contract's text form: the inverse of the parsers above."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Authority):
+        return value.value
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+_RECORD_TABLE: dict[type, str] = {
+    Patient: "patients",
+    Contact: "contacts",
+    FamilyContact: "family_contacts",
+    PortalUser: "portal_users",
+    CaregiverLink: "portal_links",
+    PortalSource: "portal_sources",
+    AuditEvent: "portal_audit",
+}
+
+
+def table_of(record: object) -> str:
+    """The layout a record belongs to; TypeError for anything that is not a record."""
+    try:
+        return _RECORD_TABLE[type(record)]
+    except KeyError:
+        raise TypeError(f"not a source record: {type(record).__name__}") from None

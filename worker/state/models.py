@@ -1,0 +1,200 @@
+"""The state database: everything oprecon knows beyond the current read of both systems.
+
+Findings with their lifecycle, every transition, every fix intent and outcome, runs,
+digests sent, and a small key-value table (watermarks, pause flag, breaker, last
+success). All of it is here before and after anything acts, so a killed worker loses
+nothing a rerun cannot finish.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the state database")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class FindingState(enum.StrEnum):
+    PENDING = "pending"  # cross-system, seen once: confirmed only by a read >= delay later
+    OPEN = "open"
+    FIX_QUEUED = "fix_queued"
+    HELD = "held"  # fix applied; the portal is catching up until next_check_at
+    VERIFYING = "verifying"
+    RESOLVED = "resolved"
+    ESCALATED = "escalated"
+    SILENCED = "silenced"
+
+
+class ActionStatus(enum.StrEnum):
+    INTENT = "intent"  # committed before the portal call
+    APPLIED = "applied"
+    ALREADY = "already"  # the portal already showed the change when re-read
+    FAILED = "failed"  # terminal error: staff are alerted
+    RETRYING = "retrying"
+    STAGED = "staged"  # held back by the mass-change guard
+    REJECTED = "rejected"  # staff dropped a staged batch
+    UNAVAILABLE = "unavailable"  # read-only source: cannot be applied
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice: Mapped[str] = mapped_column(String(64), default="default")
+    kind: Mapped[str] = mapped_column(String(20))  # full, incremental, adhoc, verify, demo
+    scope: Mapped[str] = mapped_column(String(200), default="all")
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    dry_run: Mapped[bool] = mapped_column(default=False)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    records_read: Mapped[int] = mapped_column(default=0)
+    findings_total: Mapped[int] = mapped_column(default=0)
+    findings_new: Mapped[int] = mapped_column(default=0)
+    findings_resolved: Mapped[int] = mapped_column(default=0)
+    fixes_queued: Mapped[int] = mapped_column(default=0)
+    alerts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[dict[str, Any] | None]
+
+    __table_args__ = (Index("ix_runs_practice_started", "practice", "started_at"),)
+
+
+class FindingRow(Base):
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice: Mapped[str] = mapped_column(String(64), default="default")
+    fingerprint: Mapped[str] = mapped_column(String(80))
+    check: Mapped[str] = mapped_column(String(48))
+    severity: Mapped[str] = mapped_column(String(10))
+    state: Mapped[str] = mapped_column(String(16))
+    cross_system: Mapped[bool] = mapped_column(default=False)
+    fix: Mapped[str | None] = mapped_column(String(32))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    contact_id: Mapped[str | None] = mapped_column(String(64))
+    portal_user_id: Mapped[str | None] = mapped_column(String(64))
+    contact_ids: Mapped[list[Any] | None]
+    detail: Mapped[str] = mapped_column(Text, default="")
+    first_seen_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    seen_count: Mapped[int] = mapped_column(default=1)
+    state_changed_at: Mapped[datetime]
+    next_check_at: Mapped[datetime | None]
+    fix_attempts: Mapped[int] = mapped_column(default=0)
+    resolved_at: Mapped[datetime | None]
+    silenced_until: Mapped[datetime | None]
+    silenced_by: Mapped[str | None] = mapped_column(String(100))
+    silence_reason: Mapped[str | None] = mapped_column(Text)
+    last_run_id: Mapped[int | None] = mapped_column(Integer)
+
+    __table_args__ = (
+        UniqueConstraint("practice", "fingerprint", name="uq_findings_practice_fingerprint"),
+        Index("ix_findings_state_next", "practice", "state", "next_check_at"),
+        Index("ix_findings_patient", "practice", "patient_id"),
+        Index("ix_findings_contact", "practice", "contact_id"),
+    )
+
+
+class FindingEvent(Base):
+    """Every lifecycle transition, with its time and cause: the audit trail."""
+
+    __tablename__ = "finding_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    finding_id: Mapped[int] = mapped_column(ForeignKey("findings.id", ondelete="CASCADE"))
+    at: Mapped[datetime]
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    cause: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[int | None] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_finding_events_finding", "finding_id", "at"),)
+
+
+class ActionRow(Base):
+    """The action journal: intent before the portal call, outcome after."""
+
+    __tablename__ = "actions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice: Mapped[str] = mapped_column(String(64), default="default")
+    finding_id: Mapped[int] = mapped_column(ForeignKey("findings.id", ondelete="CASCADE"))
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    idempotency_key: Mapped[str] = mapped_column(String(120), unique=True)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime]
+    applied_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_actions_status", "practice", "status"),)
+
+
+class DigestSent(Base):
+    """One row per (recipient, window): written before sending, so a retry never doubles."""
+
+    __tablename__ = "digests_sent"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice: Mapped[str] = mapped_column(String(64), default="default")
+    recipient: Mapped[str] = mapped_column(String(254))
+    window_key: Mapped[str] = mapped_column(String(120))
+    channel: Mapped[str] = mapped_column(String(16), default="email")
+    status: Mapped[str] = mapped_column(String(16), default="sending")
+    created_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+    items: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("practice", "recipient", "window_key", name="uq_digest_window"),
+    )
+
+
+class KeyValue(Base):
+    """Small durable facts: scan watermarks, the pause switch, breaker state, heartbeats."""
+
+    __tablename__ = "kv"
+
+    practice: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime]
