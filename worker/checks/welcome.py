@@ -12,6 +12,7 @@ from worker.checks.base import CheckContext, email_is_valid, finding, register
 from worker.checks.family import self_role_contacts
 from worker.findings import Action, Finding
 
+
 @register("welcome_not_sent")
 def welcome_not_sent(ctx: CheckContext) -> Iterator[Finding]:
     snap = ctx.snapshot
@@ -52,4 +53,5 @@ def welcome_not_sent(ctx: CheckContext) -> Iterator[Finding]:
                 f"contact {cid} is authorized but has no portal account and no Welcome email "
                 "in the window",
                 contact_id=cid,
+                data={"email": email},
             )

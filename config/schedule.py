@@ -1,0 +1,49 @@
+"""The beat schedule: one table, every periodic task oprecon runs.
+
+Exactly one beat may run: the app uses RedBeat, whose Redis lock lets a second beat
+started by mistake wait as a standby instead of doubling the schedule.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery.schedules import crontab
+
+from config.settings import Settings
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    return {
+        "incremental-scan": {
+            "task": "oprecon.scan.incremental",
+            "schedule": timedelta(minutes=settings.incremental_scan_minutes),
+            "options": {"queue": "scan", "expires": settings.incremental_scan_minutes * 60},
+        },
+        "full-scan-nightly": {
+            "task": "oprecon.scan.full",
+            "schedule": crontab(minute=15, hour=settings.full_scan_hour),
+            "options": {"queue": "scan"},
+        },
+        "verify-due-holds": {
+            "task": "oprecon.verify.tick",
+            "schedule": timedelta(minutes=1),
+            "options": {"queue": "scan", "expires": 60},
+        },
+        "resume-pending-fixes": {
+            "task": "oprecon.fix.resume",
+            "schedule": timedelta(minutes=5),
+            "options": {"queue": "fix", "expires": 300},
+        },
+        "digest-tick": {
+            "task": "oprecon.digest.tick",
+            "schedule": timedelta(minutes=5),
+            "options": {"queue": "digest", "expires": 300},
+        },
+        "dead-mans-switch": {
+            "task": "oprecon.health.deadman",
+            "schedule": timedelta(minutes=10),
+            "options": {"queue": "digest", "expires": 600},
+        },
+    }

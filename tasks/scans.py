@@ -1,0 +1,45 @@
+"""Scan tasks: full, incremental, ad hoc, and the tick that verifies ended holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.settings import get_settings
+from worker import service
+from worker.celery_app import app
+from worker.engine import ScopeRequest
+
+
+def _after(outcome: service.ScanOutcome) -> dict[str, Any]:
+    """Fixes are enqueued only after the run's intents are committed (engine.reconcile)."""
+    from tasks.fixes import apply_fix
+
+    for action_id in outcome.action_ids:
+        apply_fix.delay(action_id)
+    summary = outcome.result.summary() if outcome.result else {}
+    return {"status": outcome.status, "reason": outcome.reason, **summary}
+
+
+@app.task(name="oprecon.scan.full", bind=True)
+def full_scan(self: Any) -> dict[str, Any]:
+    return _after(service.scan(get_settings(), "full", task_id=self.request.id))
+
+
+@app.task(name="oprecon.scan.incremental", bind=True)
+def incremental_scan(self: Any) -> dict[str, Any]:
+    return _after(service.scan(get_settings(), "incremental", task_id=self.request.id))
+
+
+@app.task(name="oprecon.scan.adhoc", bind=True)
+def adhoc_scan(self: Any, kind: str = "all", target: str | None = None,
+               wait_seconds: float = 120) -> dict[str, Any]:
+    request = ScopeRequest(kind, target)
+    return _after(
+        service.scan(get_settings(), "adhoc", request, task_id=self.request.id,
+                     wait_seconds=wait_seconds)
+    )
+
+
+@app.task(name="oprecon.verify.tick", bind=True)
+def verify_tick(self: Any) -> dict[str, Any]:
+    return _after(service.verify_due(get_settings(), task_id=self.request.id))
