@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     policies: dict[str, Policy] = Field(default_factory=dict)
     mass_change_max_fixes: int = Field(50, ge=0)
     mass_change_max_percent: float = Field(2.0, ge=0, le=100)
+    # Below this many fixes the percentage limit does not apply (small practices).
+    mass_change_min_fixes: int = Field(10, ge=0)
     allow_unguarded_fixes: bool = False
     portal_rate_per_second: float = Field(5.0, gt=0)
     breaker_failure_ratio: float = Field(0.5, gt=0, le=1)

@@ -115,3 +115,46 @@ class MemorySource:
 
     def audit(self, since: Any = None) -> Any:
         return iter(self._of(AuditEvent))
+
+
+class MemoryPortal(MemorySource):
+    """A writable in-process portal for state-machine tests; changes apply at once.
+
+    End-to-end tests use the HTTP simulator instead (real delay, real HTTP)."""
+
+    writable = True
+
+    def __init__(self, records: list[object], links_after_refresh: dict[str, list[str]] | None = None,
+                 fail_with: Exception | None = None) -> None:
+        super().__init__(records)
+        self.links_after_refresh = links_after_refresh or {}
+        self.fail_with = fail_with
+        self.calls: list[tuple[str, str, str]] = []
+
+    def _maybe_fail(self) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def get_user(self, user_id: str) -> PortalUser | None:
+        return next((u for u in self._of(PortalUser) if u.user_id == user_id), None)
+
+    def set_user_email(self, user_id: str, email: str, idempotency_key: str) -> None:
+        self._maybe_fail()
+        self.calls.append(("set_user_email", user_id, idempotency_key))
+        from dataclasses import replace
+
+        self.records = [replace(r, email=email) if isinstance(r, PortalUser)
+                        and r.user_id == user_id else r for r in self.records]
+
+    def refresh_source(self, user_id: str, idempotency_key: str) -> None:
+        self._maybe_fail()
+        self.calls.append(("refresh_source", user_id, idempotency_key))
+        for du in self.links_after_refresh.get(user_id, []):
+            self.records.append(link(user_id, du))
+
+    def resend_welcome(self, contact_id: str, email: str, idempotency_key: str) -> None:
+        self._maybe_fail()
+        self.calls.append(("resend_welcome", contact_id, idempotency_key))
+        from datetime import datetime as _dt
+
+        self.records.append(welcome(email, at=_dt.now(UTC)))

@@ -146,39 +146,20 @@ def duplicates(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Duplicate-contact groups in a contacts export."""
-    from worker.duplicates import find_duplicate_groups
-    from worker.findings import fingerprint
+    from worker.checks.duplicates import duplicate_findings
     from worker.records import Contact
     from worker.report import table
     from worker.sources.csv_source import read_contacts_file
 
     records = [r for r in read_contacts_file(contacts) if isinstance(r, Contact)]
-    groups = find_duplicate_groups(records)
+    found = list(duplicate_findings(records))
     if as_json:
-        _print_json_lines(
-            {
-                "check": "contact_duplicate",
-                "severity": "warning",
-                "action": "alert",
-                "fingerprint": fingerprint("contact_duplicate", None, g.contact_ids[0], None,
-                                           g.contact_ids),
-                "patient_id": None,
-                "contact_id": g.contact_ids[0],
-                "portal_user_id": None,
-                "detail": f"score {g.score:.2f}: {', '.join(g.reasons)}",
-                "contact_ids": list(g.contact_ids),
-            }
-            for g in groups
-        )
+        _print_json_lines(f.to_json() for f in found)
         return
-    typer.echo(f"{len(groups)} duplicate group(s) among {len(records)} contacts")
-    if groups:
+    typer.echo(f"{len(found)} duplicate group(s) among {len(records)} contacts")
+    if found:
         typer.echo(
-            table(
-                ["contact ids", "score", "why"],
-                [(", ".join(g.contact_ids), f"{g.score:.2f}", ", ".join(g.reasons))
-                 for g in groups],
-            )
+            table(["contact ids", "why"], [(", ".join(f.contact_ids), f.detail) for f in found])
         )
 
 

@@ -170,7 +170,7 @@ def _guard(plan: Plan, settings: Settings, population: int) -> None:
     limit_pct = settings.mass_change_max_percent
     pct = 100.0 * len(fixes) / max(1, population)
     over_n = limit_n > 0 and len(fixes) > limit_n
-    over_pct = limit_pct > 0 and pct > limit_pct
+    over_pct = limit_pct > 0 and pct > limit_pct and len(fixes) > settings.mass_change_min_fixes
     if not (over_n or over_pct):
         return
     plan.guard_tripped = True

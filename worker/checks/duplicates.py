@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from worker.checks.base import CheckContext, finding, register
 from worker.duplicates import find_duplicate_groups
 from worker.findings import Finding
+from worker.records import Contact
 
 
-@register("contact_duplicate")
-def contact_duplicate(ctx: CheckContext) -> Iterator[Finding]:
-    for group in find_duplicate_groups(ctx.snapshot.contacts.values()):
+def duplicate_findings(contacts: Iterable[Contact]) -> Iterator[Finding]:
+    """Also used by `oprecon duplicates` on a bare contacts export."""
+    for group in find_duplicate_groups(contacts):
         ids = tuple(sorted(group.contact_ids))
         yield finding(
             "contact_duplicate",
@@ -20,3 +21,8 @@ def contact_duplicate(ctx: CheckContext) -> Iterator[Finding]:
             contact_id=ids[0],
             contact_ids=ids,
         )
+
+
+@register("contact_duplicate")
+def contact_duplicate(ctx: CheckContext) -> Iterator[Finding]:
+    return duplicate_findings(ctx.snapshot.contacts.values())

@@ -16,6 +16,14 @@ def _where(rec: InvalidRecord) -> str:
     return f"{rec.source} line {rec.line}" if rec.line is not None else rec.source
 
 
+def _key(rec: InvalidRecord) -> str:
+    """A file's line number is stable for that file; a table's row position is not (rows
+    come and go), so there the row's ids and the reason identify it."""
+    if rec.line is not None and rec.source.endswith(".csv"):
+        return f"{rec.source}:{rec.line}"
+    return f"{rec.source}:{rec.reason}"
+
+
 @register("invalid_record")
 def invalid_record(ctx: CheckContext) -> Iterator[Finding]:
     snap = ctx.snapshot
@@ -26,7 +34,7 @@ def invalid_record(ctx: CheckContext) -> Iterator[Finding]:
             patient_id=rec.patient_id,
             contact_id=rec.contact_id,
             portal_user_id=rec.portal_user_id,
-            key_extra=f"{rec.source}:{rec.line if rec.line is not None else rec.reason}",
+            key_extra=_key(rec),
         )
     for cu, du in sorted(snap.links):
         missing = [u for u in (cu, du) if u not in snap.users]

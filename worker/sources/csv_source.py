@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from contextlib import closing
 from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
@@ -83,6 +84,9 @@ class _CsvDir:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
 
+    def _path(self, table: str) -> Path:
+        return self.dir / csv_name(table)
+
     def _rows(self, table: str) -> Iterator[tuple[int, Row] | InvalidRecord]:
         """(first physical line, row) per data row, or an InvalidRecord for a broken one.
 
@@ -91,12 +95,19 @@ class _CsvDir:
         """
         _raise_field_limit()
         name = csv_name(table)
-        path = self.dir / name
+        path = self._path(table)
         try:
             # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row
             # is reported and skipped instead of aborting the file.
-            handle = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+            # Opened apart from the `with` below only to map open errors to SourceError.
+            handle = open(  # noqa: SIM115
+                path, encoding="utf-8-sig", errors="surrogateescape", newline=""
+            )
         except FileNotFoundError:
+            if not self.dir.is_dir():
+                raise SourceError(
+                    f"{self.label} export directory {self.dir} does not exist"
+                ) from None
             raise SourceError(f"{self.label} export directory {self.dir} has no {name}") from None
         except OSError as err:
             raise SourceError(f"cannot open {path}: {err.strerror or err}") from None
@@ -152,7 +163,7 @@ class _CsvDir:
         self,
         table: str,
         since: datetime | None = None,
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         parse: Callable[[Row, str, int], Any] = PARSERS[table]
         name = csv_name(table)
         since = _utc(since)
@@ -207,9 +218,10 @@ class CsvPortalSource(_CsvDir):
 
     def get_user(self, user_id: str) -> PortalUser | None:
         """A fresh read of one user: a scan of the export (verification is rare)."""
-        for record in self.users():
-            if isinstance(record, PortalUser) and record.user_id == user_id:
-                return record
+        with closing(self._read("portal_users")) as users:
+            for record in users:
+                if isinstance(record, PortalUser) and record.user_id == user_id:
+                    return record
         return None
 
     def set_user_email(self, user_id: str, email: str, idempotency_key: str) -> None:
@@ -282,3 +294,21 @@ def write_portal_csv(
     parts = {"portal_users": users, "portal_links": links, "portal_sources": sources,
              "portal_audit": audit}
     return {t: write_table_csv(out / csv_name(t), t, rows) for t, rows in parts.items()}
+
+
+class _SingleFile(_CsvDir):
+    """One export file under any name, read with the layout of `table`."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(Path(path).parent)
+        self.file = Path(path)
+
+    def _path(self, table: str) -> Path:
+        return self.file
+
+
+def read_contacts_file(path: str | Path) -> Iterator[Contact | InvalidRecord]:
+    """Contacts from one file in the contacts.csv layout (`oprecon duplicates`)."""
+    if not Path(path).is_file():
+        raise SourceError(f"contacts file {path} does not exist")
+    return _SingleFile(path)._read("contacts")
