@@ -1,0 +1,326 @@
+"""OP and portal adapters over SQL databases (any SQLAlchemy URL), and their loaders.
+
+Tables and columns carry the CSV contract's names. Rows are streamed in chunks and turned
+into the CSV text representation before parsing, so the rules for dates, booleans and
+authority are exactly those of the CSV adapter, whatever types a backend hands back.
+
+Times are `DateTime(timezone=True)` and always stored in UTC, so `since` is one indexed
+comparison that means the same on PostgreSQL (timestamptz) and SQLite (text): SQLite
+keeps no offset, so a time stored there with any other offset would compare wrongly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, date, datetime
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Dialect,
+    Engine,
+    Index,
+    MetaData,
+    Table,
+    Text,
+    create_engine,
+    or_,
+    select,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.types import TypeDecorator
+
+from worker.records import (
+    AuditEvent,
+    CaregiverLink,
+    Contact,
+    FamilyContact,
+    InvalidRecord,
+    Patient,
+    PortalSource,
+    PortalUser,
+)
+from worker.sources.base import ReadOnlyPortal, SourceError
+from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
+from worker.sources.parsing import PARSERS, SINCE_COLUMN, format_value, parse_time, table_of
+
+CHUNK = 5000
+LAYOUT: dict[str, tuple[str, ...]] = {**OP_LAYOUT, **PORTAL_LAYOUT}
+TIME_COLUMNS = frozenset({"updated_at", "created_at", "at", "last_sync_at"})
+# Row order, so row numbers and "first duplicate wins" are the same on every run.
+KEYS: dict[str, tuple[str, ...]] = {
+    "patients": ("patient_id",),
+    "contacts": ("contact_id",),
+    "family_contacts": ("patient_id", "contact_id"),
+    "portal_users": ("user_id",),
+    "portal_links": ("caregiver_user_id", "dependent_user_id"),
+    "portal_sources": ("user_id",),
+    "portal_audit": ("at", "user_id"),
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out, on every backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        # SQLite stores text without an offset: strip it only after converting to UTC.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _define(metadata: MetaData, layout: Mapping[str, tuple[str, ...]]) -> dict[str, Table]:
+    tables: dict[str, Table] = {}
+    for name, columns in layout.items():
+        cols = [Column(c, UTCDateTime() if c in TIME_COLUMNS else Text) for c in columns]
+        table = Table(name, metadata, *cols)
+        Index(f"ix_{name}_key", *(table.c[k] for k in KEYS[name]))
+        since = SINCE_COLUMN[name]
+        if since is not None and since not in KEYS[name]:
+            Index(f"ix_{name}_{since}", table.c[since])
+        tables[name] = table
+    return tables
+
+
+OP_METADATA = MetaData()
+PORTAL_METADATA = MetaData()
+TABLES: dict[str, Table] = {
+    **_define(OP_METADATA, OP_LAYOUT),
+    **_define(PORTAL_METADATA, PORTAL_LAYOUT),
+}
+
+
+def make_engine(url: str | URL | Engine) -> Engine:
+    """An engine for a URL; plain `postgresql://` means psycopg 3, the driver we ship."""
+    if isinstance(url, Engine):
+        return url
+    try:
+        parsed = make_url(url)
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(parsed)
+    except (ArgumentError, ValueError) as err:
+        raise SourceError(f"bad database URL: {err}") from None
+    except ModuleNotFoundError as err:  # a driver that is not installed
+        raise SourceError(f"no database driver for this URL: {err.name}") from None
+
+
+def _to_text(value: Any) -> str | None:
+    """A column value in the CSV representation, so parsing.py applies unchanged."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bool, datetime, date)):
+        return format_value(value)
+    return str(value)
+
+
+def _one_line(err: SQLAlchemyError) -> str:
+    cause: object = err.orig if isinstance(err, DBAPIError) and err.orig is not None else err
+    text = str(cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
+
+
+class _SqlDb:
+    label = "database"
+
+    def __init__(self, url: str | URL | Engine) -> None:
+        self._owned = not isinstance(url, Engine)
+        self.engine = make_engine(url)
+
+    def close(self) -> None:
+        """Release pooled connections (only for an engine this adapter created)."""
+        if self._owned:
+            self.engine.dispose()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _where(self) -> str:
+        return f"{self.label} database {self.engine.url.render_as_string(hide_password=True)}"
+
+    def _read(self, table: str, since: datetime | None = None) -> Iterator[Any]:
+        """Stream one table; `since` keeps rows changed at/after it, and rows with no time."""
+        t = TABLES[table]
+        columns = LAYOUT[table]
+        parse = PARSERS[table]
+        stmt = select(*(t.c[c] for c in columns)).order_by(*(t.c[k] for k in KEYS[table]))
+        since_col = SINCE_COLUMN[table]
+        if since is not None and since_col is not None:
+            if since.tzinfo is None:
+                since = since.replace(tzinfo=UTC)
+            col = t.c[since_col]
+            stmt = stmt.where(or_(col >= since, col.is_(None)))
+        try:
+            with self.engine.connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=CHUNK).execute(
+                    stmt
+                )
+                for number, row in enumerate(result, 1):
+                    text = {c: _to_text(v) for c, v in zip(columns, row, strict=True)}
+                    yield parse(text, table, number)
+        except SQLAlchemyError as err:
+            raise SourceError(
+                f"cannot read {table} from {self._where()}: {_one_line(err)}"
+            ) from None
+
+
+
+class SqlOPSource(_SqlDb):
+    """OPReader over tables patients, contacts, family_contacts."""
+
+    label = "OP"
+
+    def patients(self, since: datetime | None = None) -> Iterator[Patient | InvalidRecord]:
+        return self._read("patients", since)
+
+    def contacts(self, since: datetime | None = None) -> Iterator[Contact | InvalidRecord]:
+        return self._read("contacts", since)
+
+    def family_contacts(
+        self, since: datetime | None = None
+    ) -> Iterator[FamilyContact | InvalidRecord]:
+        return self._read("family_contacts", since)
+
+
+class SqlPortalSource(_SqlDb):
+    """PortalReader over portal_* tables: a copy of the portal, so it is read-only."""
+
+    label = "portal"
+    writable = False
+
+    def users(self, since: datetime | None = None) -> Iterator[PortalUser | InvalidRecord]:
+        return self._read("portal_users", since)
+
+    def links(self) -> Iterator[CaregiverLink | InvalidRecord]:
+        return self._read("portal_links")
+
+    def sources(self) -> Iterator[PortalSource | InvalidRecord]:
+        return self._read("portal_sources")
+
+    def audit(self, since: datetime | None = None) -> Iterator[AuditEvent | InvalidRecord]:
+        return self._read("portal_audit", since)
+
+    def get_user(self, user_id: str) -> PortalUser | None:
+        t = TABLES["portal_users"]
+        columns = LAYOUT["portal_users"]
+        stmt = select(*(t.c[c] for c in columns)).where(t.c.user_id == user_id).limit(1)
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(stmt).first()
+        except SQLAlchemyError as err:
+            raise SourceError(
+                f"cannot read portal_users from {self._where()}: {_one_line(err)}"
+            ) from None
+        if row is None:
+            return None
+        text = {c: _to_text(v) for c, v in zip(columns, row, strict=True)}
+        record = PARSERS["portal_users"](text, "portal_users", 1)
+        return record if isinstance(record, PortalUser) else None
+
+    def set_user_email(self, user_id: str, email: str, idempotency_key: str) -> None:
+        raise ReadOnlyPortal("the portal database copy is read-only: set the email in the portal")
+
+    def refresh_source(self, user_id: str, idempotency_key: str) -> None:
+        raise ReadOnlyPortal(
+            "the portal database copy is read-only: disconnect and connect the source in the portal"
+        )
+
+    def resend_welcome(self, contact_id: str, email: str, idempotency_key: str) -> None:
+        raise ReadOnlyPortal("the portal database copy is read-only: use Register in OP")
+
+
+# -- creating and loading (tests, demo, benchmark) ---------------------------------------
+
+
+def create_op_tables(engine: Engine) -> None:
+    """The contract's OP tables, with the indexes ordered and `since` reads use."""
+    OP_METADATA.create_all(engine, checkfirst=True)
+
+
+def create_portal_tables(engine: Engine) -> None:
+    """The contract's portal tables, for a database copy of the portal (tests, demo)."""
+    PORTAL_METADATA.create_all(engine, checkfirst=True)
+
+
+def _sql_row(table: str, columns: tuple[str, ...], item: object) -> dict[str, Any]:
+    """A record (or a raw text row) as the values stored: text, NULL, or a UTC time."""
+    if not isinstance(item, Mapping) and table_of(item) != table:
+        raise TypeError(f"a {type(item).__name__} does not belong in table {table}")
+    row: dict[str, Any] = {}
+    for c in columns:
+        value = item.get(c) if isinstance(item, Mapping) else getattr(item, c)
+        if c in TIME_COLUMNS:
+            row[c] = parse_time(value) if isinstance(value, str) else value
+        else:
+            row[c] = None if value is None else format_value(value)
+    return row
+
+
+def load_table_sql(engine: Engine, table: str, rows: Iterable[object]) -> int:
+    """Insert records (or raw text rows) in batches of CHUNK, in one transaction."""
+    t = TABLES[table]
+    columns = LAYOUT[table]
+    count = 0
+    batch: list[dict[str, Any]] = []
+    with engine.begin() as conn:
+        for item in rows:
+            batch.append(_sql_row(table, columns, item))
+            if len(batch) >= CHUNK:
+                conn.execute(t.insert(), batch)
+                count += len(batch)
+                batch = []
+        if batch:
+            conn.execute(t.insert(), batch)
+            count += len(batch)
+    return count
+
+
+def load_op_sql(
+    engine: Engine,
+    patients: Iterable[object],
+    contacts: Iterable[object],
+    family_contacts: Iterable[object],
+) -> dict[str, int]:
+    """Create the OP tables if needed and append the records; returns rows per table."""
+    create_op_tables(engine)
+    return {
+        "patients": load_table_sql(engine, "patients", patients),
+        "contacts": load_table_sql(engine, "contacts", contacts),
+        "family_contacts": load_table_sql(engine, "family_contacts", family_contacts),
+    }
+
+
+def load_portal_sql(
+    engine: Engine,
+    users: Iterable[object],
+    links: Iterable[object],
+    sources: Iterable[object],
+    audit: Iterable[object],
+) -> dict[str, int]:
+    """Create the portal tables if needed and append the records; returns rows per table."""
+    create_portal_tables(engine)
+    parts = {"portal_users": users, "portal_links": links, "portal_sources": sources,
+             "portal_audit": audit}
+    return {t: load_table_sql(engine, t, rows) for t, rows in parts.items()}
