@@ -362,7 +362,7 @@ def test_duplicate_ids_first_wins(tmp_path: Path) -> None:
     snap = Snapshot.build(make_op_dir(tmp_path, patients=data).patients())
     assert snap.patients["P1"].first_name == "Ada"
     assert [(r.source, r.patient_id, r.reason) for r in snap.invalid] == [
-        ("patients", "P1", "duplicate id P1")
+        ("patients", "P1", "duplicate id P1: the first row was kept")
     ]
     assert set(snap.patients) == {"P1", "P2"}
 
