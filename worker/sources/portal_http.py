@@ -1,0 +1,497 @@
+"""The portal over its admin HTTP API (`worker/openapi/portal.yaml`).
+
+Failures are sorted by what the caller should do next:
+
+- `PortalUnavailable` (transient): timeouts, dropped connections, 429 and 5xx, still
+  failing after bounded retries. Try again later; a breaker may open.
+- `PortalRejected` (terminal): any other 4xx. Retrying the same request cannot help.
+- `PortalProtocolError` (terminal for the call): the portal answered something that is not
+  the contract (broken JSON, a page of the wrong shape, a page of nothing but bad items).
+
+Only the first group is retried, with exponential backoff and full jitter, honouring
+Retry-After, inside a per-call sleep budget well under a minute so a Celery task's time
+limits stay meaningful (CELERY.md §1 rows 9 and 11). Writes are retried too: each carries
+an Idempotency-Key, so a retry of a request the portal already applied is a no-op.
+
+One item that does not parse becomes an `InvalidRecord` and the read goes on; bad data is
+a finding, not a failed run. Errors and logs name methods, routes and ids, never values.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import httpx
+import structlog
+
+from worker.records import (
+    AuditEvent,
+    CaregiverLink,
+    InvalidRecord,
+    PortalSource,
+    PortalUser,
+)
+from worker.sources.base import SourceError
+from worker.sources.layout import PORTAL_LAYOUT
+from worker.sources.parsing import PARSERS, invalid, parse_portal_user
+
+log = structlog.get_logger(__name__)
+
+OnCall = Callable[[str, str, int | None, float], None]
+"""`on_call(method, route, status, seconds)` after every HTTP attempt; status None when no
+response came (timeout, connection). `route` is the template, e.g. "/users/{user_id}",
+so metric labels stay low-cardinality."""
+
+# A page this big on which every item is unreadable means the API changed shape, not
+# that the data is bad: stop instead of raising thousands of invalid_record findings.
+SCHEMA_DRIFT_MIN_ITEMS = 3
+
+
+class PortalError(SourceError):
+    """A portal call failed; `kind` says how, `status` is the last HTTP status if any."""
+
+    transient: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        method: str,
+        path: str,
+        kind: str,
+        status: int | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.method = method
+        self.path = path
+        self.kind = kind
+        self.status = status
+        self.attempts = attempts
+
+
+class PortalUnavailable(PortalError):
+    """Transient: the portal did not answer usefully within the retries. Try later."""
+
+    transient = True
+
+
+class PortalRejected(PortalError):
+    """Terminal: the portal refused this request (4xx other than 429)."""
+
+
+class PortalProtocolError(PortalError):
+    """Terminal for this call: the answer does not follow the API contract."""
+
+
+@dataclass
+class CallStats:
+    """Per-attempt counts and recent latencies, for metrics and a circuit breaker.
+
+    `failed` counts attempts that say the portal is unwell (no response, 429, 5xx); a
+    404 or 422 is the portal working correctly and counts as `ok`.
+    """
+
+    ok: int = 0
+    failed: int = 0
+    retries: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, status: int | None, kind: str | None, seconds: float) -> None:
+        with self._lock:
+            self.latencies.append(seconds)
+            self.by_status[str(status) if status is not None else (kind or "error")] += 1
+            if status is None or status == 429 or status >= 500:
+                self.failed += 1
+            else:
+                self.ok += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            ordered = sorted(self.latencies)
+            p95 = ordered[int(0.95 * (len(ordered) - 1))] if ordered else None
+            return {"ok": self.ok, "failed": self.failed, "retries": self.retries,
+                    "by_status": dict(self.by_status), "latency_p95": p95,
+                    "latency_last": self.latencies[-1] if self.latencies else None}
+
+    def count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (delta or HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _text(value: Any) -> str | None:
+    """A JSON value in the CSV contract's text form (what the shared parsers read)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    raise TypeError
+
+
+def _iso(when: datetime) -> str:
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).isoformat()
+
+
+class HttpPortal:
+    """PortalReader and PortalWriter over the portal admin API."""
+
+    writable = True
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        timeout: float = 10.0,
+        max_retries: int = 3,
+        page_size: int = 500,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        *,
+        on_call: OnCall | None = None,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 8.0,
+        backoff_budget: float = 30.0,
+        retry_after_cap: float = 20.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if not 1 <= page_size <= 1000:
+            raise ValueError("page_size must be between 1 and 1000")
+        reveal = getattr(token, "get_secret_value", None)  # pydantic SecretStr from settings
+        if callable(reveal):
+            token = reveal()
+        self.max_retries = max_retries
+        self.page_size = page_size
+        self.on_call = on_call
+        self.call_stats = CallStats()
+        self._sleep = sleep
+        self._backoff = (backoff_base, backoff_cap, backoff_budget, retry_after_cap)
+        self._rng = rng or random.Random()
+        # Connecting should be quick; a slow answer may legitimately take the full timeout.
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))
+        headers = {"Accept": "application/json", "User-Agent": "oprecon"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=self._timeout,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> HttpPortal:
+        """Build from `config.settings.Settings` (portal_url, token, timeout, retries)."""
+        if not settings.portal_url:
+            raise SourceError("OPRECON_PORTAL_URL is required for the http portal source")
+        return cls(
+            settings.portal_url,
+            settings.portal_token,
+            timeout=settings.portal_timeout_seconds,
+            max_retries=settings.portal_max_retries,
+            **kwargs,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HttpPortal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the one place that talks HTTP --------------------------------------------------
+
+    def _notify(self, method: str, route: str, status: int | None, kind: str | None,
+                seconds: float) -> None:
+        self.call_stats.record(status, kind, seconds)
+        if self.on_call is not None:
+            try:
+                self.on_call(method, route, status, seconds)
+            except Exception:  # a metrics hook must never fail a portal call
+                log.warning("portal_on_call_hook_failed", method=method, route=route)
+
+    def _request(
+        self,
+        method: str,
+        route: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        ok_statuses: frozenset[int] = frozenset(),
+    ) -> httpx.Response:
+        """Send with retries; returns a 2xx (or an `ok_statuses`) response or raises."""
+        base, cap, budget, retry_cap = self._backoff
+        slept = 0.0
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            status: int | None = None
+            retry_after: float | None = None
+            try:
+                response = self._client.request(
+                    method, path, params=params, json=json, headers=headers,
+                    timeout=self._timeout,
+                )
+            except httpx.TimeoutException:
+                kind = "timeout"
+            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError):
+                kind = "connection"  # refused, reset, or closed without an answer
+            except httpx.DecodingError as err:
+                self._notify(method, route, None, "decoding", time.perf_counter() - started)
+                raise PortalProtocolError(
+                    f"portal {method} {path}: undecodable response body",
+                    method=method, path=path, kind="decoding", attempts=attempt,
+                ) from err
+            except httpx.HTTPError as err:  # a bad URL or request: ours to fix
+                self._notify(method, route, None, "request", time.perf_counter() - started)
+                raise PortalRejected(
+                    f"portal {method} {path}: request failed ({type(err).__name__})",
+                    method=method, path=path, kind="request", attempts=attempt,
+                ) from err
+            else:
+                status = response.status_code
+                seconds = time.perf_counter() - started
+                if 200 <= status < 300 or status in ok_statuses:
+                    self._notify(method, route, status, None, seconds)
+                    return response
+                if status == 429:
+                    kind = "rate_limited"
+                    retry_after = _retry_after(response.headers.get("Retry-After"))
+                elif status >= 500:
+                    kind = "server_error"
+                else:
+                    self._notify(method, route, status, None, seconds)
+                    raise PortalRejected(
+                        f"portal {method} {path}: rejected with HTTP {status}"
+                        f"{self._error_code(response)}",
+                        method=method, path=path, kind="rejected", status=status,
+                        attempts=attempt,
+                    )
+            self._notify(method, route, status, kind, time.perf_counter() - started)
+
+            delay: float | None = None
+            if attempt <= self.max_retries:
+                if retry_after is not None:
+                    delay = min(retry_after, retry_cap)
+                else:
+                    delay = self._rng.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+                if slept + delay > budget:
+                    # Waiting less than the portal asked is pointless; jitter can shrink.
+                    delay = None if retry_after is not None else max(0.0, budget - slept)
+            if delay is None:
+                log.warning("portal_unavailable", method=method, route=route, status=status,
+                            kind=kind, attempts=attempt)
+                raise PortalUnavailable(
+                    f"portal {method} {path}: {kind}"
+                    f"{f' (HTTP {status})' if status else ''} after {attempt} attempt(s)",
+                    method=method, path=path, kind=kind, status=status, attempts=attempt,
+                )
+            log.info("portal_retry", method=method, route=route, status=status, kind=kind,
+                     attempt=attempt, delay=round(delay, 3))
+            self.call_stats.count_retry()
+            self._sleep(delay)
+            slept += delay
+
+    @staticmethod
+    def _error_code(response: httpx.Response) -> str:
+        """The API's stable error code (never its message, which we do not control)."""
+        try:
+            code = response.json().get("error")
+        except (ValueError, AttributeError):
+            return ""
+        return f" ({code})" if isinstance(code, str) and code.isidentifier() else ""
+
+    def _json(self, response: httpx.Response, method: str, path: str) -> Any:
+        try:
+            return response.json()
+        except (ValueError, UnicodeDecodeError) as err:
+            raise PortalProtocolError(
+                f"portal {method} {path}: response is not valid JSON",
+                method=method, path=path, kind="malformed", status=response.status_code,
+            ) from err
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _item(self, table: str, item: Any, line: int) -> Any:
+        """One JSON item -> record, or InvalidRecord naming what is wrong (no values)."""
+        if not isinstance(item, dict):
+            return InvalidRecord(table, line, "item is not a JSON object")
+        row: dict[str, str | None] = {}
+        wrong: list[str] = []
+        for column in PORTAL_LAYOUT[table]:
+            try:
+                row[column] = _text(item.get(column))
+            except TypeError:
+                row[column] = None
+                wrong.append(column)
+        if wrong:
+            return invalid(table, row, table, line, f"unexpected JSON type for {', '.join(wrong)}")
+        return PARSERS[table](row, table, line)
+
+    def _paged(
+        self, table: str, route: str, path: str, params: Mapping[str, str] | None = None
+    ) -> Iterator[Any]:
+        """Follow `next_cursor` to the end; a short page does not mean the last one."""
+        cursor: str | None = None
+        seen: set[str] = set()
+        line = 0
+        while True:
+            query: dict[str, Any] = {**(params or {}), "limit": self.page_size}
+            if cursor:
+                query["cursor"] = cursor
+            body = self._json(self._request("GET", route, path, params=query), "GET", path)
+            items = body.get("items") if isinstance(body, dict) else None
+            cursor = body.get("next_cursor") if isinstance(body, dict) else None
+            if not isinstance(items, list) or not (cursor is None or isinstance(cursor, str)):
+                raise PortalProtocolError(
+                    f"portal GET {path}: not a page (items list and next_cursor expected)",
+                    method="GET", path=path, kind="shape",
+                )
+            records = []
+            for item in items:
+                line += 1
+                records.append(self._item(table, item, line))
+            if len(records) >= SCHEMA_DRIFT_MIN_ITEMS and all(
+                isinstance(r, InvalidRecord) for r in records
+            ):
+                raise PortalProtocolError(
+                    f"portal GET {path}: no item of a {len(records)}-item page parses "
+                    f"(first problem: {records[0].reason})",
+                    method="GET", path=path, kind="shape",
+                )
+            yield from records
+            if not cursor:
+                return
+            if cursor in seen:
+                raise PortalProtocolError(
+                    f"portal GET {path}: the same cursor came back twice",
+                    method="GET", path=path, kind="cursor_loop",
+                )
+            seen.add(cursor)
+
+    def users(self, since: datetime | None = None) -> Iterator[PortalUser | InvalidRecord]:
+        params = {"updated_since": _iso(since)} if since is not None else None
+        return self._paged("portal_users", "/users", "/users", params)
+
+    def links(self) -> Iterator[CaregiverLink | InvalidRecord]:
+        return self._paged("portal_links", "/links", "/links")
+
+    def sources(self) -> Iterator[PortalSource | InvalidRecord]:
+        return self._paged("portal_sources", "/sources", "/sources")
+
+    def audit(
+        self, since: datetime | None = None, action: str | None = None
+    ) -> Iterator[AuditEvent | InvalidRecord]:
+        params: dict[str, str] = {}
+        if since is not None:
+            params["since"] = _iso(since)
+        if action:
+            params["action"] = action
+        return self._paged("portal_audit", "/audit", "/audit", params)
+
+    def caregivers(self, user_id: str) -> Iterator[CaregiverLink | InvalidRecord]:
+        """Links in which the user is the dependent."""
+        path = f"/users/{quote(user_id, safe='')}/caregivers"
+        return self._paged("portal_links", "/users/{user_id}/caregivers", path)
+
+    def dependents(self, user_id: str) -> Iterator[CaregiverLink | InvalidRecord]:
+        """Links in which the user is the caregiver: what a refresh should have fixed."""
+        path = f"/users/{quote(user_id, safe='')}/dependents"
+        return self._paged("portal_links", "/users/{user_id}/dependents", path)
+
+    def get_user(self, user_id: str) -> PortalUser | None:
+        """A fresh read of one user (verification after a hold); None if there is none."""
+        path = f"/users/{quote(user_id, safe='')}"
+        response = self._request("GET", "/users/{user_id}", path, ok_statuses=frozenset({404}))
+        if response.status_code == 404:
+            return None
+        body = self._json(response, "GET", path)
+        row: dict[str, str | None] = {}
+        if isinstance(body, dict):
+            try:
+                row = {c: _text(body.get(c)) for c in PORTAL_LAYOUT["portal_users"]}
+            except TypeError:
+                row = {}
+        record = parse_portal_user(row, "portal_users", 1) if row else None
+        if not isinstance(record, PortalUser):
+            reason = record.reason if record is not None else "not a user object"
+            raise PortalProtocolError(
+                f"portal GET {path}: unreadable user ({reason})",
+                method="GET", path=path, kind="shape", status=response.status_code,
+            )
+        return record
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _write(self, method: str, route: str, path: str, idempotency_key: str | None,
+               body: Any = None) -> dict[str, Any]:
+        headers = {}
+        if idempotency_key is not None:
+            if not idempotency_key.strip():
+                raise ValueError("idempotency_key must not be blank")
+            headers["Idempotency-Key"] = idempotency_key
+        response = self._request(method, route, path, json=body, headers=headers)
+        if not response.content:
+            return {}
+        answer = self._json(response, method, path)
+        return answer if isinstance(answer, dict) else {}
+
+    def set_user_email(self, user_id: str, email: str, idempotency_key: str) -> None:
+        path = f"/users/{quote(user_id, safe='')}"
+        self._write("PATCH", "/users/{user_id}", path, idempotency_key, {"email": email})
+
+    def refresh_source(self, user_id: str, idempotency_key: str) -> None:
+        """Disconnect + connect in one call; the links follow OP after 10-20 minutes."""
+        path = f"/users/{quote(user_id, safe='')}/source/refresh"
+        self._write("POST", "/users/{user_id}/source/refresh", path, idempotency_key)
+
+    def disconnect_source(self, user_id: str, idempotency_key: str | None = None) -> None:
+        path = f"/users/{quote(user_id, safe='')}/source/disconnect"
+        self._write("POST", "/users/{user_id}/source/disconnect", path, idempotency_key)
+
+    def connect_source(self, user_id: str, idempotency_key: str | None = None) -> None:
+        path = f"/users/{quote(user_id, safe='')}/source/connect"
+        self._write("POST", "/users/{user_id}/source/connect", path, idempotency_key)
+
+    def resend_welcome(self, contact_id: str, email: str, idempotency_key: str) -> None:
+        """Register: the portal (re)sends the Welcome email; no user is created."""
+        self._write("POST", "/welcome", "/welcome", idempotency_key,
+                    {"op_contact_id": contact_id, "email": email})
