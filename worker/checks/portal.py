@@ -38,8 +38,6 @@ def portal_users(ctx: CheckContext) -> Iterator[Finding]:
                 f"portal user {uid} points to {what}"
                 + (" that does not exist" if dangling else ""),
                 portal_user_id=uid,
-                patient_id=user.op_patient_id,
-                contact_id=user.op_contact_id,
             )
             continue
         if patient is None:
