@@ -1,0 +1,72 @@
+"""Log lines are JSON with ids only: names, emails, phones and birth dates never leak,
+whoever logs them, and a whole demo run leaks none of the demo practice's."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import structlog
+
+from worker.demo import PRACTICE, run_demo
+from worker.logging import setup_logging
+
+
+@pytest.fixture
+def log_stream() -> io.StringIO:
+    stream = io.StringIO()
+    setup_logging("DEBUG", "json", stream=stream)
+    yield stream
+    setup_logging("WARNING", "json")
+
+
+def lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(x) for x in stream.getvalue().splitlines() if x.strip()]
+
+
+def test_phi_keys_and_patterns_are_redacted(log_stream: io.StringIO) -> None:
+    log = structlog.get_logger("t")
+    structlog.contextvars.bind_contextvars(task_id="abc-123", task_name="oprecon.scan.full")
+    log.info("contact_seen", contact_id="C000042", email="jane.doe@example.org",
+             first_name="Jane", note="call 617-555-0199 or jane.doe@example.org, born 1984-03-07")
+    logging.getLogger("stdlib").warning("user %s failed", "bob@example.com")
+    structlog.contextvars.clear_contextvars()
+    first, second = lines(log_stream)
+    assert first["contact_id"] == "C000042" and first["task_id"] == "abc-123"
+    assert first["task_name"] == "oprecon.scan.full" and first["level"] == "info"
+    text = log_stream.getvalue()
+    for secret in ("jane.doe@example.org", "Jane", "617-555-0199", "1984-03-07", "bob@"):
+        assert secret not in text
+    assert second["event"] == "user [redacted] failed"
+
+
+def _phi_of_practice(practice: Path) -> set[str]:
+    values: set[str] = set()
+    for name, cols in (("op/patients.csv", ("first_name", "last_name", "email", "dob")),
+                       ("op/contacts.csv", ("first_name", "last_name", "email", "phone", "dob",
+                                            "address")),
+                       ("portal/portal_users.csv", ("first_name", "last_name", "email"))):
+        with (practice / name).open(newline="", encoding="utf-8", errors="replace") as fh:
+            for row in csv.DictReader(fh):
+                values |= {row[c] for c in cols if row.get(c) and len(row[c]) > 3
+                           and row[c].upper() != "N/A"}
+    return values
+
+
+def test_full_demo_run_logs_no_phi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    stream = io.StringIO()
+    from worker import demo
+
+    monkeypatch.setattr(demo, "setup_logging",
+                        lambda level, fmt: setup_logging("DEBUG", "json", stream=stream))
+    run_demo()
+    logged = stream.getvalue()
+    assert len(logged.splitlines()) > 5
+    leaked = [v for v in _phi_of_practice(PRACTICE) if v in logged]
+    assert leaked == []
