@@ -253,8 +253,9 @@ def resume() -> None:
 
 @fixes_app.command("approve")
 def fixes_approve(run: int) -> None:
-    """Release a staged batch: its fixes are applied."""
-    from worker.statecli import release_staged
+    """Release a staged batch: its fixes are queued on the worker (applied here if the
+    broker does not answer)."""
+    from worker.staging import release_staged
 
     release_staged(_settings(), run, approve=True)
 
@@ -262,7 +263,7 @@ def fixes_approve(run: int) -> None:
 @fixes_app.command("reject")
 def fixes_reject(run: int) -> None:
     """Drop a staged batch: nothing is applied."""
-    from worker.statecli import release_staged
+    from worker.staging import release_staged
 
     release_staged(_settings(), run, approve=False)
 
@@ -318,3 +319,7 @@ def main() -> None:
         sys.exit(2)
     finally:
         get_settings.cache_clear()
+
+
+if __name__ == "__main__":
+    main()
