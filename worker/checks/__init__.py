@@ -14,10 +14,15 @@ from worker.checks import (  # noqa: F401  (imported to register)
 from worker.checks.base import CheckContext, iter_findings
 from worker.checks.catalog import BY_ID, CHECK_IDS, SPECS, CheckSpec
 from worker.checks.remedies import REMEDIES
+from worker.findings import Finding
 
 __all__ = ["BY_ID", "CHECK_IDS", "REMEDIES", "SPECS", "CheckContext", "CheckSpec", "run_checks"]
 
 
-def run_checks(ctx: CheckContext) -> list:
-    """Every finding for the snapshot, in a stable order (check order, then ids)."""
-    return list(iter_findings(ctx))
+def run_checks(ctx: CheckContext) -> list[Finding]:
+    """Every finding for the snapshot, once per fingerprint (the same bad row repeated
+    three times is one problem), in a stable order."""
+    seen: dict[str, Finding] = {}
+    for f in iter_findings(ctx):
+        seen.setdefault(f.fingerprint, f)
+    return list(seen.values())
