@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy.exc import OperationalError
+
 from config.settings import get_settings
 from worker import service
 from worker.celery_app import app
 from worker.engine import ScopeRequest
+from worker.sources.base import SourceError
+
+# A database, Redis or a source that is down now may be back in a minute: retry with
+# backoff (capped far below the broker's visibility timeout); the failed attempt is
+# recorded as a failed run, never as a success.
+RETRY = dict(
+    autoretry_for=(OperationalError, RedisConnectionError, SourceError),
+    retry_backoff=15,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=4,
+)
 
 
 def _after(outcome: service.ScanOutcome) -> dict[str, Any]:
@@ -20,17 +35,17 @@ def _after(outcome: service.ScanOutcome) -> dict[str, Any]:
     return {"status": outcome.status, "reason": outcome.reason, **summary}
 
 
-@app.task(name="oprecon.scan.full", bind=True)
+@app.task(name="oprecon.scan.full", bind=True, **RETRY)
 def full_scan(self: Any) -> dict[str, Any]:
     return _after(service.scan(get_settings(), "full", task_id=self.request.id))
 
 
-@app.task(name="oprecon.scan.incremental", bind=True)
+@app.task(name="oprecon.scan.incremental", bind=True, **RETRY)
 def incremental_scan(self: Any) -> dict[str, Any]:
     return _after(service.scan(get_settings(), "incremental", task_id=self.request.id))
 
 
-@app.task(name="oprecon.scan.adhoc", bind=True)
+@app.task(name="oprecon.scan.adhoc", bind=True, **RETRY)
 def adhoc_scan(self: Any, kind: str = "all", target: str | None = None,
                wait_seconds: float = 120) -> dict[str, Any]:
     request = ScopeRequest(kind, target)
