@@ -8,6 +8,7 @@ leaves intents that the next run finishes.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from worker.checks import CheckContext, run_checks
+from worker.explain import describe
 from worker.findings import FixKind
 from worker.lifecycle import SyncResult, TimeRules, sync, transition
 from worker.planner import Decision, FixGate, Plan, make_plan
@@ -164,8 +166,9 @@ def reconcile(
         t_read = time.perf_counter() - t0
         scope = scope_override or resolve_scope(snap, request)
         trace.append(f"read {snap.records} records from OP and the portal in {t_read:.2f}s")
-        if not scope.is_all:
+        if scope.kind in ("patient", "contact") and scope.target:
             trace.append(_describe_scope(snap, scope))
+            trace.extend(describe(snap, scope.kind, scope.target))
 
         t1 = time.perf_counter()
         ctx = CheckContext(
@@ -300,14 +303,19 @@ def _fail_run(deps: Deps, run_id: int, err: BaseException) -> None:
 def _journal(
     session: Session, plan: Plan, res: SyncResult, now: datetime, run_id: int | None
 ) -> list[int]:
-    """Commit an intent for every planned fix (and a staged row for every held one)."""
+    """Commit an intent for every planned fix (and a staged row for every held one).
+
+    One action per finding episode and attempt: a batch staged by the mass-change guard
+    is found again by the next scan and neither re-staged nor re-alerted.
+    """
     ids: list[int] = []
+    staged: list[str] = []  # practice of each newly staged action
     for item in plan.items:
         if item.decision not in (Decision.FIX, Decision.STAGED):
             continue
         row = res.rows[item.finding.fingerprint]
         attempt = row.fix_attempts + 1
-        key = f"{row.fingerprint}:{attempt}"
+        key = _action_key(row, attempt)
         existing = session.scalar(select(ActionRow).where(ActionRow.idempotency_key == key))
         if existing is not None:
             continue
@@ -322,7 +330,26 @@ def _journal(
         if status is ActionStatus.INTENT:
             transition(session, row, S.FIX_QUEUED, now, f"fix queued: {action.kind}", run_id)
             ids.append(action.id)
+        else:
+            staged.append(row.practice)
+    if staged and run_id is not None:
+        # The one staff alert for this batch: durable, read by the digest and `status`.
+        kv_set(session, staged[0], "guard", {
+            "run_id": run_id, "reason": plan.guard_reason, "at": now.isoformat(),
+            "staged": len(staged), "status": "pending",
+        }, now)
+        log.warning("mass_change_guard_tripped", run_id=run_id, staged=len(staged))
     return ids
+
+
+def _action_key(row: FindingRow, attempt: int) -> str:
+    """fingerprint:episode:attempt. The episode (practice + when the finding was last
+    first seen) changes when a resolved finding reopens, so a fix that recurs months later
+    is not mistaken for the old one; within an episode the key is stable across scans."""
+    episode = hashlib.sha1(
+        f"{row.practice}|{row.first_seen_at.astimezone(UTC).isoformat()}".encode()
+    ).hexdigest()[:8]
+    return f"{row.fingerprint}:{episode}:{attempt}"
 
 
 def _params(f: Any) -> dict[str, Any]:
@@ -344,7 +371,12 @@ def dummy_email(patient_id: str | None, user_id: str | None) -> str:
 
 def _breaker_open(session: Session, practice: str, now: datetime) -> bool:
     state = kv_get(session, practice, "breaker") or {}
-    return state.get("state") == "open"
+    if state.get("state") != "open":
+        return False
+    # Past its cooldown the breaker lets one probe through (worker.safety): plan fixes
+    # again so there is a call to probe with, or it would stay open for ever.
+    until = state.get("until")
+    return until is None or now < datetime.fromisoformat(until)
 
 
 def _recent_resends(
