@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
     heartbeat_dir: Path = DEFAULT_VAR / "heartbeat"
+    # Worker and beat write a heartbeat this often; one older than 3x is stale.
+    heartbeat_interval_seconds: float = Field(10, gt=0, le=300)
     metrics_port: int = Field(9808, ge=0, le=65535)  # 0 disables the metrics server
 
     # -- sources ----------------------------------------------------------------------
@@ -88,6 +90,7 @@ class Settings(BaseSettings):
     breaker_failure_ratio: float = Field(0.5, gt=0, le=1)
     breaker_min_calls: int = Field(10, ge=1)
     breaker_cooldown_seconds: float = Field(300, gt=0)
+    breaker_window_seconds: float = Field(120, gt=0)
 
     # -- digests ----------------------------------------------------------------------
     digest_recipients: dict[str, list[str]] = Field(default_factory=dict)

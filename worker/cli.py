@@ -69,6 +69,8 @@ def reconcile(
     portal_dir: Annotated[Path | None, typer.Option(help="Read the portal from CSV exports.")] = None,
     now: Annotated[str | None, typer.Option(hidden=True)] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Print remedy steps.")] = False,
+    timeout: Annotated[float | None, typer.Option(
+        min=1, help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Reconcile everything, one patient's family, or one contact."""
     chosen = [x for x in (all_, patient, contact) if x]
@@ -86,7 +88,7 @@ def reconcile(
     if not in_process:
         from worker.ondemand import enqueue_and_wait
 
-        code = enqueue_and_wait(settings, request, wait=wait, as_json=as_json)
+        code = enqueue_and_wait(settings, request, wait=wait, as_json=as_json, timeout=timeout)
         raise typer.Exit(code)
     _reconcile_here(settings, request, dry_run, as_json, op_dir, portal_dir, _parse_now(now),
                     verbose)
@@ -277,11 +279,15 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 @app.command()
-def health(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def health(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    process: Annotated[str | None, typer.Option(
+        help="worker|beat: only this container's heartbeat file (docker healthcheck).")] = None,
+) -> None:
     """Worker and beat liveness, and the age of the last successful scan."""
     from worker.statecli import show_health
 
-    raise typer.Exit(show_health(_settings(), as_json))
+    raise typer.Exit(show_health(_settings(), as_json, process))
 
 
 @app.command()

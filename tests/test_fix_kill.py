@@ -1,0 +1,144 @@
+"""A worker killed with SIGKILL in the middle of a batch leaves nothing half done.
+
+A real child process applies 20 journaled fixes one by one against the simulator, each
+call slowed by the simulator's latency fault; the test kills it while a call is in
+flight (the portal has the request, the child has no answer), then runs the resume path
+(`pending_intents` + `apply_action`) and asks the portal what it applied.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from factory import patient, patient_user
+from sqlalchemy import select
+
+from worker.engine import Deps, pending_intents, reconcile, time_rules
+from worker.fixes import apply_action
+from worker.simulator import SimClock, Simulator, start_simulator
+from worker.sources.portal_http import HttpPortal
+from worker.state.models import ActionRow
+from worker.wiring import state_sessions
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+N = 20
+PATCH = "PATCH /users/{user_id}"
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from worker.engine import pending_intents
+    from worker.fixes import apply_action
+    from worker.lifecycle import TimeRules
+    from worker.sources.portal_http import HttpPortal
+    from worker.state.db import make_engine, session_factory
+
+    db_url, portal_url, practice = sys.argv[1:4]
+    sessions = session_factory(make_engine(db_url))
+    portal = HttpPortal(portal_url, None, timeout=10, max_retries=0)
+    for action_id in pending_intents(sessions, practice):
+        print("start", action_id, flush=True)
+        apply_action(sessions, portal, action_id, TimeRules())
+        print("done", action_id, flush=True)
+    print("finished", flush=True)
+    """
+)
+
+
+class OP:
+    def __init__(self) -> None:
+        self.records = [patient(f"P{i:02d}") for i in range(N)]
+
+    def patients(self, since: Any = None) -> Any:
+        return iter(self.records)
+
+    def contacts(self, since: Any = None) -> Any:
+        return iter(())
+
+    def family_contacts(self, since: Any = None) -> Any:
+        return iter(())
+
+
+def test_sigkill_mid_batch_then_resume_applies_every_fix_exactly_once(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    sim = Simulator(clock=SimClock(T0))
+    sim.load(users=[patient_user(f"U{i:02d}", f"P{i:02d}", email=f"kid{i}@example.org")
+                    for i in range(N)])
+    server, url = start_simulator(sim)
+    settings = make_settings(propagation_delay_minutes=0, mass_change_max_fixes=100,
+                             mass_change_max_percent=0)
+    sessions = state_sessions(settings)  # a file-based SQLite both processes share
+    portal = HttpPortal(url, None, max_retries=0)
+    http = httpx.Client(base_url=url, timeout=5)
+    child: subprocess.Popen[str] | None = None
+    try:
+        result = reconcile(Deps(settings, sessions, OP(), portal, portal_writable=True),
+                           kind="full", now=T0)
+        assert len(result.action_ids) == N
+        http.post("/_sim/faults", json={"latency_ms": 250, "count": N, "path": "/users/"})
+
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, settings.state_db_url, url, settings.practice],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        # Kill once a few fixes are done and the portal holds a request it has not
+        # answered: the child dies between its call and recording the outcome.
+        deadline = time.monotonic() + 20
+        while True:
+            assert time.monotonic() < deadline, "the child never got going"
+            assert child.poll() is None, "the child finished before it could be killed"
+            calls = http.get("/_sim/calls").json()
+            sent = calls["requests"].get(PATCH, 0)
+            if sent >= 6 and sent > len(calls["writes"]):
+                break
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        assert child.returncode == -signal.SIGKILL
+        assert child.stdout is not None
+        done = [line for line in child.stdout.read().splitlines() if line.startswith("done")]
+        assert 5 <= len(done) < N
+
+        # The killed call still lands in the portal (it had the request); wait for it.
+        while len(http.get("/_sim/calls").json()["writes"]) < sent:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        http.delete("/_sim/faults")
+
+        left = pending_intents(sessions, settings.practice)
+        assert len(left) == N - len(done)  # the in-flight one included
+        for action_id in left:
+            apply_action(sessions, portal, action_id, time_rules(settings))
+        assert pending_intents(sessions, settings.practice) == []
+
+        with sessions() as s:
+            actions = list(s.scalars(select(ActionRow)))
+        assert len(actions) == N
+        assert {a.status for a in actions} <= {"applied", "already"}
+        calls = http.get("/_sim/calls").json()
+        applied = {w["key"]: w["applied"] for w in calls["writes"] if w["endpoint"] == PATCH}
+        assert applied == {a.idempotency_key: 1 for a in actions}  # every fix, exactly once
+        # The in-flight fix was sent twice under one key; the portal applied it once.
+        assert calls["requests"][PATCH] == N + 1
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        if child is not None and child.stdout is not None:
+            child.stdout.close()
+        http.close()
+        portal.close()
+        server.shutdown()
+        sim.close()

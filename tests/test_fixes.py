@@ -1,0 +1,512 @@
+"""Fixes end to end: the journal, HttpPortal and the portal simulator over real HTTP.
+
+The simulator's clock and the engine's `now` start at the same instant; advancing the
+simulator's clock is how a test watches a change appear after the portal's delay.
+`/_sim/calls` is the portal's own count of requests and applied writes: the proof that
+a fix reached the portal exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from factory import caregiver, contact, fc, link, patient, patient_user, source, welcome
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.engine import Deps, reconcile, time_rules
+from worker.findings import FixKind
+from worker.fixes import TransientPortalError, apply_action
+from worker.planner import Decision
+from worker.safety import portal_guard
+from worker.simulator import SimClock, Simulator, SimulatorServer, start_simulator
+from worker.sources.portal_http import HttpPortal
+from worker.staging import release_staged
+from worker.state.db import kv_get, kv_set
+from worker.state.models import ActionRow, ActionStatus, FindingEvent, FindingRow
+from worker.wiring import state_sessions
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+TEST_BROKER = "redis://127.0.0.1:6379/13"  # a db of its own: the test counts its queue
+
+OP = [
+    patient("P1"), contact("C1"), fc("P1", "C1"),
+    patient("P2"), contact("C2"), fc("P2", "C2"),
+    patient("P3"), contact("C3"), fc("P3", "C3"),
+]
+U2_EMAIL = "kid1@example.org"
+
+
+def portal_state(*, without: str | None = None) -> dict[str, list[Any]]:
+    """U2 (P1's user) has a real email; U3 (C2) lacks its link to U4 (P2); C3 has no
+    user and never got a Welcome email."""
+    users = [
+        caregiver("U1", "C1"), patient_user("U2", "P1", email=U2_EMAIL),
+        caregiver("U3", "C2"), patient_user("U4", "P2"),
+    ]
+    return {
+        "users": [u for u in users if u.user_id != without],
+        "links": [link("U1", "U2")],
+        "sources": [source("U1"), source("U3")],
+        "audit": [welcome("c1@example.org"), welcome("c2@example.org")],
+        "expected_links": [("U1", "U2"), ("U3", "U4")],
+    }
+
+
+class OPSource:
+    """OP as a reader over OP (the portal part comes from the simulator over HTTP)."""
+
+    def __init__(self, records: list[Any]) -> None:
+        self.records = records
+
+    def _of(self, name: str) -> Iterator[Any]:
+        return iter([r for r in self.records if type(r).__name__ == name])
+
+    def patients(self, since: Any = None) -> Iterator[Any]:
+        return self._of("Patient")
+
+    def contacts(self, since: Any = None) -> Iterator[Any]:
+        return self._of("Contact")
+
+    def family_contacts(self, since: Any = None) -> Iterator[Any]:
+        return self._of("FamilyContact")
+
+
+@dataclass
+class World:
+    sim: Simulator
+    server: SimulatorServer
+    url: str
+    http: httpx.Client
+    settings_for: Callable[..., Any]
+    op: OPSource
+
+    def portal(self, **kw: Any) -> HttpPortal:
+        kw.setdefault("max_retries", 0)
+        return HttpPortal(self.url, None, sleep=lambda _: None, **kw)
+
+    def deps(self, settings: Any, portal: HttpPortal | None = None) -> Deps:
+        return Deps(settings, state_sessions(settings), self.op, portal or self.portal(),
+                    portal_writable=True)
+
+    def calls(self) -> dict[str, Any]:
+        return self.http.get("/_sim/calls").json()
+
+    def requests(self, route: str) -> int:
+        return int(self.calls()["requests"].get(route, 0))
+
+    def user(self, uid: str) -> dict[str, Any]:
+        return self.http.get(f"/users/{uid}").json()
+
+    def links(self) -> set[tuple[str, str]]:
+        items = self.http.get("/links").json()["items"]
+        return {(i["caregiver_user_id"], i["dependent_user_id"]) for i in items}
+
+    def welcomes(self) -> list[str]:
+        items = self.http.get("/audit", params={"action": "Profile: Welcome Mail Sent"})
+        return [i["email"] for i in items.json()["items"]]
+
+
+@pytest.fixture
+def world(make_settings: Any, redis_client: redis.Redis) -> Iterator[World]:
+    sim = Simulator(clock=SimClock(T0), seed=3)
+    sim.load(**portal_state())
+    server, url = start_simulator(sim)
+
+    def settings_for(**kw: Any) -> Any:
+        values: dict[str, Any] = dict(
+            propagation_delay_minutes=0, portal_source="http", portal_url=url,
+            mass_change_max_fixes=50, mass_change_max_percent=0, portal_rate_per_second=100,
+        )
+        values.update(kw)
+        return make_settings(**values)
+
+    with httpx.Client(base_url=url, timeout=5) as http:
+        yield World(sim, server, url, http, settings_for, OPSource(list(OP)))
+    server.shutdown()
+    sim.close()
+
+
+def by_kind(sessions: sessionmaker[Session]) -> dict[str, ActionRow]:
+    with sessions() as s:
+        return {a.kind: a for a in s.scalars(select(ActionRow))}
+
+
+def finding(sessions: sessionmaker[Session], action: ActionRow) -> FindingRow:
+    with sessions() as s:
+        row = s.get(FindingRow, action.finding_id)
+        assert row is not None
+        return row
+
+
+def action_row(sessions: sessionmaker[Session], action_id: int) -> ActionRow:
+    with sessions() as s:
+        row = s.get(ActionRow, action_id)
+        assert row is not None
+        return row
+
+
+def at(when: datetime) -> Callable[[], datetime]:
+    return lambda: when
+
+
+ROUTES = {
+    FixKind.SET_DUMMY_EMAIL: "PATCH /users/{user_id}",
+    FixKind.REFRESH_SOURCE: "POST /users/{user_id}/source/refresh",
+    FixKind.RESEND_WELCOME: "POST /welcome",
+}
+
+
+# -- each fix kind, once, visible after the portal's delay ----------------------------------
+
+
+def test_each_fix_kind_is_applied_once_and_shows_after_the_delay(
+    world: World, redis_client: redis.Redis
+) -> None:
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    result = reconcile(deps, kind="full", now=T0)
+    actions = by_kind(deps.sessions)
+    assert set(actions) == set(ROUTES)
+    assert sorted(result.action_ids) == sorted(a.id for a in actions.values())
+    guard = portal_guard(settings, client=redis_client)
+    for a in actions.values():
+        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings),
+                            guard=guard, now=at(T0)) == "applied"
+        assert finding(deps.sessions, a).state == "held"
+
+    # Accepted, not visible: the portal takes 15 minutes (10-20 for a source refresh).
+    world.sim.clock.set(T0 + timedelta(minutes=9, seconds=59))
+    assert ("U3", "U4") not in world.links()
+    world.sim.clock.set(T0 + timedelta(minutes=14, seconds=59))
+    assert world.user("U2")["email"] == U2_EMAIL
+    assert "c3@example.org" not in world.welcomes()
+    world.sim.clock.set(T0 + timedelta(minutes=15))
+    assert world.user("U2")["email"] == actions[FixKind.SET_DUMMY_EMAIL].params["email"]
+    assert world.user("U2")["email"].endswith("@dummy.com")
+    assert world.welcomes().count("c3@example.org") == 1
+    world.sim.clock.set(T0 + timedelta(minutes=20))
+    assert ("U3", "U4") in world.links()
+
+    # Exactly once, under the journal's idempotency keys.
+    writes = world.calls()["writes"]
+    assert sorted((w["endpoint"], w["key"], w["applied"]) for w in writes) == sorted(
+        (ROUTES[FixKind(a.kind)], a.idempotency_key, 1) for a in actions.values()
+    )
+
+    # Applying the same actions again does not reach the portal.
+    for a in actions.values():
+        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings),
+                            guard=guard, now=at(T0)) == "applied"
+    assert [world.requests(route) for route in ROUTES.values()] == [1, 1, 1]
+
+    # After the holds the fresh read verifies every fix: all resolved, nothing re-applied.
+    after = reconcile(deps, kind="full", now=T0 + timedelta(minutes=20))
+    assert after.action_ids == []
+    for a in actions.values():
+        assert finding(deps.sessions, a).state == "resolved"
+
+
+def test_a_lost_outcome_is_retried_under_the_same_key_and_applied_once(world: World) -> None:
+    """A worker that died after the portal call: the rerun sends the same key again and
+    the portal recognises it."""
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                        now=at(T0)) == "applied"
+    with deps.sessions() as s, s.begin():  # as if the outcome had never been recorded
+        row = s.get(ActionRow, email.id)
+        assert row is not None
+        row.status = ActionStatus.INTENT
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                        now=at(T0)) == "applied"
+    assert world.requests("PATCH /users/{user_id}") == 2
+    assert [w["applied"] for w in world.calls()["writes"]] == [1]
+
+
+def test_a_problem_that_comes_back_after_it_was_resolved_is_fixed_again(world: World) -> None:
+    """A new episode of the same finding gets a new idempotency key: the old key would
+    make the journal skip it and the portal replay the old answer."""
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    first = reconcile(deps, kind="full", now=T0)
+    old = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
+    for action_id in first.action_ids:
+        apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), now=at(T0))
+    world.sim.clock.set(T0 + timedelta(minutes=20))
+    reconcile(deps, kind="full", now=T0 + timedelta(minutes=20))
+    assert finding(deps.sessions, old).state == "resolved"
+
+    # Someone types a real address on the child's portal user again.
+    world.sim.store.write("set_email", user_id="U2", payload={"email": U2_EMAIL},
+                          key="staff-edit", fingerprint="staff-edit")
+    world.sim.clock.set(T0 + timedelta(minutes=40))
+    again = reconcile(deps, kind="full", now=T0 + timedelta(minutes=40))
+    (action_id,) = again.action_ids
+    new = action_row(deps.sessions, action_id)
+    assert new.kind == FixKind.SET_DUMMY_EMAIL and new.idempotency_key != old.idempotency_key
+    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+                        now=at(T0 + timedelta(minutes=40))) == "applied"
+    keys = {w["key"] for w in world.calls()["writes"] if w["endpoint"] == ROUTES[new.kind]}
+    assert keys == {old.idempotency_key, "staff-edit", new.idempotency_key}
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+def test_transient_500_leaves_the_action_retrying_then_a_later_attempt_applies(
+    world: World, redis_client: redis.Redis
+) -> None:
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
+    world.http.post("/_sim/faults", json={"status": 500, "count": 1, "path": "/users/U2"})
+    guard = portal_guard(settings, client=redis_client)
+    with pytest.raises(TransientPortalError):
+        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                     guard=guard, now=at(T0))
+    row = action_row(deps.sessions, email.id)
+    assert row.status == "retrying" and "PortalUnavailable" in (row.error or "")
+    assert U2_EMAIL not in (row.error or "")  # ids and statuses only, never the address
+    assert finding(deps.sessions, email).state == "fix_queued"
+    assert redis_client.zcard("oprecon:test:portal:breaker:fail") == 1
+
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                        guard=guard, now=at(T0)) == "applied"
+    assert action_row(deps.sessions, email.id).status == "applied"
+    assert world.requests("PATCH /users/{user_id}") == 2  # the 500, then the real one
+    assert [w["applied"] for w in world.calls()["writes"]] == [1]
+
+
+def test_a_change_already_visible_is_recorded_without_calling_again(world: World) -> None:
+    """The first call timed out, but the portal had accepted it: once it shows, the retry
+    re-reads, sees it and records `already`."""
+    settings = world.settings_for()
+    deps = world.deps(settings, world.portal(timeout=0.3))
+    reconcile(deps, kind="full", now=T0)
+    email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
+    world.http.post("/_sim/faults", json={"latency_ms": 700, "count": 1, "path": "/users/U2"})
+    with pytest.raises(TransientPortalError):
+        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), now=at(T0))
+    deadline = time.monotonic() + 5
+    while not world.http.get("/_sim/pending").json()["items"]:  # the slow call lands
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    world.sim.clock.set(T0 + timedelta(minutes=15))
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                        now=at(T0 + timedelta(minutes=15))) == "already"
+    assert world.requests("PATCH /users/{user_id}") == 1
+    assert finding(deps.sessions, email).state == "held"
+
+
+def test_a_404_fails_the_action_and_escalates_the_finding(world: World) -> None:
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
+    world.sim.load(**portal_state(without="U2"))  # the user vanished from the portal
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                        now=at(T0)) == "failed"
+    row = action_row(deps.sessions, email.id)
+    assert row.status == "failed" and "404" in (row.error or "")
+    assert finding(deps.sessions, email).state == "escalated"
+    with deps.sessions() as s:
+        cause = s.scalars(select(FindingEvent.cause).order_by(FindingEvent.id.desc())).first()
+    assert cause is not None and "contact OP support" in cause
+
+
+# -- the mass-change guard ------------------------------------------------------------------
+
+
+def staged_world(world: World, **kw: Any) -> tuple[Any, Deps, int]:
+    settings = world.settings_for(mass_change_max_fixes=2, **kw)
+    deps = world.deps(settings)
+    result = reconcile(deps, kind="full", now=T0)
+    assert result.plan.guard_tripped and result.action_ids == []
+    assert {i.decision for i in result.plan.items if i.finding.fix} == {Decision.STAGED}
+    assert result.run_id is not None
+    return settings, deps, result.run_id
+
+
+def count_actions(sessions: sessionmaker[Session]) -> int:
+    with sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(ActionRow)) or 0)
+
+
+def test_guard_stages_a_batch_once_alerts_once_and_approve_applies_it(
+    world: World, redis_client: redis.Redis
+) -> None:
+    settings, deps, run_id = staged_world(world)
+    with deps.sessions() as s:
+        guard = kv_get(s, "test", "guard")
+        statuses = {a.status for a in s.scalars(select(ActionRow))}
+    assert guard is not None and guard["run_id"] == run_id and guard["staged"] == 3
+    assert guard["status"] == "pending" and "mass-change guard" in guard["reason"]
+    assert statuses == {"staged"}
+
+    # The next scan finds the same batch staged: no new rows, the alert is not redone.
+    again = reconcile(deps, kind="full", now=T0 + timedelta(minutes=5))
+    assert again.plan.guard_tripped and again.action_ids == []
+    assert count_actions(deps.sessions) == 3
+    with deps.sessions() as s:
+        assert kv_get(s, "test", "guard") == guard
+    assert world.calls()["writes"] == []
+
+    lines: list[str] = []
+    released = release_staged(settings, run_id, approve=True, by="oncall-7", mode="local",
+                              sessions=deps.sessions, echo=lines.append,
+                              now=T0 + timedelta(minutes=10))
+    assert released == 3
+    assert lines == [f"run {run_id}: approved 3 staged fix(es); applied here: 3 applied"]
+    assert len(world.calls()["writes"]) == 3
+    with deps.sessions() as s:
+        assert {a.status for a in s.scalars(select(ActionRow))} == {"applied"}
+        assert {f.state for f in s.scalars(select(FindingRow).where(FindingRow.fix.is_not(None)))
+                } == {"held"}
+        causes = list(s.scalars(select(FindingEvent.cause)))
+        assert sum("approved by oncall-7" in c for c in causes) == 3
+        assert kv_get(s, "test", "guard")["status"] == "approved"  # type: ignore[index]
+    # Approving twice is harmless.
+    assert release_staged(settings, run_id, approve=True, mode="local",
+                          sessions=deps.sessions, echo=lines.append) == 0
+    assert lines[-1] == f"run {run_id}: no staged fixes to approve"
+
+
+def test_reject_drops_the_batch_and_leaves_the_findings_open(world: World) -> None:
+    settings, deps, run_id = staged_world(world)
+    lines: list[str] = []
+    assert release_staged(settings, run_id, approve=False, by="oncall-7",
+                          sessions=deps.sessions, echo=lines.append, now=T0) == 3
+    assert "rejected 3 staged fix(es)" in lines[0]
+    assert world.calls()["writes"] == []
+    with deps.sessions() as s:
+        assert {a.status for a in s.scalars(select(ActionRow))} == {"rejected"}
+        fixable = select(FindingRow).where(FindingRow.fix.is_not(None))
+        assert {f.state for f in s.scalars(fixable)} == {"open"}
+        assert kv_get(s, "test", "guard")["status"] == "rejected"  # type: ignore[index]
+    # Rejected stays rejected: the next scan neither stages nor applies them again.
+    reconcile(deps, kind="full", now=T0 + timedelta(minutes=5))
+    assert count_actions(deps.sessions) == 3
+
+
+def test_approve_queues_the_fixes_on_the_worker_queue(world: World) -> None:
+    broker = redis.Redis.from_url(TEST_BROKER)
+    broker.flushdb()
+    try:
+        settings, deps, run_id = staged_world(world, broker_url=TEST_BROKER)
+        lines: list[str] = []
+        assert release_staged(settings, run_id, approve=True, mode="queue",
+                              sessions=deps.sessions, echo=lines.append, now=T0) == 3
+        assert "queued on the worker's fix queue" in lines[0]
+        assert broker.llen("fix") == 3
+        with deps.sessions() as s:
+            assert {a.status for a in s.scalars(select(ActionRow))} == {"intent"}
+        assert world.calls()["writes"] == []  # the worker applies them, not the CLI
+    finally:
+        broker.flushdb()
+        broker.close()
+
+
+def test_approve_falls_back_to_applying_here_when_the_broker_is_down(world: World) -> None:
+    settings, deps, run_id = staged_world(world, broker_url="redis://127.0.0.1:1/0")
+    lines: list[str] = []
+    assert release_staged(settings, run_id, approve=True, sessions=deps.sessions,
+                          echo=lines.append, now=T0) == 3
+    assert lines[0].endswith("applied here: 3 applied")
+    assert len(world.calls()["writes"]) == 3
+
+
+# -- switches: pause, dry_run, per-check policies -------------------------------------------
+
+
+def fixable_decisions(result: Any) -> dict[str, tuple[Decision, str]]:
+    return {i.finding.check: (i.decision, i.reason) for i in result.plan.items if i.finding.fix}
+
+
+def test_pause_stops_fixes_while_detection_goes_on(world: World) -> None:
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    with deps.sessions() as s, s.begin():
+        kv_set(s, "test", "paused", {"paused": True, "reason": "maintenance",
+                                     "at": T0.isoformat()}, T0)
+    paused = reconcile(deps, kind="full", now=T0)
+    assert paused.action_ids == [] and count_actions(deps.sessions) == 0
+    assert {d for d, _ in fixable_decisions(paused).values()} == {Decision.ALERT}
+    assert all("paused" in r for _, r in fixable_decisions(paused).values())
+    with deps.sessions() as s:
+        assert int(s.scalar(select(func.count()).select_from(FindingRow)) or 0) == 3
+
+    with deps.sessions() as s, s.begin():
+        kv_set(s, "test", "paused", {"paused": False, "reason": "resumed",
+                                     "at": T0.isoformat()}, T0)
+    resumed = reconcile(deps, kind="full", now=T0 + timedelta(minutes=1))
+    assert len(resumed.action_ids) == 3
+    assert world.calls()["writes"] == []  # planning is not applying
+
+
+def test_dry_run_setting_is_detect_only(world: World) -> None:
+    deps = world.deps(world.settings_for(dry_run=True))
+    result = reconcile(deps, kind="full", now=T0)
+    assert result.action_ids == [] and count_actions(deps.sessions) == 0
+    assert all(d is Decision.ALERT and "detect-only" in r
+               for d, r in fixable_decisions(result).values())
+
+
+def test_per_check_policies(world: World) -> None:
+    settings = world.settings_for(policies={"welcome_not_sent": "off",
+                                            "caregiver_link_missing": "alert"})
+    deps = world.deps(settings)
+    result = reconcile(deps, kind="full", now=T0)
+    decisions = {c: d for c, (d, _) in fixable_decisions(result).items()}
+    assert decisions == {"welcome_not_sent": Decision.OFF,
+                         "caregiver_link_missing": Decision.ALERT,
+                         "portal_patient_email_not_dummy": Decision.FIX}
+    assert set(by_kind(deps.sessions)) == {FixKind.SET_DUMMY_EMAIL}
+
+
+# -- the Welcome email: once per window, valid addresses only --------------------------------
+
+
+def test_welcome_is_resent_at_most_once_per_window(world: World) -> None:
+    settings = world.settings_for(welcome_window_days=7, hold_minutes=15)
+    deps = world.deps(settings)
+    world.op.records = [r for r in OP if getattr(r, "patient_id", None) == "P3"
+                        or getattr(r, "contact_id", None) == "C3"]
+    first = reconcile(deps, kind="full", now=T0)
+    (action_id,) = first.action_ids
+    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+                        now=at(T0)) == "applied"
+    # The hold ends before the portal shows the email (its clock stays at T0): the finding
+    # is still there, but the contact had a resend within the window: alert, no resend.
+    later = T0 + timedelta(minutes=16)
+    retry = reconcile(deps, kind="full", now=later)
+    decision, reason = fixable_decisions(retry)["welcome_not_sent"]
+    assert decision is Decision.ALERT and "already resent" in reason
+    assert retry.action_ids == []
+    assert world.requests("POST /welcome") == 1
+
+    # Once the window has passed (and still no Welcome email shows), one more resend.
+    after_window = T0 + timedelta(days=7, minutes=1)
+    again = reconcile(deps, kind="full", now=after_window)
+    assert fixable_decisions(again)["welcome_not_sent"][0] is Decision.FIX
+    assert len(again.action_ids) == 1
+
+
+def test_no_resend_to_an_address_that_failed_validation(world: World) -> None:
+    deps = world.deps(world.settings_for())
+    world.op.records = [patient("P3"), contact("C3", email="c3@@example"), fc("P3", "C3")]
+    result = reconcile(deps, kind="full", now=T0)
+    checks = {i.finding.check for i in result.plan.items}
+    assert "welcome_not_sent" not in checks
+    assert "contact_email_invalid" in checks  # staff are told instead
+    assert result.action_ids == []
