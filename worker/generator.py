@@ -98,7 +98,7 @@ class DefectRates:
     recent_change: float = 0.01
 
 
-class RawRow(dict):  # type: ignore[type-arg]
+class RawRow(dict[str, str]):
     """A row written verbatim (blank authority, malformed values). `record` is what a
     correct reader makes of it, or None when the row must become `invalid_record`."""
 
@@ -119,6 +119,12 @@ class GenerateResult:
     findings: dict[str, int]
     suppressed_recent: dict[str, int]
     seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.patients} patients, {sum(self.counts.values())} rows, "
+                f"{sum(self.findings.values())} expected findings, "
+                f"{sum(self.suppressed_recent.values())} suppressed as recent, "
+                f"{self.seconds:.1f}s")
 
 
 @dataclass
@@ -251,6 +257,22 @@ class _Adult:
     own_patient: Patient | None = None
     own_user: PortalUser | None = None
 
+    # ids of what the builder made, for the expected findings
+    @property
+    def cid(self) -> str:
+        assert self.contact is not None
+        return self.contact.contact_id
+
+    @property
+    def uid(self) -> str:
+        assert self.user_rec is not None
+        return self.user_rec.user_id
+
+    @property
+    def own_pid(self) -> str:
+        assert self.own_patient is not None
+        return self.own_patient.patient_id
+
     @property
     def grants(self) -> bool:
         return self.authority in ("Joint", "Exclusive")
@@ -270,6 +292,16 @@ class _Kid:
     recent: bool = False
     patient: Patient | None = None
     user_rec: PortalUser | None = None
+
+    @property
+    def pid(self) -> str:
+        assert self.patient is not None
+        return self.patient.patient_id
+
+    @property
+    def uid(self) -> str:
+        assert self.user_rec is not None
+        return self.user_rec.user_id
 
 
 @dataclass
@@ -346,7 +378,7 @@ class _Builder:
     def phone(self) -> str:
         """Unique 7-digit subscriber number for up to ten million contacts."""
         self.n_phone += 1
-        v = (self.n_phone * 7_654_321 + 1_234_567) % 10_000_000
+        v = (self.n_phone * 7_654_321 + 3_141_592) % 10_000_000
         return f"({self.rng.choice(AREA_CODES)}) {v // 10000:03d}-{v % 10000:04d}"
 
     def home(self) -> _Home:
@@ -516,13 +548,12 @@ class _Builder:
 
     # households ---------------------------------------------------------------------
 
-    def household(self, adults: list[_Adult], kids: list[_Kid], last: str | None = None) -> None:
+    def household(self, adults: list[_Adult], kids: list[_Kid]) -> None:
         """Build one household from its specs: OP rows first, then the portal."""
         rng = self.rng
-        homes = [self.home() for _ in range(1 + max(a.home for a in adults))] if adults \
-            else [self.home()]
-        family_last = last or (adults[0].ident.last if adults and adults[0].ident else None) \
-            or self.last_name()
+        homes = [self.home() for _ in range(1 + max((a.home for a in adults), default=0))]
+        first_ident = adults[0].ident if adults else None
+        family_last = first_ident.last if first_ident else self.last_name()
         for a in adults:
             if a.ident is None:
                 same = a.role.lower() in ("mother", "father") and rng.random() < 0.7
@@ -560,7 +591,7 @@ class _Builder:
                 own_fc = {"ok": ("Other Relative", "Joint"),
                           "ok_email": ("Other Relative", "Joint"),
                           "self": ("Self", "Joint"), "none_auth": ("Other Relative", "None"),
-                          "missing": None}[a.own]
+                          "missing": None}[a.own or "missing"]
                 if own_fc is not None:
                     self.fc(a.own_patient, a.contact, *own_fc)
         # portal
@@ -721,7 +752,7 @@ class _Builder:
         self.household([other, parent], kids)
         for k in kids:
             self.expect("authority_invalid", f"{role.strip()} without authority",
-                        patient_id=k.patient.patient_id, contact_id=parent.contact.contact_id)
+                        patient_id=k.pid, contact_id=parent.cid)
         if recent:
             self.op_only_recent["authority_invalid"] += len(kids)
 
@@ -733,10 +764,10 @@ class _Builder:
         dad = _Adult("Father", "m")
         self.household([parent, dad], self.kids())
         self.expect("self_role", "own chart lists them as Self",
-                    patient_id=parent.own_patient.patient_id, contact_id=parent.contact.contact_id)
+                    patient_id=parent.own_pid, contact_id=parent.cid)
         if not registered:
             self.expect("welcome_not_sent", "no account, Welcome blocked by Self role",
-                        action=Action.ALERT, contact_id=parent.contact.contact_id)
+                        action=Action.ALERT, contact_id=parent.cid)
 
     def _d_self_dependent_missing(self, v: int) -> None:
         """A parent-patient absent from their own chart (or there without authority)."""
@@ -744,7 +775,7 @@ class _Builder:
         mom = _Adult("Mother", "f")
         self.household([mom, parent], self.kids())
         self.expect("self_dependent_missing", "not a dependent on own chart",
-                    patient_id=parent.own_patient.patient_id, contact_id=parent.contact.contact_id)
+                    patient_id=parent.own_pid, contact_id=parent.cid)
 
     def _d_contact_email_invalid(self, v: int) -> None:
         """An authorized parent without a usable email: no account, nothing to resend to."""
@@ -757,7 +788,7 @@ class _Builder:
         self.household([parent, _Adult("Father", "m")], self.kids())
         self.expect("contact_email_invalid", f"email {kind}",
                     severity=Severity.INFO if kind == "blank" else Severity.WARNING,
-                    contact_id=parent.contact.contact_id)
+                    contact_id=parent.cid)
         if recent:
             self.op_only_recent["contact_email_invalid"] += 1
 
@@ -770,11 +801,11 @@ class _Builder:
         kids = self.kids()
         self.household([_Adult("Mother", "f"), parent], kids)
         for k in kids:
-            ids = {"patient_id": k.patient.patient_id, "contact_id": parent.contact.contact_id}
-            self.expect("contact_inactive", "inactive contact with authority", **ids)
+            self.expect("contact_inactive", "inactive contact with authority",
+                        patient_id=k.pid, contact_id=parent.cid)
             if keeps_account:
                 self.expect("caregiver_link_stale", "inactive contact still linked",
-                            portal_user_id=parent.user_rec.user_id, **ids)
+                            patient_id=k.pid, contact_id=parent.cid, portal_user_id=parent.uid)
 
     def _dup_ident(self, base: _Ident, name: tuple[str, str], share: str) -> _Ident:
         """A second record for the same person: other name spelling, some shared keys."""
@@ -839,10 +870,10 @@ class _Builder:
             old = _Adult(role, g, active=False, user=False, ident=base)
             new = _Adult(role, g, ident=copies[0])
             self.household([old, new, other], kids)
-            group = [old.contact.contact_id, new.contact.contact_id]
+            group = [old.cid, new.cid]
             for k in kids:
                 self.expect("contact_inactive", "inactive duplicate holds authority",
-                            patient_id=k.patient.patient_id, contact_id=old.contact.contact_id)
+                            patient_id=k.pid, contact_id=old.cid)
         else:
             main = _Adult(role, g, ident=base)
             extra = []
@@ -853,7 +884,7 @@ class _Builder:
                     extra.append(_Adult(role, g, active=False, on_kids=False, user=False,
                                         ident=c))
             self.household([main, other, *extra], kids)
-            group = [main.contact.contact_id] + [a.contact.contact_id for a in extra]
+            group = [main.cid] + [a.cid for a in extra]
         ids = tuple(sorted(group))
         self.expect("contact_duplicate", f"{len(ids)} records of one person",
                     contact_id=ids[0], contact_ids=ids)
@@ -869,32 +900,34 @@ class _Builder:
             kids = [kid]
         self.household(adults, kids)
         self.expect("patient_inactive", "inactive patient with active portal user",
-                    patient_id=kid.patient.patient_id, portal_user_id=kid.user_rec.user_id)
+                    patient_id=kid.pid, portal_user_id=kid.uid)
 
     def _d_patient_email_present(self, v: int) -> None:
         """A dependent's chart holding a real email: a teen's, or a parent-patient's own."""
         if v % 2 == 0:
             kid = _Kid(chart_email="real")
             self.household([_Adult("Mother", "f"), _Adult("Father", "m")], [kid, *self.kids(0, 1)])
-            pid = kid.patient.patient_id
+            pid = kid.pid
         else:
             parent = _Adult("Mother", "f", own="ok_email")
             self.household([parent, _Adult("Father", "m")], self.kids())
-            pid = parent.own_patient.patient_id
+            pid = parent.own_pid
         self.expect("patient_email_present", "dependent chart has an email", patient_id=pid)
 
     def _d_portal_patient_email_not_dummy(self, v: int) -> None:
+        """A child's portal account with a personal address, or a near-miss domain."""
         kid = _Kid(user_email="typo" if v % 2 else "real")
         mom = _Adult("Mother", "f")
         self.household([mom, _Adult("Father", "m")], [kid])
         self.expect("portal_patient_email_not_dummy", "patient user without @dummy.com",
-                    patient_id=kid.patient.patient_id, portal_user_id=kid.user_rec.user_id)
+                    patient_id=kid.pid, portal_user_id=kid.uid)
 
     def _d_portal_patient_role_invalid(self, v: int) -> None:
+        """A child's portal account created with a role other than Patient."""
         kid = _Kid(user_role=("Caregiver", "Proxy")[v % 2])
         self.household([_Adult("Mother", "f"), _Adult("Father", "m")], [kid, *self.kids(0, 1)])
         self.expect("portal_patient_role_invalid", "patient user with wrong role",
-                    patient_id=kid.patient.patient_id, portal_user_id=kid.user_rec.user_id)
+                    patient_id=kid.pid, portal_user_id=kid.uid)
 
     def _d_caregiver_link_missing(self, v: int) -> None:
         """The portal lost one caregiver -> dependent link (a child, or the parent's own
@@ -903,14 +936,14 @@ class _Builder:
             mom = _Adult("Mother", "f", links="miss_first")
             kids = self.kids()
             self.household([mom, _Adult("Father", "m")], kids)
-            pid = kids[0].patient.patient_id
+            pid = kids[0].pid
         else:
             mom = _Adult("Mother", "f", own="ok", links="miss_own")
             self.household([mom, _Adult("Father", "m")], self.kids(1, 1))
-            pid = mom.own_patient.patient_id
+            pid = mom.own_pid
         self.expect("caregiver_link_missing", "caregiver not linked to dependent",
-                    patient_id=pid, contact_id=mom.contact.contact_id,
-                    portal_user_id=mom.user_rec.user_id)
+                    patient_id=pid, contact_id=mom.cid,
+                    portal_user_id=mom.uid)
 
     def _d_caregiver_link_stale(self, v: int) -> None:
         """Authority withdrawn (set to None on a grandparent) or the family contact
@@ -923,8 +956,8 @@ class _Builder:
         self.household([_Adult("Mother", "f"), ex], kids)
         for k in kids:
             self.expect("caregiver_link_stale", "link without authorization",
-                        patient_id=k.patient.patient_id, contact_id=ex.contact.contact_id,
-                        portal_user_id=ex.user_rec.user_id)
+                        patient_id=k.pid, contact_id=ex.cid,
+                        portal_user_id=ex.uid)
 
     def _d_welcome_not_sent(self, v: int) -> None:
         """Authorized, valid email, no account: never invited, invited too long ago, or
@@ -932,7 +965,7 @@ class _Builder:
         dad = _Adult("Father", "m", user=False, welcome=("none", "old", "other")[v % 3])
         self.household([_Adult("Mother", "f"), dad], self.kids())
         self.expect("welcome_not_sent", "no account and no recent Welcome",
-                    contact_id=dad.contact.contact_id)
+                    contact_id=dad.cid)
 
     def _d_portal_orphan_user(self, v: int) -> None:
         """Portal accounts pointing at OP records that are gone (merged or deleted)."""
@@ -1055,6 +1088,8 @@ def _defect_plan(patients: int, rates: DefectRates, rng: random.Random) -> list[
 
 def _run(builder: _Builder, patients: int, flush: Any = None, every: int = 512) -> None:
     """Interleave defect households among clean ones until exactly `patients` exist."""
+    if patients < 0:
+        raise ValueError("patients must be >= 0")
     rng = builder.rng
     plan = _defect_plan(patients, builder.rates, rng)
     remaining = patients

@@ -37,7 +37,7 @@ def welcome_not_sent(ctx: CheckContext) -> Iterator[Finding]:
         sent = snap.welcome_sent.get(email.lower())
         if sent is not None and sent >= since:
             continue
-        if ctx.skip_recent(contact, *fcs):
+        if ctx.skip_recent(contact, *fcs, *(snap.patients[fc.patient_id] for fc in fcs)):
             continue
         if cid in blocked:
             yield finding(
