@@ -36,8 +36,15 @@ def scrub_text(text: str) -> str:
     return _DATE.sub(REDACTED, text)
 
 
-def _scrub(value: Any) -> Any:
+# Keys whose values are times or keys we write ourselves: dates there are never birth
+# dates, and masking them would hide which digest window or run a line is about.
+TIME_KEYS = frozenset({"window_key", "at", "since", "until", "next_check_at", "first_seen_at"})
+
+
+def _scrub(value: Any, dates: bool = True) -> Any:
     if isinstance(value, str):
+        if not dates:
+            return _PHONE.sub(REDACTED, _EMAIL.sub(REDACTED, value))
         return scrub_text(value)
     if isinstance(value, dict):
         return {k: REDACTED if k in PHI_KEYS else _scrub(v) for k, v in value.items()}
@@ -52,7 +59,7 @@ def redact_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         if key in PHI_KEYS:
             event_dict[key] = REDACTED
         elif key not in ("timestamp", "level", "logger"):
-            event_dict[key] = _scrub(event_dict[key])
+            event_dict[key] = _scrub(event_dict[key], dates=key not in TIME_KEYS)
     return event_dict
 
 

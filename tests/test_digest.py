@@ -1,0 +1,813 @@
+"""Digests end to end: a real SMTP server (aiosmtpd) and a real HTTP server on loopback,
+findings seeded in a SQLite state database, freezegun only around the window functions.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import io
+import json
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from email.message import EmailMessage
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+from freezegun import freeze_time
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from structlog.testing import capture_logs
+
+from config.settings import Settings, get_settings
+from tests import factory
+from worker.checks.catalog import CHECK_IDS
+from worker.checks.remedies import ESCALATION, REMEDIES
+from worker.digest import build as b
+from worker.digest import send
+from worker.digest.cli import digest_command, render_example
+from worker.findings import fingerprint
+from worker.state.db import kv_get, kv_set, make_engine, migrate, session_factory
+from worker.state.models import ActionRow, DigestSent, FindingRow
+
+# 07:40 in New York, ten minutes after the 2026-11-25 window closed (07:30 EST = 12:30Z).
+NOW = datetime(2026, 11, 25, 12, 40, tzinfo=UTC)
+CLOSE = datetime(2026, 11, 25, 12, 30, tzinfo=UTC)
+PREV_CLOSE = datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
+FD = "frontdesk@example.org"
+PM = "manager@example.org"
+
+
+# -- servers ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class SmtpSink:
+    """Stores every accepted message; `fail_next` replies make it refuse the next DATAs."""
+
+    port: int = 0
+    messages: list[tuple[list[str], EmailMessage]] = field(default_factory=list)
+    fail_next: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            if self.fail_next:
+                reply = self.fail_next.pop(0)
+                if reply == "DROP":  # the message arrived, then the line died
+                    self.messages.append(([], EmailMessage()))
+                    server.transport.close()
+                return reply
+            msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            self.messages.append((list(envelope.rcpt_tos), msg))  # type: ignore[arg-type]
+        return "250 OK"
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for rcpts, m in self.messages if address in rcpts]
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    sink = SmtpSink(port=_free_port())
+    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()
+
+
+@dataclass
+class HookSink:
+    port: int = 0
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)  # replies to use first, then 200
+
+
+@pytest.fixture
+def webhook() -> Iterator[HookSink]:
+    sink = HookSink()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            status = sink.statuses.pop(0) if sink.statuses else 200
+            if status == 200:
+                sink.bodies.append(json.loads(body))
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    sink.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- state database --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Migrate once; each test copies the file (Alembic per test would be the slow part)."""
+    path = tmp_path_factory.mktemp("digest-template") / "state.sqlite"
+    migrate(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings() -> Iterator[None]:
+    b._warned.clear()
+    yield
+    b._warned.clear()
+
+
+@dataclass
+class Env:
+    settings: Settings
+    sessions: sessionmaker[Session]
+
+    def add(self, check: str, state: str, first_seen: datetime, *, severity: str = "warning",
+            patient: str | None = None, contact: str | None = None, user: str | None = None,
+            detail: str = "", changed: datetime | None = None,
+            resolved: datetime | None = None, contacts: list[str] | None = None) -> str:
+        fp = fingerprint(check, patient, contact, user, contacts or ())
+        with self.sessions.begin() as s:
+            s.add(FindingRow(
+                practice=self.settings.practice, fingerprint=fp, check=check,
+                severity=severity, state=state, patient_id=patient, contact_id=contact,
+                portal_user_id=user, contact_ids=contacts,
+                detail=detail or f"{check} on {patient or contact or user}",
+                first_seen_at=first_seen, last_seen_at=first_seen,
+                state_changed_at=changed or first_seen, resolved_at=resolved,
+            ))
+        return fp
+
+    def mark_sent(self, address_or_key: str, window_key: str, status: str = "sent",
+                  created: datetime | None = None) -> None:
+        key = b.recipient_key(address_or_key) if "@" in address_or_key else address_or_key
+        with self.sessions.begin() as s:
+            s.add(DigestSent(practice=self.settings.practice, recipient=key,
+                             window_key=window_key, channel="email", status=status,
+                             created_at=created or NOW, sent_at=created or NOW))
+
+    def rows(self) -> list[DigestSent]:
+        with self.sessions() as s:
+            return list(s.scalars(select(DigestSent).order_by(DigestSent.id)))
+
+    def send_due(self, now: datetime = NOW, **kw: Any) -> list[send.Delivery]:
+        return [
+            send.deliver(self.settings, self.sessions, r, w, now=now, sleep=lambda _: None, **kw)
+            for r, w in send.tick(self.settings, self.sessions, now)
+        ]
+
+
+@pytest.fixture
+def env(make_settings: Any, template_db: Path, tmp_path: Path, smtp: SmtpSink) -> Iterator[Any]:
+    engines: list[Any] = []
+
+    def factory_(**overrides: Any) -> Env:
+        db = tmp_path / f"digest-{len(list(tmp_path.glob('digest-*.sqlite')))}.sqlite"
+        shutil.copy(template_db, db)
+        values: dict[str, Any] = {
+            "state_db_url": f"sqlite:///{db}",
+            "digest_recipients": {"front_desk": [FD], "practice_manager": [PM]},
+            "digest_time": "07:30",
+            "digest_timezone": "America/New_York",
+            "smtp_host": "127.0.0.1",
+            "smtp_port": smtp.port,
+            "smtp_sender": "oprecon@practice.example",
+        }
+        values.update(overrides)
+        settings = make_settings(**values)
+        engine = make_engine(settings.state_db_url)
+        engines.append(engine)
+        return Env(settings, session_factory(engine))
+
+    yield factory_
+    for engine in engines:
+        engine.dispose()
+
+
+def parts(msg: EmailMessage) -> tuple[str, str]:
+    text = msg.get_body(preferencelist=("plain",))
+    html = msg.get_body(preferencelist=("html",))
+    assert text is not None and html is not None
+    return text.get_content(), html.get_content()
+
+
+def after_yesterday(e: Env) -> None:
+    """Both recipients got yesterday's digest: today's is a normal one, not the backlog."""
+    e.mark_sent(FD, "daily:2026-11-24", created=PREV_CLOSE)
+    e.mark_sent(PM, "daily:2026-11-24", created=PREV_CLOSE)
+
+
+# -- routing and windows ---------------------------------------------------------------
+
+
+def test_every_check_has_a_route() -> None:
+    assert set(b.ROUTES) == set(CHECK_IDS)
+    assert b.route("caregiver_link_stale", "open") == b.PRACTICE_MANAGER
+    assert b.route("welcome_not_sent", "escalated") == b.PRACTICE_MANAGER
+    assert b.route("welcome_not_sent", "open") == b.FRONT_DESK
+
+
+def test_empty_category_falls_back_to_default(make_settings: Any) -> None:
+    s = make_settings(digest_recipients={"default": ["a@example.org"], "front_desk": [FD]})
+    by_key = {r.key: r for r in b.resolve_recipients(s)}
+    assert by_key[b.recipient_key(FD)].categories == {b.FRONT_DESK}
+    assert by_key[b.recipient_key("a@example.org")].categories == {b.PRACTICE_MANAGER}
+
+
+def test_one_address_in_two_categories_gets_one_digest(make_settings: Any) -> None:
+    s = make_settings(digest_recipients={"front_desk": [FD], "practice_manager": [FD.upper()]})
+    [only] = b.resolve_recipients(s)
+    assert only.categories == set(b.CATEGORIES)
+
+
+def test_no_recipients_sends_nothing_and_warns_once(env: Any) -> None:
+    e = env(digest_recipients={})
+    e.add("authority_invalid", "open", NOW - timedelta(hours=3), patient="P1", contact="C1")
+    with capture_logs() as logs:
+        assert send.tick(e.settings, e.sessions, NOW) == []
+        assert send.tick(e.settings, e.sessions, NOW) == []
+    warnings = [x for x in logs if x["log_level"] == "warning"]
+    assert [w["event"] for w in warnings].count("digest_no_recipients") == 1
+    assert e.rows() == []
+
+
+def test_daily_window_closes_exactly_at_digest_time(make_settings: Any) -> None:
+    s = make_settings(digest_time="07:30", digest_timezone="America/New_York")
+    with freeze_time("2026-11-25 12:29:59"):  # 07:29:59 EST
+        assert b.latest_closed_daily(s).key == "daily:2026-11-24"
+    with freeze_time("2026-11-25 12:30:00"):  # 07:30:00 EST
+        assert b.latest_closed_daily(s).key == "daily:2026-11-25"
+        assert b.next_daily(s).key == "daily:2026-11-26"
+
+
+def test_daily_window_across_dst_changes(make_settings: Any) -> None:
+    s = make_settings(digest_time="07:30", digest_timezone="America/New_York")
+    # Spring forward (2026-03-08): 07:30 is EDT, 11:30Z, an hour earlier in UTC than the day before.
+    assert b.daily_close(date(2026, 3, 7), s) == datetime(2026, 3, 7, 12, 30, tzinfo=UTC)
+    with freeze_time("2026-03-08 11:29:59"):
+        assert b.latest_closed_daily(s).key == "daily:2026-03-07"
+    with freeze_time("2026-03-08 11:30:00"):
+        assert b.latest_closed_daily(s).key == "daily:2026-03-08"
+    # Fall back (2026-11-01): 07:30 is EST again, 12:30Z.
+    with freeze_time("2026-11-01 12:29:59"):
+        assert b.latest_closed_daily(s).key == "daily:2026-10-31"
+    with freeze_time("2026-11-01 12:30:00"):
+        assert b.latest_closed_daily(s).key == "daily:2026-11-01"
+
+    # A wall time inside the gap or the overlap still closes each day exactly once.
+    for hhmm, day, expected in (("02:30", date(2026, 3, 8), datetime(2026, 3, 8, 7, 30)),
+                                ("01:30", date(2026, 11, 1), datetime(2026, 11, 1, 5, 30))):
+        odd = make_settings(digest_time=hhmm, digest_timezone="America/New_York")
+        assert b.daily_close(day, odd) == expected.replace(tzinfo=UTC)
+        keys = []
+        t = datetime.combine(day - timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+        while t < datetime.combine(day + timedelta(days=2), datetime.min.time(), tzinfo=UTC):
+            keys.append(b.latest_closed_daily(odd, t).key)
+            t += timedelta(minutes=15)
+        distinct = list(dict.fromkeys(keys))
+        assert distinct == sorted(distinct)  # never goes back
+        assert f"daily:{day.isoformat()}" in distinct
+
+
+def test_repeat_points_daily_then_weekly() -> None:
+    first = datetime(2026, 11, 1, 15, tzinfo=UTC)
+    listed = []
+    for n in range(1, 30):
+        end = datetime(2026, 11, 1, 12, 30, tzinfo=UTC) + timedelta(days=n)
+        if b.repeat_due(first, end - timedelta(days=1), end):
+            listed.append(end.day)
+    assert listed == [3, 4, 5, 6, 7, 8, 9, 16, 23, 30]
+    # A missed digest does not lose the weekly reminder: it lands in the next one.
+    assert b.repeat_due(first, datetime(2026, 11, 15, tzinfo=UTC),
+                        datetime(2026, 11, 17, tzinfo=UTC))
+
+
+# -- the daily digest over SMTP ---------------------------------------------------------
+
+
+def test_daily_digest_routes_groups_counts_and_steps(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    after_yesterday(e)
+    h = timedelta(hours=1)
+    e.add("authority_invalid", "open", NOW - 5 * h, patient="P101", contact="C201")
+    e.add("authority_invalid", "open", NOW - 7 * h, patient="P102", contact="C202")
+    e.add("self_role", "open", NOW - 3 * timedelta(days=1), patient="P103", contact="C203")
+    e.add("welcome_not_sent", "pending", NOW - 2 * h, contact="C204")           # waiting
+    e.add("contact_inactive", "silenced", NOW - 9 * h, patient="P105", contact="C205")
+    e.add("patient_email_present", "resolved", NOW - 8 * h, patient="P106",
+          resolved=CLOSE - h)                                                     # resolved
+    e.add("portal_orphan_user", "open", NOW - 6 * h, user="U301")               # manager
+    e.add("caregiver_link_missing", "escalated", NOW - 3 * timedelta(days=1),
+          patient="P107", contact="C207", user="U307", changed=NOW - 2 * timedelta(days=1))
+    e.add("contact_email_invalid", "open", NOW - 5 * h, contact="C208",
+          detail="contact C208 has an email like <b>x</b> & more")
+    e.add("contact_duplicate", "open", NOW + h, contact="C209", contacts=["C209", "C210"])
+
+    results = e.send_due()
+    assert sorted(r.status for r in results) == ["sent", "sent"]
+    assert len(smtp.messages) == 2
+    [fd] = smtp.to(FD)
+    [pm] = smtp.to(PM)
+    assert fd["To"] == FD and fd["From"] == "oprecon@practice.example"
+    assert fd["Subject"] == "[oprecon] test: daily digest 2026-11-25: 3 new, 4 open, 1 resolved"
+    assert fd.get_content_type() == "multipart/alternative"
+    text, html = parts(fd)
+
+    # Counts at the top, for this recipient's categories only.
+    assert "New since the last digest:       3" in text
+    assert "Still open:                      1 (oldest 3 days)" in text
+    assert "Resolved since the last digest:  1" in text
+    assert "Waiting on the portal delay:     1" in text
+    assert "Silenced (not listed):           1" in text
+    assert 'data-count="new">3<' in html
+
+    # Grouped by check; each item with who, what, steps and the next check.
+    section = text.split("== Parent without portal authority (authority_invalid): 2 ==")[1]
+    section = section.split("\n== ")[0]
+    assert "chart P101, contact C201" in section and "chart P102, contact C202" in section
+    assert section.count("What to do:") == 2
+    assert REMEDIES["authority_invalid"][0] in section
+    assert "oprecon checks again: on the next scan (every 5 minutes)" in section
+    assert "[REMINDER] chart P103, contact C203" in text  # 3 days old: daily reminder
+    assert "== Parent listed as Self on their own chart (self_role): 1 ==" in text
+
+    # Left out: silenced, waiting, resolved before the close, seen after the close,
+    # and the practice manager's checks.
+    for absent in ("C205", "C204", "P106", "C209", "U301", "P107"):
+        assert absent not in text, absent
+    assert "like &lt;b&gt;x&lt;/b&gt; &amp; more" in html  # autoescaped
+    assert "like <b>x</b> & more" in text
+
+    pm_text, _ = parts(pm)
+    assert "== Portal user with no matching OP record (portal_orphan_user): 1 ==" in pm_text
+    assert "[ESCALATED] chart P107, contact C207, portal user U307" in pm_text
+    assert ESCALATION[1] in pm_text
+    assert "Escalated (contact OP support):  1" in pm_text
+    assert "authority_invalid" not in pm_text
+
+    rows = {r.window_key: r for r in e.rows() if r.status == "sent" and r.sent_at == NOW}
+    assert rows["daily:2026-11-25"].items in (2, 4)
+
+
+def test_resolved_before_the_window_closed_is_only_counted(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    after_yesterday(e)
+    fp = e.add("authority_invalid", "resolved", PREV_CLOSE + timedelta(hours=3), patient="P1",
+               contact="C1", resolved=CLOSE - timedelta(minutes=1))
+    e.add("authority_invalid", "resolved", PREV_CLOSE + timedelta(hours=4), patient="P2",
+          contact="C2", resolved=CLOSE + timedelta(minutes=5))  # after the close, before sending
+    e.send_due()
+    [fd] = smtp.to(FD)
+    text, _ = parts(fd)
+    assert "Resolved since the last digest:  1" in text
+    assert fp not in text and "P1" not in text and "P2" not in text
+    assert "Nothing needs your attention today." in text
+
+
+def test_nothing_to_say_sends_nothing_but_records_the_window(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    after_yesterday(e)
+    assert [r.status for r in e.send_due()] == ["empty", "empty"]
+    assert smtp.messages == []
+    assert send.due(e.settings, e.sessions, NOW) == []
+
+
+def test_first_digest_summarises_the_backlog(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    for i in range(12):
+        e.add("welcome_not_sent", "open", NOW - timedelta(days=i + 1, hours=2),
+              contact=f"C{500 + i}")
+    for i in range(3):
+        e.add("patient_email_present", "open", NOW - timedelta(days=40), patient=f"P{700 + i}")
+    e.send_due()
+    [fd] = smtp.to(FD)
+    assert fd["Subject"] == "[oprecon] test: first report 2026-11-25, 15 open item(s)"
+    text, html = parts(fd)
+    assert "FIRST REPORT" in text
+    assert "== Welcome email never sent (welcome_not_sent): 12 open ==" in text
+    assert "== Child's chart has a real email (patient_email_present): 3 open ==" in text
+    listed = [f"C{500 + i}" for i in range(12) if f"contact C{500 + i}" in text]
+    assert len(listed) == b.BACKLOG_EXAMPLES  # a few examples, not one item per record
+    assert REMEDIES["welcome_not_sent"][1] in text
+    assert "[NEW]" not in text and "[REMINDER]" not in text
+    assert 'data-check="welcome_not_sent"' in html
+    # The next day is an ordinary digest: nothing new, and the old items are not all repeated.
+    smtp.messages.clear()
+    later = NOW + timedelta(days=1)
+    e.send_due(now=later)
+    [fd2] = smtp.to(FD)
+    assert "FIRST REPORT" not in parts(fd2)[0]
+
+
+def test_repeats_daily_for_a_week_then_weekly(env: Any, smtp: SmtpSink) -> None:
+    e = env(digest_recipients={"front_desk": [FD]})
+    first = datetime(2026, 11, 1, 15, tzinfo=UTC)  # 10:00 EST
+    e.mark_sent(FD, "daily:2026-10-31")
+    e.add("authority_invalid", "open", first, patient="P1", contact="C1")
+    [recipient] = b.resolve_recipients(e.settings)
+    seen: dict[int, str] = {}
+    for day in range(2, 24):
+        with freeze_time(datetime(2026, 11, day, 12, 35, tzinfo=UTC)):
+            window = b.latest_closed_daily(e.settings)
+            with e.sessions() as s:
+                digest = b.build_daily(s, e.settings, recipient, window)
+        for group in digest.groups:
+            for item in group.items:
+                seen[day] = "new" if item.new else "repeat" if item.repeat else "?"
+        e.mark_sent(FD, window.key)
+    assert seen == {2: "new", **{d: "repeat" for d in range(3, 10)}, 16: "repeat",
+                    23: "repeat"}
+
+
+# -- immediate notices -----------------------------------------------------------------
+
+
+def test_caregiver_link_stale_is_sent_once_at_once(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    after_yesterday(e)
+    e.mark_sent(FD, "daily:2026-11-25")
+    e.mark_sent(PM, "daily:2026-11-25")
+    seen = NOW - timedelta(minutes=25)
+    fp = e.add("caregiver_link_stale", "held", seen, severity="high", patient="P9",
+               contact="C9", user="U9", changed=NOW - timedelta(minutes=5))
+    due = send.due(e.settings, e.sessions, NOW)
+    key = f"immediate:{fp}:{b.stamp(seen)}"
+    assert due == [(b.recipient_key(PM), key)]  # the practice manager only
+    assert e.send_due()[0].status == "sent"
+    [pm] = smtp.messages
+    assert pm[0] == [PM]
+    msg = pm[1]
+    assert msg["Subject"].startswith(
+        "[oprecon] Action needed now: Portal shows a child to someone OP no longer authorizes")
+    text, _ = parts(msg)
+    assert REMEDIES["caregiver_link_stale"][0] in text and "portal user U9" in text
+    # Later ticks, the fix's hold ending, a retry: nothing more.
+    assert send.due(e.settings, e.sessions, NOW + timedelta(minutes=5)) == []
+    again = send.deliver(e.settings, e.sessions, b.recipient_key(PM), key, now=NOW)
+    assert again.status == "duplicate"
+    assert len(smtp.messages) == 1
+
+
+def test_immediate_notice_that_cleared_is_skipped(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    fp = e.add("caregiver_link_stale", "held", NOW - timedelta(minutes=20), severity="high",
+               patient="P9", contact="C9", user="U9")
+    key = f"immediate:{fp}:{b.stamp(NOW - timedelta(minutes=20))}"
+    with e.sessions.begin() as s:
+        row = s.scalar(select(FindingRow).where(FindingRow.fingerprint == fp))
+        assert row is not None
+        row.state = "resolved"
+        row.resolved_at = NOW
+    result = send.deliver(e.settings, e.sessions, b.recipient_key(PM), key, now=NOW)
+    assert result.status == "skipped" and smtp.messages == []
+    assert [r.status for r in e.rows()] == ["skipped"]
+
+
+def test_system_notices_breaker_guard_deadman(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    after_yesterday(e)
+    e.mark_sent(FD, "daily:2026-11-25")
+    e.mark_sent(PM, "daily:2026-11-25")
+    opened = NOW - timedelta(minutes=3)
+    outage = NOW - timedelta(minutes=1)
+    fp = e.add("welcome_not_sent", "open", NOW - timedelta(hours=2), contact="C1")
+    with e.sessions.begin() as s:
+        # The shapes worker.safety and worker.health write.
+        kv_set(s, "test", "breaker", {"state": "open", "reason": "5/6 calls failed",
+                                      "since": opened.isoformat()}, NOW)
+        kv_set(s, "test", "deadman", {"overdue": True, "age_seconds": 7200,
+                                      "at": outage.isoformat(), "alerted": False}, NOW)
+        kv_set(s, "test", "guard", {"run_id": 42, "reason": "3 fixes exceed the guard",
+                                    "staged": 3, "status": "pending"}, NOW)
+        finding_id = s.scalar(select(FindingRow.id).where(FindingRow.fingerprint == fp))
+        for i in range(3):
+            s.add(ActionRow(practice="test", finding_id=finding_id, run_id=42,
+                            kind="resend_welcome", idempotency_key=f"k{i}", params={},
+                            status="staged", created_at=NOW - timedelta(minutes=1)))
+    keys = [w for _, w in send.due(e.settings, e.sessions, NOW)]
+    assert keys == [  # oldest event first
+        f"immediate:breaker:{b.stamp(opened)}",
+        "immediate:guard:run42",
+        f"immediate:deadman:{b.stamp(outage)}",
+    ]
+    e.send_due()
+    subjects = sorted(m["Subject"] for _, m in smtp.messages)
+    assert subjects == [
+        "[oprecon] Action needed now: A large batch of fixes is waiting for approval",
+        "[oprecon] Action needed now: oprecon has stopped checking",
+        "[oprecon] Action needed now: oprecon stopped changing the portal",
+    ]
+    guard_text = parts(next(m for _, m in smtp.messages if "batch" in m["Subject"]))[0]
+    assert "oprecon fixes approve 42" in guard_text and "3 portal record(s)" in guard_text
+    assert "The guard's reason: 3 fixes exceed the guard." in guard_text
+    assert all(r == [PM] for r, _ in smtp.messages)
+    assert send.due(e.settings, e.sessions, NOW + timedelta(minutes=10)) == []
+    with e.sessions() as s:
+        assert kv_get(s, "test", "deadman")["alerted"] is True  # told staff: health shows it
+    # The next daily digest still carries them, for the manager only.
+    smtp.messages.clear()
+    e.send_due(now=NOW + timedelta(days=1))
+    [daily] = smtp.to(PM)
+    text = parts(daily)[0]
+    assert "!! OPRECON STOPPED CHANGING THE PORTAL" in text
+    assert "!! A LARGE BATCH OF FIXES IS WAITING FOR APPROVAL" in text
+    assert "OPRECON STOPPED" not in parts(smtp.to(FD)[0])[0]
+
+
+# -- exactly once ------------------------------------------------------------------------
+
+
+def test_deliver_retried_sends_one_message(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    key = b.recipient_key(FD)
+    first = send.deliver(e.settings, e.sessions, key, "daily:2026-11-25", now=NOW)
+    second = send.deliver(e.settings, e.sessions, key, "daily:2026-11-25", now=NOW)
+    assert (first.status, second.status) == ("sent", "duplicate")
+    assert len(smtp.messages) == 1
+
+
+def _race(e: Env, key: str, window: str) -> list[str]:
+    barrier = threading.Barrier(2)
+    out: list[str] = []
+
+    def run() -> None:
+        barrier.wait()
+        out.append(send.deliver(e.settings, e.sessions, key, window, now=NOW).status)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return sorted(out)
+
+
+def test_two_racing_workers_send_one_message(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    assert _race(e, b.recipient_key(FD), "daily:2026-11-25") == ["duplicate", "sent"]
+    assert len(smtp.messages) == 1
+
+
+@pytest.mark.services
+def test_two_racing_workers_send_one_message_on_postgresql(
+    env: Any, smtp: SmtpSink, pg_database: str
+) -> None:
+    migrate(pg_database)
+    e = env(state_db_url=pg_database, practice="race-pg")
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    assert _race(e, b.recipient_key(FD), "daily:2026-11-25") == ["duplicate", "sent"]
+    assert len(smtp.messages) == 1
+
+
+def test_transient_smtp_errors_are_retried_then_sent_once(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    key = b.recipient_key(FD)
+    smtp.fail_next = ["451 4.3.0 try again later"] * 3  # every in-process attempt
+    with pytest.raises(send.TransientDeliveryError):
+        send.deliver(e.settings, e.sessions, key, "daily:2026-11-25", now=NOW, final=False,
+                     sleep=lambda _: None)
+    assert [r.status for r in e.rows()] == ["retrying"]
+    smtp.fail_next = ["451 4.3.0 once more"]  # the Celery retry: one more 4xx, then accepted
+    result = send.deliver(e.settings, e.sessions, key, "daily:2026-11-25", now=NOW,
+                          final=False, sleep=lambda _: None)
+    assert result.status == "sent" and len(smtp.messages) == 1
+    assert [r.status for r in e.rows()] == ["sent"]
+
+
+def test_permanent_smtp_error_is_failed_not_retried(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    smtp.fail_next = [f"554 5.7.1 rejected for {FD}"]
+    result = send.deliver(e.settings, e.sessions, b.recipient_key(FD), "daily:2026-11-25",
+                          now=NOW, final=False)
+    assert result.status == "failed" and smtp.messages == []
+    [row] = e.rows()
+    assert row.status == "failed" and FD not in (row.error or "")
+
+
+def test_connection_lost_after_data_is_unknown_not_resent(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    smtp.fail_next = ["DROP"]
+    key = b.recipient_key(FD)
+    result = send.deliver(e.settings, e.sessions, key, "daily:2026-11-25", now=NOW,
+                          final=False, sleep=lambda _: None)
+    assert result.status == "unknown"  # no exception: nothing for Celery to retry
+    assert send.deliver(e.settings, e.sessions, key, "daily:2026-11-25", now=NOW).status == (
+        "duplicate")
+    assert len(smtp.messages) == 1 and [r.status for r in e.rows()] == ["unknown"]
+
+
+def test_unreachable_smtp_is_transient(env: Any) -> None:
+    e = env(smtp_port=_free_port())
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    result = send.deliver(e.settings, e.sessions, b.recipient_key(FD), "daily:2026-11-25",
+                          now=NOW, final=True, sleep=lambda _: None)
+    assert result.status == "failed" and "connect" in result.reason
+
+
+def test_smtp_login(env: Any, smtp: SmtpSink) -> None:
+    """AUTH over a plain loopback connection (STARTTLS needs a certificate: not tested)."""
+    seen: list[str] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
+                      auth_data: Any) -> AuthResult:
+        seen.append(auth_data.login.decode())
+        return AuthResult(success=auth_data.password == b"s3cret")
+
+    port = _free_port()
+    controller = Controller(smtp, hostname="127.0.0.1", port=port, authenticator=authenticator,
+                            auth_require_tls=False)
+    controller.start()
+    try:
+        e = env(smtp_port=port, smtp_user="oprecon", smtp_password="s3cret")
+        e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1",
+              contact="C1")
+        result = send.deliver(e.settings, e.sessions, b.recipient_key(FD), "daily:2026-11-25",
+                              now=NOW)
+    finally:
+        controller.stop()
+    assert result.status == "sent" and seen == ["oprecon"]
+
+
+def test_stuck_sending_row_becomes_unknown_and_is_not_resent(env: Any, smtp: SmtpSink) -> None:
+    e = env(digest_recipients={"front_desk": [FD]})
+    e.mark_sent(FD, "daily:2026-11-23", created=PREV_CLOSE - timedelta(days=1))
+    e.mark_sent(FD, "daily:2026-11-24", status="sending", created=PREV_CLOSE)
+    e.add("authority_invalid", "open", PREV_CLOSE - timedelta(hours=2), patient="P1",
+          contact="C1")
+    with capture_logs():
+        pairs = send.tick(e.settings, e.sessions, NOW)
+    assert pairs == [(b.recipient_key(FD), "daily:2026-11-25")]  # not daily:2026-11-24
+    assert {r.window_key: r.status for r in e.rows()}["daily:2026-11-24"] == "unknown"
+    e.send_due()
+    [msg] = smtp.messages
+    text, _ = parts(msg[1])
+    assert "NOTE: the digest for 2026-11-24 may not have reached you" in text
+    # It re-covers the uncertain day: the item is "new" since the last certain digest.
+    assert "[NEW] chart P1, contact C1" in text
+
+
+# -- names -----------------------------------------------------------------------------
+
+
+def test_names_only_when_configured(env: Any, smtp: SmtpSink) -> None:
+    records = [
+        factory.patient("P1", first_name="Zebulon", last_name="Quixwhistle"),
+        factory.contact("C1", first_name="Marigold", last_name="Fennimore"),
+    ]
+    loader = send.names_from_op(factory.MemorySource(records))
+    for show in (False, True):
+        smtp.messages.clear()
+        e = env(digest_show_names=show)
+        after_yesterday(e)
+        e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1",
+              contact="C1", detail="Mother on chart P1 (marigold@example.org) has authority None")
+        for r, w in send.tick(e.settings, e.sessions, NOW):
+            send.deliver(e.settings, e.sessions, r, w, now=NOW, names_loader=loader)
+        [(_, msg)] = smtp.messages
+        raw = msg.as_string()
+        text, html = parts(msg)
+        for body in (text, html):
+            for name in ("Zebulon", "Quixwhistle", "Marigold", "Fennimore"):
+                assert (name in body) is show, (show, name)
+        if not show:
+            assert "marigold@example.org" not in raw
+        else:
+            assert "chart P1 (Zebulon Quixwhistle), contact C1 (Marigold Fennimore)" in text
+
+
+# -- webhook ---------------------------------------------------------------------------
+
+
+def test_webhook_gets_one_json_post_per_window(env: Any, webhook: HookSink,
+                                               smtp: SmtpSink) -> None:
+    e = env(digest_recipients={}, webhook_url=f"http://127.0.0.1:{webhook.port}/hook",
+            digest_show_names=True)
+    e.mark_sent("webhook", "daily:2026-11-24", created=PREV_CLOSE)
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    e.add("portal_orphan_user", "open", NOW - timedelta(hours=2), user="U7")
+    webhook.statuses = [503]  # one transient failure, retried in-process
+    names_used: list[int] = []
+
+    def loader(p: set[str], c: set[str]) -> dict[str, str]:
+        names_used.append(1)
+        return {"patient:P1": "Zebulon Quixwhistle"}
+
+    results = [send.deliver(e.settings, e.sessions, r, w, now=NOW, names_loader=loader,
+                            sleep=lambda _: None)
+               for r, w in send.tick(e.settings, e.sessions, NOW)]
+    assert [r.status for r in results] == ["sent"]
+    [body] = webhook.bodies
+    assert body["text"].startswith("[oprecon] test: daily digest 2026-11-25: 2 new")
+    assert body["blocks"][0]["type"] == "header"
+    sections = " ".join(blk["text"]["text"] for blk in body["blocks"] if blk["type"] == "section")
+    assert "authority_invalid" in sections and "portal_orphan_user" in sections
+    assert "Zebulon" not in json.dumps(body) and names_used == []  # ids only on webhooks
+    assert e.rows()[-1].channel == "webhook"
+    again = send.deliver(e.settings, e.sessions, "webhook", "daily:2026-11-25", now=NOW)
+    assert again.status == "duplicate" and len(webhook.bodies) == 1 and smtp.messages == []
+
+
+# -- CLI and the example ---------------------------------------------------------------
+
+
+def test_preview_renders_without_writing(env: Any, smtp: SmtpSink, tmp_path: Path) -> None:
+    e = env()
+    after_yesterday(e)
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    out = io.StringIO()
+    html = tmp_path / "preview.html"
+    digest_command(e.settings, preview=True, html=html, now=NOW, out=out)
+    text = out.getvalue()
+    assert "===== front_desk (1 recipient): daily:2026-11-25 =====" in text
+    assert ("===== practice_manager (1 recipient): daily:2026-11-25 (empty: nothing would be "
+            "sent) =====") in text
+    assert "chart P1, contact C1" in text and FD not in text
+    assert (tmp_path / "preview-1.html").read_text().startswith("<!DOCTYPE html>")
+    with e.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(DigestSent)) == 2  # only yesterday's
+    assert smtp.messages == []
+
+
+def test_cli_without_preview_sends_what_is_due(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    after_yesterday(e)
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    out = io.StringIO()
+    digest_command(e.settings, now=NOW, out=out)
+    assert "daily:2026-11-25 → front_desk #1: sent" in out.getvalue()
+    assert len(smtp.messages) == 1
+
+
+def test_render_example(tmp_path: Path) -> None:
+    path = render_example(tmp_path / "example.html")
+    html = path.read_text()
+    assert html.startswith("<!DOCTYPE html>")
+    for check in ("authority_invalid", "self_role", "contact_duplicate", "caregiver_link_missing"):
+        assert f'data-check="{check}"' in html
+    assert 'data-note="guard"' in html and "example.invalid" not in html
+
+
+# -- the Celery tasks (thin: keys in, logic in worker.digest) ----------------------------
+
+
+def test_tasks_pass_keys_only_and_retry_below_the_visibility_timeout(
+    env: Any, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from config.schedule import beat_schedule
+    from tasks import digests
+
+    e = env()
+    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    monkeypatch.setenv("OPRECON_STATE_DB_URL", e.settings.state_db_url)
+    monkeypatch.setenv("OPRECON_PRACTICE", "test")
+    monkeypatch.setenv("OPRECON_SMTP_PORT", str(smtp.port))
+    monkeypatch.setenv("OPRECON_DIGEST_RECIPIENTS", json.dumps({"front_desk": [FD]}))
+    get_settings.cache_clear()  # importing the Celery app cached the settings
+    enqueued: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(digests.deliver, "delay", lambda *args: enqueued.append(args))
+
+    assert beat_schedule(e.settings)["digest-tick"]["task"] == digests.tick.name
+    assert digests.tick() == len(enqueued) >= 1
+    assert all(isinstance(a, str) and "@" not in a for args in enqueued for a in args)
+    assert digests.deliver(*enqueued[-1]) == "sent"
+    assert digests.deliver(*enqueued[-1]) == "duplicate"
+    assert len(smtp.messages) == 1
+
+    assert digests.deliver.autoretry_for == (send.TransientDeliveryError,)
+    worst = sum(min(digests.deliver.retry_backoff * 2**n, digests.deliver.retry_backoff_max)
+                for n in range(digests.deliver.max_retries))
+    worst += (digests.deliver.max_retries + 1) * digests.deliver.time_limit
+    assert worst < send.STALE_AFTER.total_seconds() < e.settings.broker_visibility_timeout_seconds

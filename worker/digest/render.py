@@ -1,0 +1,158 @@
+"""Turn a `Digest` into what people read: subject, text, HTML, a MIME message, a webhook body.
+
+Templates live in `worker/templates/` (package data). HTML is autoescaped, so a detail
+or a name holding `<` or `&` can never change the markup; the text template is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from email.message import EmailMessage
+from email.utils import format_datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+
+from worker.digest.build import Digest
+
+CATEGORY_NAMES = {"front_desk": "front desk", "practice_manager": "practice manager"}
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("worker", "templates"),
+        autoescape=lambda name: bool(name and name.endswith(".html.j2")),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["plural"] = lambda n, word, many=None: (
+        f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
+    )
+    return env
+
+
+def _audience(digest: Digest) -> str:
+    names = [CATEGORY_NAMES.get(c, c) for c in sorted(digest.categories)]
+    return " and ".join(names) if names else "everyone"
+
+
+def subject(digest: Digest) -> str:
+    """Short, id-only subjects: they show in lock screens and notification previews."""
+    if digest.kind == "immediate":
+        if digest.notes:
+            return f"[oprecon] Action needed now: {digest.notes[0].title}"
+        group = digest.groups[0]
+        item = group.items[0]
+        tag = "Escalated" if item.escalated else "Action needed now"
+        ref = item.who[0].split(" (")[0] if item.who else item.fingerprint
+        return f"[oprecon] {tag}: {group.title} ({ref})"
+    day = digest.window.day.isoformat() if digest.window.day else digest.window.key
+    if digest.backlog:
+        return (f"[oprecon] {digest.practice}: first report {day}, "
+                f"{digest.counts.open_total} open item(s)")
+    c = digest.counts
+    return (f"[oprecon] {digest.practice}: daily digest {day}: {c.new} new, "
+            f"{c.open_total} open, {c.resolved} resolved")
+
+
+def _context(digest: Digest) -> dict[str, Any]:
+    return {
+        "d": digest,
+        "c": digest.counts,
+        "subject": subject(digest),
+        "audience": _audience(digest),
+        "window_end": digest.local(digest.window.end) if digest.kind == "daily" else "",
+        "window_start": digest.local(digest.start) if digest.start else "",
+        "generated": digest.local(digest.generated_at),
+    }
+
+
+def render_text(digest: Digest) -> str:
+    return environment().get_template("digest.txt.j2").render(_context(digest))
+
+
+def render_html(digest: Digest) -> str:
+    return environment().get_template("digest.html.j2").render(_context(digest))
+
+
+def message_id(recipient_key: str, window_key: str, domain: str) -> str:
+    """Deterministic per (recipient, window): a mail system that sees it twice may drop one."""
+    token = hashlib.sha256(f"{recipient_key}|{window_key}".encode()).hexdigest()[:32]
+    return f"<{token}@{domain}>"
+
+
+def build_message(digest: Digest, sender: str, to: str, recipient_key: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["Subject"] = subject(digest)
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Date"] = format_datetime(digest.generated_at)
+    domain = sender.rpartition("@")[2] or "oprecon.invalid"
+    msg["Message-ID"] = message_id(recipient_key, digest.window.key, domain)
+    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation auto-replies
+    msg["X-Oprecon-Window"] = digest.window.key
+    msg.set_content(render_text(digest))
+    msg.add_alternative(render_html(digest), subtype="html")
+    return msg
+
+
+def _slack(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": _slack(text)[:2900]}}
+
+
+def webhook_body(digest: Digest) -> dict[str, Any]:
+    """A body Slack and Teams incoming webhooks both accept: `text`, plus Slack blocks.
+
+    Slack caps a section at 3000 characters and a message at 50 blocks, hence the cuts.
+    """
+    c = digest.counts
+    summary = (
+        f"{c.new} new, {c.still_open} still open (oldest {c.oldest_days} days), "
+        f"{c.resolved} resolved, {c.escalated} escalated, {c.waiting} waiting on the portal "
+        f"delay, {c.silenced} silenced"
+    )
+    lines = [subject(digest)]
+    if digest.kind == "daily":
+        lines.append(summary)
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": subject(digest)[:150]}},
+    ]
+    if digest.kind == "daily":
+        blocks.append(_section(summary))
+    if digest.previous_issue:
+        lines.append(f"Note: {digest.previous_issue}")
+        blocks.append(_section(f"Note: {digest.previous_issue}"))
+    for note in digest.notes:
+        text = f"*{note.title}*\n{note.text}\n" + "\n".join(
+            f"{i}. {s}" for i, s in enumerate(note.steps, 1))
+        lines.append(f"{note.title}: {note.text}")
+        blocks.append(_section(text))
+    for row in digest.backlog_rows:
+        text = (f"*{row.title}* (`{row.check}`): {row.count} open, e.g. "
+                + "; ".join(row.examples))
+        lines.append(f"{row.title}: {row.count} open")
+        blocks.append(_section(text))
+    for group in digest.groups:
+        parts = [f"*{group.title}* (`{group.check}`): {len(group.items) + group.hidden}"]
+        for item in group.items:
+            tag = "ESCALATED " if item.escalated else "NEW " if item.new else "REMINDER "
+            parts.append(f"• {tag}{', '.join(item.who)}: {item.what}")
+        if group.hidden:
+            parts.append(f"… and {group.hidden} more")
+        lines.append(f"{group.title}: {len(group.items) + group.hidden}")
+        blocks.append(_section("\n".join(parts)))
+    blocks = blocks[:49]
+    blocks.append({"type": "context", "elements": [{
+        "type": "mrkdwn",
+        "text": _slack(f"oprecon · {digest.practice} · window {digest.window.key} · ids only; "
+                       "the email digest has the steps for each item"),
+    }]})
+    return {"text": "\n".join(lines), "blocks": blocks}
