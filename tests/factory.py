@@ -124,7 +124,8 @@ class MemoryPortal(MemorySource):
 
     writable = True
 
-    def __init__(self, records: list[object], links_after_refresh: dict[str, list[str]] | None = None,
+    def __init__(self, records: list[object],
+                 links_after_refresh: dict[str, list[str]] | None = None,
                  fail_with: Exception | None = None) -> None:
         super().__init__(records)
         self.links_after_refresh = links_after_refresh or {}

@@ -50,7 +50,9 @@ def test_fix_mode_without_the_mass_change_guard_needs_an_explicit_flag() -> None
 
 def test_toml_file_and_env_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "oprecon.toml"
-    cfg.write_text('hold_minutes = 30\npractice = "north"\n[policies]\nwelcome_not_sent = "alert"\n')
+    cfg.write_text(
+        'hold_minutes = 30\npractice = "north"\n[policies]\nwelcome_not_sent = "alert"\n'
+    )
     monkeypatch.setenv("OPRECON_CONFIG_FILE", str(cfg))
     monkeypatch.setenv("OPRECON_PRACTICE", "south")
     s = load_settings()

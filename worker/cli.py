@@ -6,6 +6,7 @@ and failed, 2 when it could not start; the reason is one line on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from datetime import UTC, datetime
@@ -61,12 +62,16 @@ def reconcile(
     all_: Annotated[bool, typer.Option("--all", help="Every patient and contact.")] = False,
     patient: Annotated[str | None, typer.Option(help="One OP patient id.")] = None,
     contact: Annotated[str | None, typer.Option(help="One OP contact id.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per finding.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for the worker to finish and show it.")] = False,
     local: Annotated[bool, typer.Option(help="Run in this process instead of the worker.")] = False,
     op_dir: Annotated[Path | None, typer.Option(help="Read OP from these CSV exports.")] = None,
-    portal_dir: Annotated[Path | None, typer.Option(help="Read the portal from CSV exports.")] = None,
+    portal_dir: Annotated[
+        Path | None, typer.Option(help="Read the portal from CSV exports.")
+    ] = None,
     now: Annotated[str | None, typer.Option(hidden=True)] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Print remedy steps.")] = False,
     timeout: Annotated[float | None, typer.Option(
@@ -112,10 +117,9 @@ def _reconcile_here(
         from worker.fixes import TransientPortalError, apply_action
 
         for action_id in result.action_ids:
-            try:
+            # A transient failure stays `retrying` in the journal; the worker resumes it.
+            with contextlib.suppress(TransientPortalError):
                 apply_action(deps.sessions, deps.portal, action_id, time_rules(settings))
-            except TransientPortalError:
-                pass  # stays `retrying` in the journal; the worker's resume task finishes it
     if as_json:
         _print_json_lines(item.to_json() for item in result.plan.items)
         return

@@ -6,6 +6,7 @@ cannot leave it stuck for longer than that (CELERY.md §1 row 2).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,7 +47,6 @@ def single_flight(
     try:
         yield lock
     finally:
-        try:
+        # It may have expired while we ran: the next scan may already own it.
+        with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
-        except redis.exceptions.LockError:
-            pass  # expired while we ran: the next scan may already own it

@@ -131,7 +131,8 @@ def _decide(
         return item(Decision.OFF, f"check {f.check} is turned off")
     if state == S.SILENCED and row is not None:
         until = row.silenced_until
-        return item(Decision.SILENCED, f"silenced by {row.silenced_by}: {row.silence_reason}", until)
+        reason = f"silenced by {row.silenced_by}: {row.silence_reason}"
+        return item(Decision.SILENCED, reason, until)
     if state == S.PENDING and row is not None:
         until = row.first_seen_at + settings.propagation_delay
         return item(

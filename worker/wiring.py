@@ -51,7 +51,9 @@ def portal_adapter(settings: Settings, portal_dir: Path | None = None) -> Any:
         from worker.sources.portal_http import HttpPortal
 
         if not settings.portal_url:
-            raise SettingsError("invalid setting OPRECON_PORTAL_URL: required when portal_source=http")
+            raise SettingsError(
+                "invalid setting OPRECON_PORTAL_URL: required when portal_source=http"
+            )
         token = settings.portal_token.get_secret_value() if settings.portal_token else None
         return HttpPortal(
             settings.portal_url,
@@ -81,14 +83,18 @@ def dry_run_sessions(settings: Settings) -> sessionmaker[Session]:
     """Sessions for a dry run: never migrate (that would write). With no SQLite state
     database yet, plan against an empty in-memory one instead of creating the file."""
     url = make_url(settings.state_db_url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        if not Path(url.database).exists():
-            engine = make_engine("sqlite://", poolclass=StaticPool)
-            with engine.begin() as conn:
-                cfg = alembic_config("sqlite://")
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
-            return session_factory(engine)
+    missing_file = (
+        url.get_backend_name() == "sqlite"
+        and url.database not in (None, "", ":memory:")
+        and not Path(url.database).exists()
+    )
+    if missing_file:
+        engine = make_engine("sqlite://", poolclass=StaticPool)
+        with engine.begin() as conn:
+            cfg = alembic_config("sqlite://")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        return session_factory(engine)
     return _sessions_for(settings.state_db_url)
 
 

@@ -94,7 +94,10 @@ def self_roles(ctx: CheckContext) -> Iterator[Finding]:
                 contact_id=cid,
             )
         elif not any(f.authority.grants_access for f in entries):
-            what = "lists them without Joint/Exclusive authority" if entries else "does not list them"
+            what = (
+                "lists them without Joint/Exclusive authority" if entries
+                else "does not list them"
+            )
             yield finding(
                 "self_dependent_missing",
                 f"contact {cid} is a parent here and also patient {own}, whose own chart {what}: "
