@@ -13,6 +13,14 @@ from celery.schedules import crontab
 
 from config.settings import Settings
 
+QUEUES = ("scan", "fix", "digest")  # one per concern (CELERY.md §1 row 5)
+
+
+def redbeat_key_prefix(settings: Settings) -> str:
+    """RedBeat's keys for this practice: `<prefix>:lock`, `<prefix>:schedule` (a sorted set
+    of entry keys scored by their next due time) and `<prefix><entry name>`."""
+    return f"oprecon:{settings.practice}:redbeat"
+
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return {

@@ -133,6 +133,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "broker_visibility_timeout_seconds must be at least twice scan_hard_limit_seconds"
             )
+        if self.lock_timeout_seconds >= self.broker_visibility_timeout_seconds:
+            raise ValueError(  # soft < hard < lock < visibility: docs/operations.md
+                "broker_visibility_timeout_seconds must exceed the scan lock "
+                f"({self.lock_timeout_seconds} s = scan_hard_limit_seconds + 60)"
+            )
         unguarded = self.mass_change_max_fixes == 0 and self.mass_change_max_percent == 0
         fixing = any(p is Policy.FIX for p in self.policies.values())
         if unguarded and fixing and not self.allow_unguarded_fixes:

@@ -305,6 +305,12 @@ def digest(
     digest_command(_settings(), preview=preview, html=html)
 
 
+def _one_line(err: BaseException) -> str:
+    """The first line of an error: database drivers add hints and links on more lines
+    (psycopg's "Is the server running…", SQLAlchemy's "Background on this error…")."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+
+
 def main() -> None:
     from config.settings import get_settings
     from worker.sources.base import SourceError
@@ -313,7 +319,7 @@ def main() -> None:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except (CannotStart, SettingsError, SourceError) as err:
-        typer.echo(f"oprecon: {err}", err=True)
+        typer.echo(f"oprecon: {_one_line(err)}", err=True)
         sys.exit(2)
     except typer.Exit as done:
         sys.exit(done.exit_code)
@@ -325,7 +331,7 @@ def main() -> None:
         if isinstance(err, click.ClickException):
             err.show()
             sys.exit(2)
-        typer.echo(f"oprecon: could not run: {type(err).__name__}: {err}", err=True)
+        typer.echo(f"oprecon: could not run: {type(err).__name__}: {_one_line(err)}", err=True)
         sys.exit(2)
     finally:
         get_settings.cache_clear()

@@ -20,6 +20,9 @@ class Scope:
     patient_ids: frozenset[str] = field(default_factory=frozenset)
     contact_ids: frozenset[str] = field(default_factory=frozenset)
     user_ids: frozenset[str] = field(default_factory=frozenset)
+    # Checks this run neither reports nor resolves: an incremental run reads only a
+    # neighbourhood, too little for checks that compare every contact with every other.
+    exclude_checks: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def label(self) -> str:
@@ -45,8 +48,13 @@ class Scope:
             or any(c in self.contact_ids for c in contact_ids or ())
         )
 
+    def covers_check(self, check: str) -> bool:
+        return check not in self.exclude_checks
+
     def covers_finding(self, f: Finding) -> bool:
-        return self.covers(f.patient_id, f.contact_id, f.portal_user_id, f.contact_ids)
+        return self.covers_check(f.check) and self.covers(
+            f.patient_id, f.contact_id, f.portal_user_id, f.contact_ids
+        )
 
 
 ALL = Scope()

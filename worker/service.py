@@ -6,12 +6,14 @@ held is skipped and logged (never queued behind), an on-call run may wait for it
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
 
 from config.settings import Settings
+from worker import metrics, ondemand
 from worker.engine import (
     Deps,
     RunResult,
@@ -22,9 +24,11 @@ from worker.engine import (
     time_rules,
     utcnow,
 )
-from worker.fixes import apply_action
+from worker.fixes import TransientPortalError, apply_action
+from worker.incremental import full_reconcile, incremental_reconcile
 from worker.locks import ScanBusy, single_flight
 from worker.scope import Scope
+from worker.state.models import ActionRow
 from worker.wiring import build_deps
 
 log = structlog.get_logger(__name__)
@@ -48,14 +52,43 @@ def scan(
     deps: Deps | None = None,
     now: datetime | None = None,
 ) -> ScanOutcome:
+    # An ad hoc run reports its progress under its task id (worker.ondemand).
+    tracked = task_id if kind == "adhoc" else None
+    started = time.perf_counter()
     try:
-        with single_flight(settings, wait_seconds=wait_seconds):
+        with ondemand.scan_lock(settings, wait_seconds=wait_seconds, task_id=tracked):
             deps = deps or build_deps(settings)
-            result = reconcile(deps, request, kind=kind, task_id=task_id, now=now)
+            metrics.watch_portal(deps.portal)
+            if kind == "incremental" and request.kind == "all":
+                result = incremental_reconcile(deps, now, task_id=task_id)
+            elif kind == "full" and request.kind == "all":
+                result = full_reconcile(deps, now, task_id=task_id)  # also sets the watermark
+            else:
+                result = reconcile(deps, request, kind=kind, task_id=task_id, now=now)
     except ScanBusy as busy:
         log.info("scan_skipped", kind=kind, reason=str(busy))
+        metrics.scan_finished(kind, "skipped", time.perf_counter() - started)
         return ScanOutcome("skipped", reason=str(busy))
+    except Exception:
+        metrics.scan_finished(kind, "failed", time.perf_counter() - started)
+        raise
+    metrics.scan_finished(kind, "succeeded", time.perf_counter() - started)
+    _record_metrics(result, now)
+    ondemand.record_done(settings, tracked, result)
     return ScanOutcome("succeeded", result, action_ids=result.action_ids)
+
+
+def _record_metrics(result: RunResult, now: datetime | None) -> None:
+    """Findings gauges only from full-scope runs (an incremental or one-patient run sees a
+    part); the last-success time from every run the dead-man's switch counts."""
+    if result.dry_run:
+        return
+    counts = result.kind in ("full", "incremental") or result.scope.is_all
+    metrics.run_recorded(
+        [(i.finding.check, str(i.finding.severity)) for i in result.plan.items],
+        full_scope=result.scope.is_all,
+        success_at=(now or utcnow()) if counts else None,
+    )
 
 
 def verify_due(
@@ -75,17 +108,24 @@ def verify_due(
         frozenset(r.contact_id for r in rows if r.contact_id),
         frozenset(r.portal_user_id for r in rows if r.portal_user_id),
     )
+    started = time.perf_counter()
     try:
         with single_flight(settings, wait_seconds=0):
             from worker.engine import read_snapshot
 
+            metrics.watch_portal(deps.portal)
             snap = read_snapshot(deps.op, deps.portal)
             result = reconcile(
                 deps, ScopeRequest("entities", scope.target), kind="verify", now=now,
                 task_id=task_id, snapshot=snap, scope_override=scope,
             )
     except ScanBusy as busy:
+        metrics.scan_finished("verify", "skipped", time.perf_counter() - started)
         return ScanOutcome("skipped", reason=str(busy))
+    except Exception:
+        metrics.scan_finished("verify", "failed", time.perf_counter() - started)
+        raise
+    metrics.scan_finished("verify", "succeeded", time.perf_counter() - started)
     return ScanOutcome("succeeded", result, action_ids=result.action_ids)
 
 
@@ -93,9 +133,23 @@ def apply_fix(settings: Settings, action_id: int, *, deps: Deps | None = None) -
     deps = deps or build_deps(settings)
     from worker.safety import portal_guard
 
-    return apply_action(
-        deps.sessions, deps.portal, action_id, time_rules(settings), guard=portal_guard(settings)
-    )
+    metrics.watch_portal(deps.portal)
+    try:
+        outcome = apply_action(
+            deps.sessions, deps.portal, action_id, time_rules(settings),
+            guard=portal_guard(settings),
+        )
+    except TransientPortalError:
+        metrics.fix_finished(_fix_kind(deps, action_id), "retrying")
+        raise
+    metrics.fix_finished(_fix_kind(deps, action_id), outcome)
+    return outcome
+
+
+def _fix_kind(deps: Deps, action_id: int) -> str:
+    with deps.sessions() as session:
+        row = session.get(ActionRow, action_id)
+        return row.kind if row is not None else "unknown"
 
 
 def unfinished_fixes(settings: Settings, *, deps: Deps | None = None) -> list[int]:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from typing import Any
 
+from worker.logging import scrub_text
 from worker.records import (
     AuditEvent,
     Authority,
@@ -57,8 +58,12 @@ class _Problems:
 
 
 def _shown(value: str) -> str:
-    """Quote a non-PHI value for a reason, shortened and safe to print."""
-    value = _SURROGATE.sub("\ufffd", value)
+    """Quote a non-PHI value for a reason, shortened and safe to print.
+
+    The field is not PHI, but its value may be: a bad value is often another column's
+    (an export with columns swapped or shifted puts an email in `status`, a birth date
+    in `updated_at`). Emails, phone numbers and dates are masked as in the logs."""
+    value = scrub_text(_SURROGATE.sub("\ufffd", value))
     if len(value) > _MAX_SHOWN:
         value = value[:_MAX_SHOWN] + "..."
     return f"'{value}'"

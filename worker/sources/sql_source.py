@@ -11,7 +11,7 @@ keeps no offset, so a time stored there with any other offset would compare wron
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from datetime import UTC, date, datetime
 from types import TracebackType
 from typing import Any
@@ -25,10 +25,14 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    any_,
+    bindparam,
     create_engine,
+    func,
     or_,
     select,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.types import TypeDecorator
@@ -62,6 +66,22 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Columns the targeted reads of an incremental scan look rows up by (besides each
+# table's key, whose index already serves a lookup on its first column).
+LOOKUPS: dict[str, tuple[str, ...]] = {
+    "contacts": ("patient_id",),
+    "family_contacts": ("contact_id",),
+    "portal_users": ("op_patient_id", "op_contact_id"),
+    "portal_links": ("dependent_user_id",),
+    "portal_audit": ("user_id",),
+}
+EMAIL_LOOKUPS: dict[str, tuple[str, ...]] = {"contacts": ("email",), "portal_audit": ("email",)}
+# A targeted read off PostgreSQL (one array parameter there) puts at most this many ids
+# in an IN list (SQLite's historical variable limit is 999); past it the table is streamed
+# and filtered here, which gives the same rows.
+IN_LIMIT = 900
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware datetimes in, aware UTC datetimes out, on every backend."""
 
@@ -92,8 +112,17 @@ def _define(metadata: MetaData, layout: Mapping[str, tuple[str, ...]]) -> dict[s
         since = SINCE_COLUMN[name]
         if since is not None and since not in KEYS[name]:
             Index(f"ix_{name}_{since}", table.c[since])
+        for column in LOOKUPS.get(name, ()):
+            Index(f"ix_{name}_{column}", table.c[column])
+        for column in EMAIL_LOOKUPS.get(name, ()):
+            Index(f"ix_{name}_{column}_folded", _folded(table.c[column]))
         tables[name] = table
     return tables
+
+
+def _folded(column: Any) -> Any:
+    """An email as the checks compare it: trimmed, lower case (indexed as such)."""
+    return func.lower(func.trim(column))
 
 
 OP_METADATA = MetaData()
@@ -128,6 +157,17 @@ def _to_text(value: Any) -> str | None:
     return str(value)
 
 
+def _changed_text(value: str | None, since: datetime | None) -> bool:
+    """A text time at or after `since`, or none (a row with no time may have changed)."""
+    if since is None:
+        return False
+    try:
+        when = parse_time(value)
+    except ValueError:
+        return True
+    return when is None or when >= since
+
+
 def _one_line(err: SQLAlchemyError) -> str:
     cause: object = err.orig if isinstance(err, DBAPIError) and err.orig is not None else err
     text = str(cause).strip().splitlines()
@@ -160,8 +200,18 @@ class _SqlDb:
     def _where(self) -> str:
         return f"{self.label} database {self.engine.url.render_as_string(hide_password=True)}"
 
-    def _read(self, table: str, since: datetime | None = None) -> Iterator[Any]:
-        """Stream one table; `since` keeps rows changed at/after it, and rows with no time."""
+    def _read(
+        self,
+        table: str,
+        since: datetime | None = None,
+        where: Any = None,
+        keep: Callable[[dict[str, str | None]], bool] | None = None,
+    ) -> Iterator[Any]:
+        """Stream one table; `since` keeps rows changed at/after it, and rows with no time.
+
+        `where` (a SQL condition) and `keep` (a test of the text row) narrow the read to
+        the rows a targeted read asks for.
+        """
         t = TABLES[table]
         columns = LAYOUT[table]
         parse = PARSERS[table]
@@ -172,6 +222,8 @@ class _SqlDb:
                 since = since.replace(tzinfo=UTC)
             col = t.c[since_col]
             stmt = stmt.where(or_(col >= since, col.is_(None)))
+        if where is not None:
+            stmt = stmt.where(where)
         try:
             with self.engine.connect() as conn:
                 result = conn.execution_options(stream_results=True, yield_per=CHUNK).execute(
@@ -179,11 +231,64 @@ class _SqlDb:
                 )
                 for number, row in enumerate(result, 1):
                     text = {c: _to_text(v) for c, v in zip(columns, row, strict=True)}
-                    yield parse(text, table, number)
+                    if keep is None or keep(text):
+                        yield parse(text, table, number)
         except SQLAlchemyError as err:
             raise SourceError(
                 f"cannot read {table} from {self._where()}: {_one_line(err)}"
             ) from None
+
+    def read_changed(self, table: str, since: datetime) -> Iterator[Any]:
+        """Rows changed at or after `since`, or with no time: one indexed query."""
+        return self._read(table, since)
+
+    def _select(
+        self,
+        table: str,
+        match: Mapping[str, Collection[str]],
+        folded: Collection[str] = (),
+        changed_since: datetime | None = None,
+    ) -> Iterator[Any]:
+        """Rows whose value in any of `match`'s columns is one of its values, or (with
+        `changed_since`) that changed at or after it: the targeted read of an incremental
+        scan (`folded` columns compare trimmed and lower case). Rows come in key order, as
+        in a full read, so the first duplicate wins."""
+        wanted = {c: sorted(set(v)) for c, v in match.items() if v}
+        if not wanted and changed_since is None:
+            return iter(())
+        t = TABLES[table]
+
+        def column(name: str) -> Any:
+            return _folded(t.c[name]) if name in folded else t.c[name]
+
+        changed: list[Any] = []
+        since_col = SINCE_COLUMN[table]
+        if changed_since is not None and since_col is not None:
+            if changed_since.tzinfo is None:
+                changed_since = changed_since.replace(tzinfo=UTC)
+            changed = [t.c[since_col] >= changed_since, t.c[since_col].is_(None)]
+        if self.engine.dialect.name == "postgresql":
+            return self._read(table, where=or_(*changed, *(
+                column(c) == any_(bindparam(f"ids_{c}", v, type_=ARRAY(Text)))
+                for c, v in wanted.items()
+            )))
+        if sum(len(v) for v in wanted.values()) <= IN_LIMIT:
+            return self._read(
+                table, where=or_(*changed, *(column(c).in_(v) for c, v in wanted.items()))
+            )
+        sets = {c: frozenset(v) for c, v in wanted.items()}
+
+        def keep(text: dict[str, str | None]) -> bool:
+            for c, values in sets.items():
+                value = text[c] or ""
+                if (value.strip().lower() if c in folded else value) in values:
+                    return True
+            return False
+
+        if changed:  # rows changed, or (tested here) matching: one pass either way
+            return self._read(table, keep=lambda text: keep(text) or _changed_text(
+                text.get(since_col), changed_since))
+        return self._read(table, keep=keep)
 
 
 
@@ -203,6 +308,30 @@ class SqlOPSource(_SqlDb):
     ) -> Iterator[FamilyContact | InvalidRecord]:
         return self._read("family_contacts", since)
 
+    # -- targeted reads (incremental scans): rows matching any of the given ids ----------
+
+    def select_patients(self, ids: Collection[str]) -> Iterator[Patient | InvalidRecord]:
+        return self._select("patients", {"patient_id": ids})
+
+    def select_contacts(
+        self,
+        ids: Collection[str] = (),
+        patient_ids: Collection[str] = (),
+        emails: Collection[str] = (),
+    ) -> Iterator[Contact | InvalidRecord]:
+        """By id, by the patient the contact is, or by email (trimmed, lower case)."""
+        return self._select(
+            "contacts", {"contact_id": ids, "patient_id": patient_ids, "email": emails},
+            folded=("email",),
+        )
+
+    def select_family_contacts(
+        self, patient_ids: Collection[str] = (), contact_ids: Collection[str] = ()
+    ) -> Iterator[FamilyContact | InvalidRecord]:
+        return self._select(
+            "family_contacts", {"patient_id": patient_ids, "contact_id": contact_ids}
+        )
+
 
 class SqlPortalSource(_SqlDb):
     """PortalReader over portal_* tables: a copy of the portal, so it is read-only."""
@@ -221,6 +350,29 @@ class SqlPortalSource(_SqlDb):
 
     def audit(self, since: datetime | None = None) -> Iterator[AuditEvent | InvalidRecord]:
         return self._read("portal_audit", since)
+
+    # -- targeted reads (incremental scans): rows matching any of the given ids ----------
+
+    def select_users(
+        self,
+        ids: Collection[str] = (),
+        patient_ids: Collection[str] = (),
+        contact_ids: Collection[str] = (),
+        changed_since: datetime | None = None,
+    ) -> Iterator[PortalUser | InvalidRecord]:
+        """By id, by OP patient or contact, or changed since a time: in one read."""
+        return self._select("portal_users", {
+            "user_id": ids, "op_patient_id": patient_ids, "op_contact_id": contact_ids,
+        }, changed_since=changed_since)
+
+    def select_links(self, user_ids: Collection[str]) -> Iterator[CaregiverLink | InvalidRecord]:
+        """Links with either end among the users."""
+        return self._select(
+            "portal_links", {"caregiver_user_id": user_ids, "dependent_user_id": user_ids}
+        )
+
+    def select_sources(self, user_ids: Collection[str]) -> Iterator[PortalSource | InvalidRecord]:
+        return self._select("portal_sources", {"user_id": user_ids})
 
     def get_user(self, user_id: str) -> PortalUser | None:
         t = TABLES["portal_users"]
@@ -279,12 +431,27 @@ def _sql_row(table: str, columns: tuple[str, ...], item: object) -> dict[str, An
 
 
 def load_table_sql(engine: Engine, table: str, rows: Iterable[object]) -> int:
-    """Insert records (or raw text rows) in batches of CHUNK, in one transaction."""
+    """Insert records (or raw text rows) in batches of CHUNK, in one transaction.
+
+    On PostgreSQL through psycopg 3 the rows go in with COPY: the same values, about ten
+    times faster than batched INSERTs (the benchmark loads a million rows).
+    """
     t = TABLES[table]
     columns = LAYOUT[table]
     count = 0
     batch: list[dict[str, Any]] = []
     with engine.begin() as conn:
+        raw = conn.connection.driver_connection
+        if engine.dialect.name == "postgresql" and hasattr(raw, "cursor"):
+            with raw.cursor() as cursor:
+                if hasattr(cursor, "copy"):
+                    names = ", ".join(columns)
+                    with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                        for item in rows:
+                            row = _sql_row(table, columns, item)
+                            copy.write_row([row[c] for c in columns])
+                            count += 1
+                    return count
         for item in rows:
             batch.append(_sql_row(table, columns, item))
             if len(batch) >= CHUNK:

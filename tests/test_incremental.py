@@ -1,0 +1,410 @@
+"""Incremental scans leave the same open findings as full scans (worker.incremental).
+
+A generated practice is scanned in full, the state database copied, ~20 random changes
+are made to the sources (planted defects fixed, new ones made, `updated_at` touched), and
+then one copy gets an incremental scan and the other a full one: the open findings
+(`contact_duplicate` aside, which only full scans decide) must be identical, state by
+state. The same on CSV exports, SQLite and PostgreSQL, whose targeted reads differ.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import PG_ADMIN_URL
+from sqlalchemy import select
+
+from config.settings import Settings
+from worker.engine import Deps, reconcile
+from worker.generator import generate_practice
+from worker.incremental import (
+    FULL_SCAN_ONLY,
+    WATERMARK,
+    full_reconcile,
+    incremental_reconcile,
+    overlap,
+)
+from worker.records import Contact, FamilyContact, PortalUser
+from worker.sources.csv_source import CsvOPSource, CsvPortalSource
+from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
+from worker.sources.sql_source import (
+    OP_METADATA,
+    PORTAL_METADATA,
+    SqlOPSource,
+    SqlPortalSource,
+    create_op_tables,
+    create_portal_tables,
+    load_table_sql,
+)
+from worker.state.db import kv_get, make_engine, migrate, session_factory
+from worker.state.models import FindingRow, Run
+from worker.state.models import FindingState as S
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+PATIENTS = 1200
+LAYOUT = {**OP_LAYOUT, **PORTAL_LAYOUT}
+Tables = dict[str, list[dict[str, str]]]
+
+
+@pytest.fixture(scope="module")
+def practice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("practice")
+    generate_practice(out, PATIENTS, seed=7, now=NOW)
+    return out
+
+
+def read_tables(practice: Path) -> Tables:
+    tables: Tables = {}
+    for table in LAYOUT:
+        sub = "op" if table in OP_LAYOUT else "portal"
+        with open(practice / sub / f"{table}.csv", encoding="utf-8", newline="") as handle:
+            tables[table] = list(csv.DictReader(handle))
+    return tables
+
+
+class Store:
+    """The practice's sources in one backend, rewritten after each batch of changes.
+
+    CSV rows keep their lines (a bad row's finding is keyed by its line), new rows go at
+    the end; SQL tables are reloaded.
+    """
+
+    def __init__(self, kind: str, root: Path, pg_url: str | None) -> None:
+        self.kind = kind
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.engine: sa.Engine | None = None
+        if kind == "sqlite":
+            self.engine = sa.create_engine(f"sqlite:///{root / 'sources.sqlite'}")
+        elif kind == "postgresql":
+            assert pg_url is not None
+            self.engine = sa.create_engine(pg_url)
+        if self.engine is not None:
+            create_op_tables(self.engine)
+            create_portal_tables(self.engine)
+
+    def write(self, tables: Tables) -> None:
+        if self.engine is None:
+            for table, rows in tables.items():
+                sub = self.root / ("op" if table in OP_LAYOUT else "portal")
+                sub.mkdir(parents=True, exist_ok=True)
+                with open(sub / f"{table}.csv", "w", encoding="utf-8", newline="") as handle:
+                    writer = csv.DictWriter(handle, LAYOUT[table], lineterminator="\n")
+                    writer.writeheader()
+                    writer.writerows(rows)
+            return
+        for table, rows in tables.items():
+            with self.engine.begin() as conn:
+                conn.execute(sa.text(f"DELETE FROM {table}"))
+            load_table_sql(self.engine, table, rows)
+
+    def readers(self) -> tuple[Any, Any]:
+        if self.engine is None:
+            return CsvOPSource(self.root / "op"), CsvPortalSource(self.root / "portal")
+        return SqlOPSource(self.engine), SqlPortalSource(self.engine)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            if self.kind == "postgresql":
+                OP_METADATA.drop_all(self.engine)
+                PORTAL_METADATA.drop_all(self.engine)
+            self.engine.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (the targeted reads use arrays there)."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"oprecon_inc_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def state_deps(path: Path, settings: Settings, op: Any, portal: Any) -> Deps:
+    url = f"sqlite:///{path}"
+    migrate(url)
+    return Deps(settings.model_copy(update={"state_db_url": url}),
+                session_factory(make_engine(url)), op, portal)
+
+
+def open_findings(deps: Deps) -> set[tuple[str, str]]:
+    with deps.sessions() as session:
+        rows = session.scalars(select(FindingRow).where(FindingRow.state != S.RESOLVED))
+        return {(r.fingerprint, r.state) for r in rows if r.check not in FULL_SCAN_ONLY}
+
+
+# -- random changes ---------------------------------------------------------------------
+
+
+def _stamp(rng: random.Random, base: datetime) -> str:
+    """Between 1 and 28 minutes after the last scan: at the next one, 30 minutes after
+    it, some are still within the propagation delay (cross-system checks wait)."""
+    return (base + timedelta(minutes=rng.uniform(1, 28))).isoformat()
+
+
+def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
+    """One random change of the kind staff make: fixing a planted defect or making one.
+
+    Not among them: deleting a row or re-pointing a portal user at another OP record,
+    which incremental scans leave to the nightly full scan (worker.incremental).
+    """
+    pats, cons, fcs = tables["patients"], tables["contacts"], tables["family_contacts"]
+    users, audit = tables["portal_users"], tables["portal_audit"]
+    good = [r for r in pats if r["patient_id"].startswith("P") and r["dob"] != "2019-02-30"]
+    kind = rng.choice([
+        "patient_status", "patient_email", "contact_email", "contact_active", "authority",
+        "self_role", "new_fc", "user_email", "user_role", "user_active", "welcome",
+        "new_contact_for_orphan", "new_caregiver",
+    ])
+    when = _stamp(rng, base)
+    if kind == "patient_status":
+        row = rng.choice(good)
+        row["status"] = "Inactive" if row["status"] == "Active" else "Active"
+        row["updated_at"] = when
+    elif kind == "patient_email":
+        row = rng.choice(good)
+        row["email"] = "" if row["email"] not in ("", "N/A", "n/a", "NA") else "kid@example.org"
+        row["updated_at"] = when
+    elif kind == "contact_email":
+        row = rng.choice(cons)
+        row["email"] = rng.choice(["", "broken@@example.org", f"fixed{rng.randrange(10**6)}"
+                                   "@example.net"])
+        row["updated_at"] = when
+    elif kind == "contact_active":
+        row = rng.choice(cons)
+        row["active"] = "false" if row["active"] == "true" else "true"
+        row["updated_at"] = when
+    elif kind == "authority":
+        row = rng.choice(fcs)
+        row["authority"] = "None" if row["authority"] in ("Joint", "Exclusive") else "Joint"
+        row["updated_at"] = when
+    elif kind == "self_role":
+        row = rng.choice(fcs)
+        row["role_reason"] = "Self"
+        row["updated_at"] = when
+    elif kind == "new_fc":
+        fcs.append({"patient_id": rng.choice(good)["patient_id"],
+                    "contact_id": rng.choice(cons)["contact_id"], "role_reason": "Father",
+                    "authority": "Joint", "updated_at": when})
+    elif kind == "new_caregiver":  # a parent registers: their portal account appears
+        contact = rng.choice(cons)
+        users.append({"user_id": f"UN{len(users)}", "op_patient_id": "",
+                      "op_contact_id": contact["contact_id"], "first_name": "New",
+                      "last_name": "User", "email": contact["email"], "role": "Caregiver",
+                      "active": "true", "updated_at": when})
+    elif kind in ("user_email", "user_role", "user_active"):
+        row = rng.choice(users)
+        if kind == "user_email":
+            row["email"] = ("someone@example.com" if row["email"].lower().endswith("@dummy.com")
+                            else "fixed@dummy.com")
+        elif kind == "user_role":
+            row["role"] = "Caregiver" if row["role"] == "Patient" else "Patient"
+        else:
+            row["active"] = "false" if row["active"] == "true" else "true"
+        row["updated_at"] = when
+    elif kind == "welcome":
+        contact = rng.choice([c for c in cons if "@" in c["email"]])
+        audit.append({"at": when, "action": "Profile: Welcome Mail Sent", "user_id": "",
+                      "email": contact["email"].upper()})
+    else:  # an OP contact appears for a portal user pointing at a missing one
+        known = {c["contact_id"] for c in cons}
+        dangling = [u for u in users if u["op_contact_id"] and u["op_contact_id"] not in known]
+        if not dangling:
+            return change(tables, rng, base)
+        cid = rng.choice(dangling)["op_contact_id"]
+        cons.append({"contact_id": cid, "first_name": "New", "last_name": "Contact",
+                     "email": f"{cid.lower()}@example.org", "dob": "", "phone": "",
+                     "address": "", "city": "", "postcode": "", "active": "true",
+                     "patient_id": "", "updated_at": when})
+    return kind
+
+
+# -- the equivalence ----------------------------------------------------------------------
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("backend", ["csv", "sqlite", "postgresql"])
+def test_incremental_matches_full_after_random_changes(
+    backend: str, practice: Path, tmp_path: Path, make_settings: Any,
+    request: pytest.FixtureRequest,
+) -> None:
+    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    store = Store(backend, tmp_path / "src", pg)
+    try:
+        tables = read_tables(practice)
+        store.write(tables)
+        settings = make_settings()
+        op, portal = store.readers()
+        inc = state_deps(tmp_path / "inc.sqlite", settings, op, portal)
+        first = full_reconcile(inc, NOW)
+        assert first.plan.items
+        shutil.copy(tmp_path / "inc.sqlite", tmp_path / "full.sqlite")
+        full = state_deps(tmp_path / "full.sqlite", settings, op, portal)
+
+        rng = random.Random(f"changes-{backend}")
+        kinds = [change(tables, rng) for _ in range(20)]
+        store.write(tables)
+
+        later = NOW + timedelta(minutes=30)
+        result = incremental_reconcile(inc, later)
+        full_reconcile(full, later)
+        assert result.kind == "incremental" and not result.scope.is_all, kinds
+        assert open_findings(inc) == open_findings(full), kinds
+        # A much smaller read than the full one.
+        assert result.counts["patients"] < PATIENTS // 2
+
+        # Nothing new changes; the pending findings of the last run come due.
+        latest = later + timedelta(minutes=20)
+        incremental_reconcile(inc, latest)
+        full_reconcile(full, latest)
+        assert open_findings(inc) == open_findings(full)
+
+        # Duplicate groups are left to the full scan: still open, never resolved here.
+        with inc.sessions() as session:
+            dups = session.scalars(select(FindingRow).where(
+                FindingRow.check == "contact_duplicate")).all()
+        assert dups and all(r.state == S.OPEN for r in dups)
+        if hasattr(op, "close"):
+            op.close()
+            portal.close()
+    finally:
+        store.close()
+
+
+# -- the watermark and the cheap run --------------------------------------------------------
+
+
+def test_watermark_cheap_run_and_first_run(
+    practice: Path, tmp_path: Path, make_settings: Any
+) -> None:
+    op, portal = CsvOPSource(practice / "op"), CsvPortalSource(practice / "portal")
+    deps = state_deps(tmp_path / "s.sqlite", make_settings(), op, portal)
+
+    # No watermark yet: the first incremental scan reads everything and sets one.
+    first = incremental_reconcile(deps, NOW)
+    assert first.kind == "incremental" and first.scope.is_all
+    with deps.sessions() as session:
+        mark = kv_get(session, "test", WATERMARK)
+    assert mark is not None and mark["at"] == NOW.isoformat() and mark["patients"] >= PATIENTS
+
+    # Confirm the pending findings (and those of records that were too recent at NOW),
+    # then nothing is due and nothing changed: a cheap run.
+    confirm = NOW + timedelta(minutes=20)
+    incremental_reconcile(deps, confirm)
+    confirm += timedelta(minutes=20)
+    incremental_reconcile(deps, confirm)
+    quiet = confirm + timedelta(minutes=40)
+    assert quiet - overlap(deps.settings) > confirm
+    cheap = incremental_reconcile(deps, quiet)
+    assert cheap.scope.label == "entities:nothing changed"
+    assert cheap.counts == {} and not cheap.plan.items
+    with deps.sessions() as session:
+        run = session.get(Run, cheap.run_id)
+        assert run is not None and run.status == "succeeded" and run.kind == "incremental"
+        assert kv_get(session, "test", WATERMARK)["at"] == quiet.isoformat()
+        assert kv_get(session, "test", "last_success")["kind"] == "incremental"
+
+
+def test_full_scan_through_the_service_sets_the_watermark(
+    practice: Path, tmp_path: Path, make_settings: Any, redis_client: Any
+) -> None:
+    from worker.service import scan
+
+    settings = make_settings(op_dir=practice / "op", portal_dir=practice / "portal")
+    deps = state_deps(tmp_path / "s.sqlite", settings,
+                      CsvOPSource(practice / "op"), CsvPortalSource(practice / "portal"))
+    outcome = scan(deps.settings, "full", deps=deps, now=NOW)
+    assert outcome.status == "succeeded"
+    with deps.sessions() as session:
+        assert kv_get(session, "test", WATERMARK)["run_id"] == outcome.result.run_id
+    outcome = scan(deps.settings, "incremental", deps=deps, now=NOW + timedelta(minutes=20))
+    assert outcome.result is not None and outcome.result.kind == "incremental"
+    assert not outcome.result.scope.is_all
+
+
+# -- targeted reads ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_targeted_reads_match_a_filtered_full_read(
+    practice: Path, tmp_path: Path, many: bool
+) -> None:
+    """SQLite answers a few ids with IN and many (past its variable limit) by filtering a
+    stream; both, and the CSV pass, must give exactly the rows a full read filtered gives."""
+    tables = read_tables(practice)
+    csv_store = Store("csv", tmp_path / "csv", None)
+    sql_store = Store("sqlite", tmp_path, None)
+    csv_store.write(tables)
+    sql_store.write(tables)
+    csv_op, _ = csv_store.readers()
+    sql_op, sql_portal = sql_store.readers()
+    rng = random.Random(3)
+    full_fcs = [f for f in csv_op.family_contacts() if isinstance(f, FamilyContact)]
+    contacts = [c for c in csv_op.contacts() if isinstance(c, Contact)]
+    size = 1000 if many else 40
+    pids = {f.patient_id for f in rng.sample(full_fcs, size)}
+    cids = {c.contact_id for c in rng.sample(contacts, size)}
+    want = sorted((f.patient_id, f.contact_id) for f in full_fcs
+                  if f.patient_id in pids or f.contact_id in cids)
+    for reader in (csv_op, sql_op):
+        got = sorted((f.patient_id, f.contact_id) for f in
+                     reader.select_family_contacts(patient_ids=pids, contact_ids=cids)
+                     if isinstance(f, FamilyContact))
+        assert got == want
+    emails = {c.email.strip().lower() for c in rng.sample(contacts, 5) if c.email.strip()}
+    by_email = sorted(c.contact_id for c in sql_op.select_contacts(emails=emails)
+                      if isinstance(c, Contact))
+    assert by_email == sorted(c.contact_id for c in contacts
+                              if c.email.strip().lower() in emails)
+    users = [u for u in sql_portal.users() if isinstance(u, PortalUser)]
+    uids = {u.user_id for u in rng.sample(users, size)}
+    assert sorted(u.user_id for u in sql_portal.select_users(ids=uids)
+                  if isinstance(u, PortalUser)) == sorted(uids)
+    sql_op.close()
+    sql_portal.close()
+    sql_store.close()
+
+
+def test_contact_duplicate_is_never_resolved_by_an_incremental_scan(
+    practice: Path, tmp_path: Path, make_settings: Any
+) -> None:
+    """Even when a duplicate's contact changes, only the full scan decides the group."""
+    tables = read_tables(practice)
+    store = Store("csv", tmp_path / "src", None)
+    store.write(tables)
+    op, portal = store.readers()
+    deps = state_deps(tmp_path / "s.sqlite", make_settings(), op, portal)
+    full_reconcile(deps, NOW)
+    with deps.sessions() as session:
+        group = session.scalars(select(FindingRow).where(
+            FindingRow.check == "contact_duplicate")).first()
+    assert group is not None and group.contact_ids
+    for row in tables["contacts"]:
+        if row["contact_id"] in group.contact_ids[1:]:
+            row["last_name"] = "Someone Else Entirely"
+            row["email"] = "other@example.net"
+            row["updated_at"] = (NOW + timedelta(minutes=1)).isoformat()
+    store.write(tables)
+    result = incremental_reconcile(deps, NOW + timedelta(minutes=30))
+    assert group.contact_ids[1] in result.scope.contact_ids
+    with deps.sessions() as session:
+        assert session.get(FindingRow, group.id).state == S.OPEN
+    # The full scan does resolve it.
+    reconcile(deps, kind="full", now=NOW + timedelta(minutes=40))
+    with deps.sessions() as session:
+        assert session.get(FindingRow, group.id).state == S.RESOLVED

@@ -1,0 +1,590 @@
+"""Scheduling end to end: a real `celery worker` and `celery beat` (subprocesses) on the
+local Redis (broker db 14, locks and RedBeat db 15) and a PostgreSQL state database, with
+a 3-second incremental interval.
+
+Shown here: scheduled scans land in the `runs` table; a scan that finds the single-flight
+lock held is skipped and logged; an on-call `--patient` run completes (and waits for the
+lock, saying so) while periodic work goes on; a second beat stands by instead of doubling
+the schedule; worker logs are JSON with task ids and no PHI; health, status and metrics
+against the live processes. Plus the time-limit ordering, checked against the one table
+that documents it (docs/operations.md).
+
+Every subprocess is stopped in teardown. This module flushes the broker and Redis test
+databases: it must not share them with a concurrently running test session.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from config.settings import Settings, load_settings
+from tests.conftest import BROKER_URL, REDIS_URL
+from tests.factory import (
+    MemorySource,
+    clean_family,
+    contact,
+    fc,
+    patient,
+    patient_user,
+)
+from worker.records import (
+    AuditEvent,
+    CaregiverLink,
+    Contact,
+    FamilyContact,
+    Patient,
+    PortalSource,
+    PortalUser,
+)
+from worker.state.db import kv_get
+from worker.state.models import Run
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+INTERVAL_MINUTES = 0.05
+INTERVAL = INTERVAL_MINUTES * 60  # 3 s between scheduled incremental scans
+PHI = ("PatC1", "DoeC1", "PatC2", "DoeC2", "c1@example.org", "c2@example.org",
+       "kid2@example.org", "wrong@example.org")
+
+
+# -- time limits (no processes needed) ---------------------------------------------------------
+
+
+def _documented_limits() -> dict[str, float]:
+    """The "Time limits" table of docs/operations.md: `| what | `id` | seconds | why |`."""
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = text.split("## Time limits", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|[^|]*\|\s*`([a-z_.]+)`\s*\|\s*([\d.]+)\s*\|", section, re.M)
+    return {key: float(value) for key, value in rows}
+
+
+def test_time_limits_are_ordered_and_match_the_documented_table() -> None:
+    import tasks.fixes
+    import tasks.health
+    import tasks.scans
+    from config.schedule import beat_schedule
+    from worker import health, ondemand
+    from worker.celery_app import make_celery_app
+    from worker.locks import scan_lock
+
+    settings = load_settings()
+    app = make_celery_app(settings)
+    fix = tasks.fixes.apply_fix
+    actual = {
+        "scan_soft_limit_seconds": app.conf.task_soft_time_limit,
+        "scan_hard_limit_seconds": app.conf.task_time_limit,
+        "lock_timeout_seconds": scan_lock(settings, redis.Redis()).timeout,
+        "broker_visibility_timeout_seconds":
+            app.conf.broker_transport_options["visibility_timeout"],
+        "adhoc_lock_wait": inspect.signature(tasks.scans.adhoc_scan.run)
+            .parameters["wait_seconds"].default,
+        "scan_retry_backoff_max": tasks.scans.RETRY["retry_backoff_max"],
+        "fix_soft_limit": fix.soft_time_limit,
+        "fix_hard_limit": fix.time_limit,
+        "fix_retry_backoff_max": fix.retry_backoff_max,
+        "deadman_hard_limit": tasks.health.deadman.time_limit,
+        "beat_max_loop_interval": app.conf.beat_max_loop_interval,
+        "redbeat_lock_timeout": app.conf.redbeat_lock_timeout,
+        "heartbeat_interval_seconds": settings.heartbeat_interval_seconds,
+        "heartbeat_stale": health.stale_after(settings),
+        "deadman_limit": health.deadman_limit(settings).total_seconds(),
+    }
+    assert _documented_limits() == actual  # the table is the truth, and it is true
+    a = actual
+    assert (a["scan_soft_limit_seconds"] < a["scan_hard_limit_seconds"]
+            < a["lock_timeout_seconds"] < a["broker_visibility_timeout_seconds"])
+    assert a["adhoc_lock_wait"] == ondemand.ADHOC_LOCK_WAIT_SECONDS
+    assert a["adhoc_lock_wait"] < a["scan_soft_limit_seconds"]
+    assert a["fix_soft_limit"] < a["fix_hard_limit"] < a["broker_visibility_timeout_seconds"]
+    assert a["fix_retry_backoff_max"] < a["broker_visibility_timeout_seconds"]
+    assert a["scan_retry_backoff_max"] < a["broker_visibility_timeout_seconds"]
+    assert a["beat_max_loop_interval"] * 2 < a["redbeat_lock_timeout"]
+    assert a["heartbeat_interval_seconds"] < a["heartbeat_stale"]
+    # Every task this app runs stops before the scan lock expires and long before the
+    # broker would redeliver it.
+    for name, task in app.tasks.items():
+        if name.startswith("oprecon."):
+            limit = task.time_limit or app.conf.task_time_limit
+            assert limit < a["lock_timeout_seconds"] < a["broker_visibility_timeout_seconds"]
+    # No periodic message outlives the period it was sent for.
+    for entry in beat_schedule(settings).values():
+        expires = entry["options"].get("expires")
+        if expires is not None and isinstance(entry["schedule"], timedelta):
+            assert expires <= entry["schedule"].total_seconds()
+
+
+def test_settings_refuse_a_lock_that_outlives_the_visibility_timeout() -> None:
+    from config.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="visibility"):
+        load_settings(scan_soft_limit_seconds=20, scan_hard_limit_seconds=30,
+                      broker_visibility_timeout_seconds=80)  # lock would be 90 s
+
+
+def test_reconcile_with_the_broker_down_is_one_line_exit_2(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import main
+
+    settings = make_settings()
+    monkeypatch.setenv("OPRECON_BROKER_URL", "redis://:pw@127.0.0.1:1/0")
+    monkeypatch.setenv("OPRECON_STATE_DB_URL", settings.state_db_url)
+    monkeypatch.setattr(sys, "argv", ["oprecon", "reconcile", "--patient", "P1", "--wait"])
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as done:
+        main()
+    out, err = capsys.readouterr()
+    assert done.value.code == 2 and out == ""
+    assert err.count("\n") == 1 and "broker unreachable" in err
+    assert "pw@" not in err and ":***@" in err
+    assert time.monotonic() - started < 10
+
+
+def _follow(make_settings: Any, monkeypatch: pytest.MonkeyPatch, seed: Callable[..., None],
+            timeout: float = 3) -> tuple[int, str, str]:
+    """enqueue_and_wait with the broker stubbed out and the worker's side seeded."""
+    import io
+
+    from worker import ondemand
+    from worker.engine import ScopeRequest
+    from worker.wiring import state_sessions
+
+    settings = make_settings()
+    sessions = state_sessions(settings)
+    monkeypatch.setattr(ondemand, "send", lambda s, r, task_id, expires=None: seed(
+        sessions, settings.practice, task_id))
+    monkeypatch.setattr(ondemand, "_worker_alive", lambda s: True)
+    out, err = io.StringIO(), io.StringIO()
+    code = ondemand.enqueue_and_wait(settings, ScopeRequest("patient", "P1"), True, False,
+                                     timeout=timeout, poll_seconds=0.05, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _run_row(practice: str, task_id: str, status: str, **kw: Any) -> Run:
+    now = datetime.now(UTC)
+    return Run(practice=practice, kind="adhoc", scope="patient:P1", status=status,
+               task_id=task_id, started_at=now, finished_at=now, **kw)
+
+
+def test_follow_a_failed_run_exits_1_without_the_error_message(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def seed(sessions: Any, practice: str, task_id: str) -> None:
+        with sessions.begin() as s:
+            s.add(_run_row(practice, task_id, "failed",
+                           error="SourceError: row 7 has email jane@example.org"))
+
+    code, out, err = _follow(make_settings, monkeypatch, seed)
+    assert code == 1 and "queued ad hoc reconcile of patient:P1" in out
+    assert err.count("\n") == 1 and "failed: SourceError" in err and "@" not in err
+
+
+def test_follow_a_run_that_never_got_the_lock_exits_2(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.ondemand import progress_key
+    from worker.state.db import kv_set
+
+    def seed(sessions: Any, practice: str, task_id: str) -> None:
+        with sessions.begin() as s:
+            kv_set(s, practice, progress_key(task_id),
+                   {"state": "skipped", "wait_seconds": 120}, datetime.now(UTC))
+
+    code, _, err = _follow(make_settings, monkeypatch, seed)
+    assert code == 2 and "still held after 120 s" in err
+
+
+def test_follow_times_out_while_queued_with_exit_2(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = _follow(make_settings, monkeypatch, lambda *a: None, timeout=0.5)
+    assert code == 2 and "queued: waiting for a worker" in out
+    assert "timed out after 0.5s" in err
+
+
+def test_poll_reads_progress_then_the_run_row(make_settings: Any) -> None:
+    from worker.ondemand import poll, progress_key, record
+    from worker.state.db import kv_set
+    from worker.wiring import state_sessions
+
+    settings = make_settings()
+    sessions = state_sessions(settings)
+    assert poll(sessions, settings, "t1").state == "queued"
+    record(settings, "t1", "waiting_for_lock", wait_seconds=120)
+    assert poll(sessions, settings, "t1").state == "waiting"
+    record(settings, "t1", "started")
+    assert poll(sessions, settings, "t1").state == "started"
+    with sessions.begin() as s:
+        s.add(_run_row("test", "t1", "running"))
+        old = _run_row("test", "t2", "running")
+        old.started_at -= timedelta(seconds=settings.scan_hard_limit_seconds + 61)
+        s.add(old)
+        kv_set(s, "test", progress_key("t3"), {"state": "failed", "error": "OperationalError"},
+               datetime.now(UTC))
+    assert poll(sessions, settings, "t1").state == "running"
+    assert poll(sessions, settings, "t2").state == "lost"
+    assert poll(sessions, settings, "t3").state == "failed"
+
+
+# -- the live cluster ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_practice(root: Path) -> None:
+    from worker.sources.csv_source import write_op_csv, write_portal_csv
+
+    records = clean_family() + [
+        patient("P2", email="kid2@example.org"), contact("C2"), fc("P2", "C2"),
+        patient_user("U3", "P2", email="wrong@example.org"),
+    ]
+    src = MemorySource(records)
+    write_op_csv(root / "op", src._of(Patient), src._of(Contact), src._of(FamilyContact))
+    write_portal_csv(root / "portal", src._of(PortalUser), src._of(CaregiverLink),
+                     src._of(PortalSource), src._of(AuditEvent))
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+@dataclass
+class Cluster:
+    root: Path
+    env: dict[str, str]
+    settings: Settings
+    metrics_port: int
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def worker_log(self) -> Path:
+        return self.root / "worker.log"
+
+    def hb_dir(self, name: str) -> Path:
+        return self.root / f"hb-{name}"
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        env = {**self.env, "OPRECON_HEARTBEAT_DIR": str(self.hb_dir(name))}
+        cwd = self.root / name
+        cwd.mkdir(exist_ok=True)
+        with (self.root / f"{name}.out").open("ab") as out, \
+                (self.root / f"{name}.log").open("ab") as err:
+            proc = subprocess.Popen(
+                [str(BIN / "celery"), "-A", "worker.celery_app", *args, "--loglevel", "INFO"],
+                cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def alive(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is not None:
+            tail = (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
+            pytest.fail(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    def oprecon(self, *args: str, hb: str = "worker", timeout: float = 60
+                ) -> subprocess.CompletedProcess[str]:
+        env = {**self.env, "OPRECON_HEARTBEAT_DIR": str(self.hb_dir(hb))}
+        return subprocess.run([str(BIN / "oprecon"), *args], env=env, cwd=self.root,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def sessions(self) -> Any:
+        from worker.wiring import state_sessions
+
+        return state_sessions(self.settings, migrate_first=False)
+
+    def runs(self, kind: str | None = None, since: datetime | None = None) -> list[Run]:
+        with self.sessions()() as s:
+            q = select(Run).where(Run.practice == self.settings.practice)
+            if kind:
+                q = q.where(Run.kind == kind)
+            if since:
+                q = q.where(Run.started_at >= since)
+            return list(s.scalars(q.order_by(Run.started_at)))
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.worker_log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("cluster")
+    _write_practice(root)
+    practice = f"sched-{uuid.uuid4().hex[:6]}"
+    values = {
+        "OPRECON_STATE_DB_URL": pg_database,
+        "OPRECON_BROKER_URL": BROKER_URL,
+        "OPRECON_REDIS_URL": REDIS_URL,
+        "OPRECON_OP_DIR": str(root / "op"),
+        "OPRECON_PORTAL_DIR": str(root / "portal"),
+        "OPRECON_PRACTICE": practice,
+        "OPRECON_INCREMENTAL_SCAN_MINUTES": str(INTERVAL_MINUTES),
+        "OPRECON_HEARTBEAT_INTERVAL_SECONDS": "1",
+        "OPRECON_LOG_FORMAT": "json",
+        "OPRECON_LOG_LEVEL": "INFO",
+    }
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPRECON_")}
+    # Celery warns on stderr when run as root (CI containers): not a log line.
+    env.update(values, OPRECON_METRICS_PORT=str(port),
+               PYTHONWARNINGS="ignore:You're running the worker with superuser privileges")
+    for url in (BROKER_URL, REDIS_URL):
+        client = redis.Redis.from_url(url)
+        try:
+            client.flushdb()
+        except redis.ConnectionError as err:
+            pytest.fail(f"Redis is not reachable at {url}: {err}")
+        finally:
+            client.close()
+    settings = load_settings(
+        state_db_url=pg_database, broker_url=BROKER_URL, redis_url=REDIS_URL,
+        practice=practice, incremental_scan_minutes=INTERVAL_MINUTES, metrics_port=0,
+        heartbeat_dir=root / "hb-worker", heartbeat_interval_seconds=1,
+    )
+    c = Cluster(root, env, settings, port)
+    migrate = c.oprecon("migrate")
+    assert migrate.returncode == 0, migrate.stderr
+    try:
+        c.start("worker", "worker", "-c", "2", "-n", "sched@%h", "--without-mingle",
+                "--without-gossip")
+        c.start("beat-a", "beat")
+
+        def ready() -> bool:
+            c.alive("worker")
+            c.alive("beat-a")
+            return (c.hb_dir("worker") / "worker.ready").exists()
+
+        wait_for(ready, 40, "the worker's readiness file")
+        yield c
+    finally:
+        for name in list(c.procs):
+            c.stop(name)
+        c.sessions().kw["bind"].dispose()  # before the session's database is dropped
+        for url in (BROKER_URL, REDIS_URL):
+            client = redis.Redis.from_url(url)
+            client.flushdb()
+            client.close()
+
+
+@pytest.mark.services
+def test_scheduled_scans_run_on_time_and_are_recorded(cluster: Cluster) -> None:
+    def succeeded() -> list[Run]:
+        done = [r for r in cluster.runs("incremental") if r.status == "succeeded"]
+        return done if len(done) >= 3 else []
+
+    done = wait_for(succeeded, 25, "three scheduled incremental scans")
+    assert not [r for r in cluster.runs() if r.status == "failed"]
+    # The first reads everything (no watermark yet); later ones what changed since.
+    assert done[0].scope == "all" and done[0].records_read == 11
+    assert all(r.task_id and r.scope.startswith("entities:") for r in done[1:]), [
+        (r.task_id, r.scope) for r in done]
+    starts = [r.started_at for r in done]
+    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(INTERVAL * 0.5 <= g <= INTERVAL * 2 for g in gaps), gaps
+    with cluster.sessions()() as s:
+        last = kv_get(s, cluster.settings.practice, "last_success")
+    assert last is not None and last["kind"] in ("incremental", "full")
+
+
+@pytest.mark.services
+def test_a_scan_that_finds_the_lock_held_is_skipped_and_logged(cluster: Cluster) -> None:
+    from worker.celery_app import make_celery_app
+    from worker.locks import scan_lock
+
+    lock = scan_lock(cluster.settings)
+    assert lock.acquire(blocking=True, blocking_timeout=10)  # a scan may be running now
+    task_id = f"overlap-{uuid.uuid4().hex[:8]}"
+    try:
+        make_celery_app(cluster.settings).send_task("oprecon.scan.incremental", task_id=task_id)
+        skipped = wait_for(
+            lambda: [e for e in cluster.log_events()
+                     if e.get("event") == "scan_skipped" and e.get("task_id") == task_id],
+            15, "the skipped scan in the worker log")
+    finally:
+        lock.release()
+    assert skipped[0]["kind"] == "incremental" and "another scan" in skipped[0]["reason"]
+    assert not [r for r in cluster.runs() if r.task_id == task_id]  # no run was started
+
+
+@pytest.mark.services
+def test_adhoc_patient_run_completes_while_periodic_work_goes_on(cluster: Cluster) -> None:
+    before = datetime.now(UTC)
+    done = cluster.oprecon("reconcile", "--patient", "P2", "--wait", "--timeout", "40")
+    assert done.returncode == 0, done.stdout + done.stderr
+    task_id = re.search(r"as task (\S+)", done.stdout).group(1)  # type: ignore[union-attr]
+    summary = re.search(r"done: run (\d+) · adhoc patient:P2", done.stdout)
+    assert summary, done.stdout
+    assert "patient_email_present" in done.stdout  # the finding table for that family
+    (adhoc,) = [r for r in cluster.runs("adhoc") if r.task_id == task_id]
+    assert adhoc.id == int(summary.group(1)) and adhoc.status == "succeeded"
+    assert adhoc.started_at >= before
+    wait_for(lambda: [r for r in cluster.runs("incremental", since=adhoc.finished_at)
+                      if r.status == "succeeded"],
+             3 * INTERVAL, "a scheduled scan after the ad hoc run")
+
+    as_json = cluster.oprecon("reconcile", "--patient", "P2", "--wait", "--json",
+                              "--timeout", "40")
+    assert as_json.returncode == 0, as_json.stderr
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    checks = {row["check"]: row for row in lines}
+    assert checks["patient_email_present"]["action"] == "alert"
+    assert set(checks["patient_email_present"]) >= {"check", "severity", "action",
+                                                    "fingerprint", "patient_id", "detail"}
+
+
+@pytest.mark.services
+def test_adhoc_run_waits_for_the_lock_and_says_so(cluster: Cluster) -> None:
+    from worker.locks import scan_lock
+
+    lock = scan_lock(cluster.settings)
+    assert lock.acquire(blocking=True, blocking_timeout=10)
+    env = {**cluster.env, "OPRECON_HEARTBEAT_DIR": str(cluster.hb_dir("worker"))}
+    lines: list[str] = []
+    with subprocess.Popen(
+        [str(BIN / "oprecon"), "reconcile", "--patient", "P1", "--wait", "--timeout", "40"],
+        env=env, cwd=cluster.root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    ) as proc:
+        stdout = proc.stdout
+        assert stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(iter(stdout.readline, "")),
+                                  daemon=True)
+        reader.start()
+        try:
+            wait_for(lambda: any("waiting for the scan lock held by another scan" in line
+                                 for line in lines), 20, "the waiting message")
+            task_id = re.search(r"as task (\S+)", lines[0]).group(1)  # type: ignore[union-attr]
+            with cluster.sessions()() as s:
+                progress = kv_get(s, cluster.settings.practice, f"adhoc:{task_id}")
+            assert progress is not None and progress["state"] == "waiting_for_lock"
+            assert not [r for r in cluster.runs() if r.task_id == task_id]
+        finally:
+            lock.release()
+        assert proc.wait(timeout=30) == 0, lines
+        reader.join(timeout=5)
+    assert any(line.startswith("done: run") for line in lines), lines
+
+
+@pytest.mark.services
+def test_a_second_beat_stands_by_instead_of_doubling_the_schedule(cluster: Cluster) -> None:
+    window = 3 * INTERVAL
+
+    def count(since: datetime) -> int:
+        return len([r for r in cluster.runs("incremental", since=since)
+                    if r.started_at < since + timedelta(seconds=window)])
+
+    t1 = datetime.now(UTC)
+    time.sleep(window)
+    one_beat = count(t1)
+
+    cluster.start("beat-b", "beat")
+    wait_for(lambda: (cluster.hb_dir("beat-b") / "beat.heartbeat").exists(), 20,
+             "the second beat's heartbeat")
+    t2 = datetime.now(UTC)
+    time.sleep(window)
+    cluster.alive("beat-b")
+    two_beats = count(t2)
+    assert 2 <= one_beat <= 4, one_beat
+    assert two_beats <= one_beat + 1, (one_beat, two_beats)  # doubled would be ~2x
+
+    standby = cluster.oprecon("health", "--process", "beat", "--json", hb="beat-b")
+    assert standby.returncode == 0, standby.stdout
+    assert json.loads(standby.stdout)["checks"][0]["role"] == "standby"
+    report = json.loads(cluster.oprecon("health", "--json").stdout)
+    beat = next(c for c in report["checks"] if c["name"] == "beat")
+    assert beat["ok"] and beat["active"] == 1 and beat["standby"] == 1, report
+    cluster.stop("beat-b")
+
+
+@pytest.mark.services
+def test_health_status_and_metrics_against_the_live_processes(cluster: Cluster) -> None:
+    health = cluster.oprecon("health")
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert health.stdout.strip().splitlines()[-1] == "healthy"
+    assert "sched@" in health.stdout
+    for process, hb in (("worker", "worker"), ("beat", "beat-a")):
+        probe = cluster.oprecon("health", "--process", process, hb=hb)
+        assert probe.returncode == 0, probe.stdout
+
+    status = cluster.oprecon("status")
+    assert status.returncode == 0, status.stderr
+    assert "dead-man's switch ok" in status.stdout
+    next_due = r"incremental-scan\s+oprecon\.scan\.incremental\s+every 3s\s+(in \d+s|\d+s ago)"
+    assert re.search(next_due, status.stdout), status.stdout
+    assert re.search(r"queues     scan \d+ · fix \d+ · digest \d+", status.stdout)
+    st = json.loads(cluster.oprecon("status", "--json").stdout)
+    assert st["errors"] == [] and st["runs"] and st["last_success"]["age_seconds"] < 2 * INTERVAL
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics",
+                                  timeout=5).read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    # Counted in the prefork children, served by the main process (multiprocess mode).
+    assert samples[("oprecon_scans_total",
+                    (("kind", "incremental"), ("status", "succeeded")))] >= 2
+    assert samples[("oprecon_scans_total", (("kind", "incremental"), ("status", "skipped")))] >= 1
+    assert samples[("oprecon_last_success_timestamp_seconds", ())] > time.time() - 3 * INTERVAL
+    assert samples[("oprecon_findings",
+                    (("check", "patient_email_present"), ("severity", "warning")))] == 1
+    assert not any(p in body for p in PHI)
+
+
+@pytest.mark.services
+def test_worker_logs_are_json_with_task_ids_and_no_phi(cluster: Cluster) -> None:
+    text = cluster.worker_log.read_text(errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines and all(line.startswith("{") for line in lines), [
+        line for line in lines if not line.startswith("{")][:5]
+    events = [json.loads(line) for line in lines]
+    finished = [e for e in events if e.get("event") == "run_finished"]
+    assert finished and all(e.get("task_id") and e.get("task_name") for e in finished)
+    assert {e["level"] for e in events} <= {"debug", "info", "warning", "error", "critical"}
+    assert not [p for p in PHI if p in text]
