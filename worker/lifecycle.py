@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -45,6 +46,11 @@ class SyncResult:
     kept_waiting: int = 0  # not seen, but an OP record involved changed too recently
 
 
+# The tables under the ORM classes, for the Core statements that write in bulk.
+_FINDINGS = cast(Table, FindingRow.__table__)
+_EVENTS = cast(Table, FindingEvent.__table__)
+
+
 class _Batch:
     """Changes to known rows and their events, written with one executemany each.
 
@@ -72,17 +78,17 @@ class _Batch:
         groups: dict[tuple[str, ...], list[dict[str, object]]] = {}
         for values in self.rows.values():
             groups.setdefault(tuple(sorted(values)), []).append(values)
-        table = FindingRow.__table__
+        table = _FINDINGS
         for keys, rows in groups.items():
             columns = [k for k in keys if k != "id"]
             stmt = (
-                table.update()
+                update(table)
                 .where(table.c.id == bindparam("_id"))
                 .values({c: bindparam(c) for c in columns})
             )
             conn.execute(stmt, [{"_id": r["id"], **{c: r[c] for c in columns}} for r in rows])
         if self.events:
-            conn.execute(FindingEvent.__table__.insert(), self.events)
+            conn.execute(insert(_EVENTS), self.events)
 
 
 def transition(
@@ -195,7 +201,7 @@ def sync(
     if new_rows:
         # One executemany (the ORM inserts row by row on SQLite to learn each id) and one
         # read back: a first full scan can raise tens of thousands.
-        session.connection().execute(FindingRow.__table__.insert(), new_rows)
+        session.connection().execute(insert(_FINDINGS), new_rows)
         fresh = [str(r["fingerprint"]) for r in new_rows]
         for i in range(0, len(fresh), 500):
             q = select(FindingRow).where(

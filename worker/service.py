@@ -45,13 +45,14 @@ class ScanOutcome:
 def scan(
     settings: Settings,
     kind: str,
-    request: ScopeRequest = ScopeRequest(),
+    request: ScopeRequest | None = None,
     *,
     task_id: str | None = None,
     wait_seconds: float = 0,
     deps: Deps | None = None,
     now: datetime | None = None,
 ) -> ScanOutcome:
+    request = request or ScopeRequest()
     # An ad hoc run reports its progress under its task id (worker.ondemand).
     tracked = task_id if kind == "adhoc" else None
     started = time.perf_counter()

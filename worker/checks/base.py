@@ -91,6 +91,7 @@ def email_is_valid(email: str) -> bool:
         and len(email) <= 254
         and domain.isascii()
         and "xn--" not in domain.lower()
+        and len(local) <= 64  # email-validator's limit on the local part
         and _PLAIN_LOCAL.fullmatch(local)
     ):
         return _full_check(f"a@{domain}")

@@ -285,9 +285,10 @@ class _SqlDb:
                     return True
             return False
 
-        if changed:  # rows changed, or (tested here) matching: one pass either way
+        if changed and since_col is not None:  # changed, or (tested here) matching
+            time_column = since_col
             return self._read(table, keep=lambda text: keep(text) or _changed_text(
-                text.get(since_col), changed_since))
+                text.get(time_column), changed_since))
         return self._read(table, keep=keep)
 
 
@@ -441,7 +442,7 @@ def load_table_sql(engine: Engine, table: str, rows: Iterable[object]) -> int:
     count = 0
     batch: list[dict[str, Any]] = []
     with engine.begin() as conn:
-        raw = conn.connection.driver_connection
+        raw: Any = conn.connection.driver_connection
         if engine.dialect.name == "postgresql" and hasattr(raw, "cursor"):
             with raw.cursor() as cursor:
                 if hasattr(cursor, "copy"):
