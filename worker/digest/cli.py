@@ -230,5 +230,44 @@ def render_example(path: Path | str, now: datetime = EXAMPLE_NOW) -> Path:
     return path
 
 
+def render_demo_example(path: Path | str, workdir: Path | str) -> Path:
+    """The HTML digest staff would get the morning after the demo practice's first day:
+    run `oprecon demo` into `workdir`, pretend yesterday's digest went out, and render
+    today's for one recipient of both categories (ids only)."""
+    import contextlib
+    import io
+
+    from worker.demo import run_demo
+    from worker.wiring import state_sessions
+
+    state = Path(workdir) / "demo.sqlite"
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_demo(state_db=state)
+    settings = load_settings(
+        state_db_url=f"sqlite:///{state}", digest_timezone="America/New_York",
+        digest_time="07:30", digest_recipients={"front_desk": ["frontdesk@example.invalid"]},
+    )
+    now = datetime(2026, 11, 3, 13, 0, tzinfo=UTC)  # the demo practice's next morning
+    sessions = state_sessions(settings)
+    window = b.latest_closed_daily(settings, now)
+    previous = b.latest_closed_daily(settings, now - timedelta(days=1))
+    recipient = replace(b.resolve_recipients(settings)[0], categories=frozenset(b.CATEGORIES))
+    with sessions.begin() as session:
+        session.add(DigestSent(practice=settings.practice, recipient=recipient.key,
+                               window_key=previous.key, channel="email", status="sent",
+                               created_at=previous.end, sent_at=previous.end, items=0))
+    with sessions() as session:
+        digest = b.build_daily(session, settings, recipient, window, now)
+    path = Path(path)
+    path.write_text(render.render_html(digest), encoding="utf-8")
+    return path
+
+
 if __name__ == "__main__":  # python -m worker.digest.cli docs/digest-example.html
-    print(render_example(sys.argv[1] if len(sys.argv) > 1 else "docs/digest-example.html"))
+    if len(sys.argv) > 2 and sys.argv[1] == "--demo":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print(render_demo_example(sys.argv[2], tmp))
+    else:
+        print(render_example(sys.argv[1] if len(sys.argv) > 1 else "docs/digest-example.html"))
