@@ -72,6 +72,7 @@ def _step(deps: Deps, clock: Any, at: datetime, title: str) -> RunResult:
 def run_demo(*, keep: bool = False, practice: Path = PRACTICE, state_db: Path = STATE_DB) -> None:
     from worker.simulator import SimClock, Simulator, start_simulator
 
+    state_db = state_db.resolve()  # engines are cached per URL: never a relative path
     if not keep and state_db.exists():
         state_db.unlink()
     settings = load_settings(

@@ -73,9 +73,15 @@ def _sessions_for(url: str) -> sessionmaker[Session]:
     return session_factory(make_engine(url))
 
 
+@lru_cache(maxsize=8)
+def _migrated(url: str) -> None:
+    """Once per process and database: tasks call build_deps every time."""
+    migrate(url)
+
+
 def state_sessions(settings: Settings, *, migrate_first: bool = True) -> sessionmaker[Session]:
     if migrate_first:
-        migrate(settings.state_db_url)
+        _migrated(settings.state_db_url)
     return _sessions_for(settings.state_db_url)
 
 
