@@ -86,3 +86,28 @@ def make_settings(tmp_path: Path, sqlite_url: str) -> Any:
         return load_settings(**values)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def pg_state_engine(pg_database: str) -> Iterator[sa.Engine]:
+    """The session's PostgreSQL database with the state schema migrated once."""
+    from worker.state.db import make_engine, migrate
+
+    migrate(pg_database)
+    engine = make_engine(pg_database)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_sessions(pg_state_engine: sa.Engine) -> Iterator[Any]:
+    """State-DB sessions on PostgreSQL inside one outer transaction, rolled back after the
+    test: the code under test commits as usual (savepoints), and nothing outlives it."""
+    from sqlalchemy.orm import sessionmaker
+
+    conn = pg_state_engine.connect()
+    outer = conn.begin()
+    yield sessionmaker(bind=conn, join_transaction_mode="create_savepoint",
+                       expire_on_commit=False)
+    outer.rollback()
+    conn.close()

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from factory import MemoryPortal, MemorySource, clean_family, patient
 from freezegun import freeze_time
 from sqlalchemy import select
@@ -59,9 +60,13 @@ def test_cross_system_mismatch_needs_two_reads_the_delay_apart(make_settings: An
     assert decisions(scan_at(deps, T0 + timedelta(minutes=15)))[MISSING_LINK] is Decision.FIX
 
 
-def test_fix_is_held_then_verified_resolved(make_settings: Any) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_fix_is_held_then_verified_resolved(make_settings: Any, backend: str,
+                                            request: pytest.FixtureRequest) -> None:
     portal = missing_link_practice()
     deps = deps_for(make_settings(), portal)
+    if backend == "postgresql":
+        deps.sessions = request.getfixturevalue("pg_sessions")
     scan_at(deps, T0)
     applied_at = T0 + timedelta(minutes=15)
     scan_at(deps, applied_at)
@@ -82,9 +87,14 @@ def test_fix_is_held_then_verified_resolved(make_settings: Any) -> None:
     assert len(portal.calls) == 1  # no second fix during or after the hold
 
 
-def test_unfixed_finding_is_retried_with_growing_holds_then_escalated(make_settings: Any) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_unfixed_finding_is_retried_with_growing_holds_then_escalated(
+    make_settings: Any, backend: str, request: pytest.FixtureRequest
+) -> None:
     portal = missing_link_practice(fixable=False)
     deps = deps_for(make_settings(verify_max_retries=2), portal)
+    if backend == "postgresql":
+        deps.sessions = request.getfixturevalue("pg_sessions")
     scan_at(deps, T0)
     t = T0 + timedelta(minutes=15)
     holds = []
