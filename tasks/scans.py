@@ -11,13 +11,13 @@ from config.settings import get_settings
 from worker import service
 from worker.celery_app import app
 from worker.engine import ScopeRequest
-from worker.sources.base import SourceError
+from worker.sources.base import SourceUnavailable
 
 # A database, Redis or a source that is down now may be back in a minute: retry with
 # backoff (capped far below the broker's visibility timeout); the failed attempt is
 # recorded as a failed run, never as a success.
 RETRY = dict(
-    autoretry_for=(OperationalError, RedisConnectionError, SourceError),
+    autoretry_for=(OperationalError, RedisConnectionError, SourceUnavailable),
     retry_backoff=15,
     retry_backoff_max=300,
     retry_jitter=True,

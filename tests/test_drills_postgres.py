@@ -49,7 +49,7 @@ from worker import service
 from worker.generator import generate_practice
 from worker.logging import setup_logging
 from worker.simulator import SimulatorServer, start_simulator
-from worker.sources.base import SourceError
+from worker.sources.base import SourceUnavailable
 from worker.state.db import make_engine, migrate, session_factory
 from worker.state.models import FindingRow, Run
 
@@ -166,7 +166,8 @@ def test_scan_tasks_retry_what_may_pass_with_capped_backoff() -> None:
     from worker.celery_app import app
 
     for task in (tasks.scans.full_scan, tasks.scans.incremental_scan, tasks.scans.adhoc_scan):
-        assert set(task.autoretry_for) == {OperationalError, RedisConnectionError, SourceError}
+        expected = {OperationalError, RedisConnectionError, SourceUnavailable}
+        assert set(task.autoretry_for) == expected
         assert task.retry_backoff == 15 and task.retry_jitter is True
         assert task.max_retries == 4
         visibility = app.conf.broker_transport_options["visibility_timeout"]

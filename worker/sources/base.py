@@ -27,6 +27,11 @@ class SourceError(RuntimeError):
     """A source cannot be read at all (missing file, unreachable server): the run stops."""
 
 
+class SourceUnavailable(SourceError):
+    """The source may answer later (connection refused, timeouts): worth retrying. Other
+    SourceErrors (missing columns, a broken contract) fail the same way every time."""
+
+
 @runtime_checkable
 class OPReader(Protocol):
     def patients(self, since: datetime | None = None) -> Iterator[Patient | InvalidRecord]: ...

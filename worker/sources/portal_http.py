@@ -40,7 +40,7 @@ from worker.records import (
     PortalSource,
     PortalUser,
 )
-from worker.sources.base import SourceError
+from worker.sources.base import SourceError, SourceUnavailable
 from worker.sources.layout import PORTAL_LAYOUT
 from worker.sources.parsing import PARSERS, invalid, parse_portal_user
 
@@ -79,7 +79,7 @@ class PortalError(SourceError):
         self.attempts = attempts
 
 
-class PortalUnavailable(PortalError):
+class PortalUnavailable(PortalError, SourceUnavailable):
     """Transient: the portal did not answer usefully within the retries. Try later."""
 
     transient = True

@@ -34,7 +34,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.types import TypeDecorator
 
 from worker.records import (
@@ -47,7 +54,7 @@ from worker.records import (
     PortalSource,
     PortalUser,
 )
-from worker.sources.base import ReadOnlyPortal, SourceError
+from worker.sources.base import ReadOnlyPortal, SourceError, SourceUnavailable
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 from worker.sources.parsing import PARSERS, SINCE_COLUMN, format_value, parse_time, table_of
 
@@ -168,6 +175,12 @@ def _changed_text(value: str | None, since: datetime | None) -> bool:
     return when is None or when >= since
 
 
+def _source_error(err: SQLAlchemyError) -> type[SourceError]:
+    """A lost or refused connection may heal; a missing table or column will not."""
+    transient = isinstance(err, OperationalError | InterfaceError | DisconnectionError)
+    return SourceUnavailable if transient else SourceError
+
+
 def _one_line(err: SQLAlchemyError) -> str:
     cause: object = err.orig if isinstance(err, DBAPIError) and err.orig is not None else err
     text = str(cause).strip().splitlines()
@@ -234,7 +247,7 @@ class _SqlDb:
                     if keep is None or keep(text):
                         yield parse(text, table, number)
         except SQLAlchemyError as err:
-            raise SourceError(
+            raise _source_error(err)(
                 f"cannot read {table} from {self._where()}: {_one_line(err)}"
             ) from None
 
@@ -383,7 +396,7 @@ class SqlPortalSource(_SqlDb):
             with self.engine.connect() as conn:
                 row = conn.execute(stmt).first()
         except SQLAlchemyError as err:
-            raise SourceError(
+            raise _source_error(err)(
                 f"cannot read portal_users from {self._where()}: {_one_line(err)}"
             ) from None
         if row is None:
