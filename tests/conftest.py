@@ -37,8 +37,12 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A throw-away PostgreSQL database for this test session."""
+    yield from _throwaway_database("oprecon_test")
+
+
+def _throwaway_database(prefix: str) -> Iterator[str]:
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"oprecon_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
@@ -89,14 +93,16 @@ def make_settings(tmp_path: Path, sqlite_url: str) -> Any:
 
 
 @pytest.fixture(scope="session")
-def pg_state_engine(pg_database: str) -> Iterator[sa.Engine]:
-    """The session's PostgreSQL database with the state schema migrated once."""
+def pg_state_engine() -> Iterator[sa.Engine]:
+    """A PostgreSQL state database of its own (no other test commits into it), migrated
+    once; tests reach it through `pg_sessions`, which rolls back."""
     from worker.state.db import make_engine, migrate
 
-    migrate(pg_database)
-    engine = make_engine(pg_database)
-    yield engine
-    engine.dispose()
+    for url in _throwaway_database("oprecon_state"):
+        migrate(url)
+        engine = make_engine(url)
+        yield engine
+        engine.dispose()
 
 
 @pytest.fixture
