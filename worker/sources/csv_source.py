@@ -19,13 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from worker.records import (
-    AuditEvent,
-    CaregiverLink,
     Contact,
-    FamilyContact,
     InvalidRecord,
-    Patient,
-    PortalSource,
     PortalUser,
 )
 from worker.sources.base import ReadOnlyPortal, SourceError
@@ -39,6 +34,7 @@ from worker.sources.parsing import (
     parse_time,
     table_of,
 )
+from worker.sources.tables import OPTables, PortalTables
 
 # Given a file's column -> position, a test of a raw row (its list of fields).
 RowTest = Callable[[dict[str, int]], Callable[[list[str]], bool]]
@@ -265,87 +261,14 @@ class _CsvDir:
         return self._parsed(table, test)
 
 
-class CsvOPSource(_CsvDir):
+class CsvOPSource(OPTables, _CsvDir):
     """OPReader over a directory holding patients.csv, contacts.csv, family_contacts.csv."""
 
-    label = "OP"
 
-    def patients(self, since: datetime | None = None) -> Iterator[Patient | InvalidRecord]:
-        return self._read("patients", since)
-
-    def contacts(self, since: datetime | None = None) -> Iterator[Contact | InvalidRecord]:
-        return self._read("contacts", since)
-
-    def family_contacts(
-        self, since: datetime | None = None
-    ) -> Iterator[FamilyContact | InvalidRecord]:
-        return self._read("family_contacts", since)
-
-    # -- targeted reads (incremental scans): rows matching any of the given ids ----------
-
-    def select_patients(self, ids: Collection[str]) -> Iterator[Patient | InvalidRecord]:
-        return self._select("patients", {"patient_id": ids})
-
-    def select_contacts(
-        self,
-        ids: Collection[str] = (),
-        patient_ids: Collection[str] = (),
-        emails: Collection[str] = (),
-    ) -> Iterator[Contact | InvalidRecord]:
-        """By id, by the patient the contact is, or by email (trimmed, lower case)."""
-        return self._select(
-            "contacts", {"contact_id": ids, "patient_id": patient_ids, "email": emails},
-            folded=("email",),
-        )
-
-    def select_family_contacts(
-        self, patient_ids: Collection[str] = (), contact_ids: Collection[str] = ()
-    ) -> Iterator[FamilyContact | InvalidRecord]:
-        return self._select(
-            "family_contacts", {"patient_id": patient_ids, "contact_id": contact_ids}
-        )
-
-
-class CsvPortalSource(_CsvDir):
+class CsvPortalSource(PortalTables, _CsvDir):
     """PortalReader over a portal export directory; exports cannot be changed."""
 
-    label = "portal"
     writable = False
-
-    def users(self, since: datetime | None = None) -> Iterator[PortalUser | InvalidRecord]:
-        return self._read("portal_users", since)
-
-    def links(self) -> Iterator[CaregiverLink | InvalidRecord]:
-        return self._read("portal_links")
-
-    def sources(self) -> Iterator[PortalSource | InvalidRecord]:
-        return self._read("portal_sources")
-
-    def audit(self, since: datetime | None = None) -> Iterator[AuditEvent | InvalidRecord]:
-        return self._read("portal_audit", since)
-
-    # -- targeted reads (incremental scans): rows matching any of the given ids ----------
-
-    def select_users(
-        self,
-        ids: Collection[str] = (),
-        patient_ids: Collection[str] = (),
-        contact_ids: Collection[str] = (),
-        changed_since: datetime | None = None,
-    ) -> Iterator[PortalUser | InvalidRecord]:
-        """By id, by OP patient or contact, or changed since a time: in one pass."""
-        return self._select("portal_users", {
-            "user_id": ids, "op_patient_id": patient_ids, "op_contact_id": contact_ids,
-        }, changed_since=changed_since)
-
-    def select_links(self, user_ids: Collection[str]) -> Iterator[CaregiverLink | InvalidRecord]:
-        """Links with either end among the users."""
-        return self._select(
-            "portal_links", {"caregiver_user_id": user_ids, "dependent_user_id": user_ids}
-        )
-
-    def select_sources(self, user_ids: Collection[str]) -> Iterator[PortalSource | InvalidRecord]:
-        return self._select("portal_sources", {"user_id": user_ids})
 
     def get_user(self, user_id: str) -> PortalUser | None:
         """A fresh read of one user: a scan of the export (verification is rare)."""

@@ -1,0 +1,120 @@
+"""The reader methods every table-shaped source shares (CSV exports, SQL databases).
+
+A source supplies two primitives — `_read(table, since)` streams a table's records and
+`_select(table, match, folded, changed_since)` streams the rows matching any of some
+ids — and these mixins turn them into the OPReader / PortalReader methods and the
+targeted reads of incremental scans, so the two adapters cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from worker.records import (
+    AuditEvent,
+    CaregiverLink,
+    Contact,
+    FamilyContact,
+    InvalidRecord,
+    Patient,
+    PortalSource,
+    PortalUser,
+)
+
+
+class _Tables:
+    if TYPE_CHECKING:  # supplied by the source class, which comes later in the MRO
+
+        def _read(self, table: str, since: datetime | None = None) -> Iterator[Any]: ...
+
+        def _select(
+            self,
+            table: str,
+            match: Mapping[str, Collection[str]],
+            folded: Collection[str] = (),
+            changed_since: datetime | None = None,
+        ) -> Iterator[Any]: ...
+
+
+class OPTables(_Tables):
+    """OPReader over patients, contacts and family_contacts."""
+
+    label = "OP"
+
+    def patients(self, since: datetime | None = None) -> Iterator[Patient | InvalidRecord]:
+        return self._read("patients", since)
+
+    def contacts(self, since: datetime | None = None) -> Iterator[Contact | InvalidRecord]:
+        return self._read("contacts", since)
+
+    def family_contacts(
+        self, since: datetime | None = None
+    ) -> Iterator[FamilyContact | InvalidRecord]:
+        return self._read("family_contacts", since)
+
+    # -- targeted reads (incremental scans): rows matching any of the given ids ----------
+
+    def select_patients(self, ids: Collection[str]) -> Iterator[Patient | InvalidRecord]:
+        return self._select("patients", {"patient_id": ids})
+
+    def select_contacts(
+        self,
+        ids: Collection[str] = (),
+        patient_ids: Collection[str] = (),
+        emails: Collection[str] = (),
+    ) -> Iterator[Contact | InvalidRecord]:
+        """By id, by the patient the contact is, or by email (trimmed, lower case)."""
+        return self._select(
+            "contacts", {"contact_id": ids, "patient_id": patient_ids, "email": emails},
+            folded=("email",),
+        )
+
+    def select_family_contacts(
+        self, patient_ids: Collection[str] = (), contact_ids: Collection[str] = ()
+    ) -> Iterator[FamilyContact | InvalidRecord]:
+        return self._select(
+            "family_contacts", {"patient_id": patient_ids, "contact_id": contact_ids}
+        )
+
+
+class PortalTables(_Tables):
+    """PortalReader over portal_users, portal_links, portal_sources and portal_audit."""
+
+    label = "portal"
+
+    def users(self, since: datetime | None = None) -> Iterator[PortalUser | InvalidRecord]:
+        return self._read("portal_users", since)
+
+    def links(self) -> Iterator[CaregiverLink | InvalidRecord]:
+        return self._read("portal_links")
+
+    def sources(self) -> Iterator[PortalSource | InvalidRecord]:
+        return self._read("portal_sources")
+
+    def audit(self, since: datetime | None = None) -> Iterator[AuditEvent | InvalidRecord]:
+        return self._read("portal_audit", since)
+
+    # -- targeted reads (incremental scans): rows matching any of the given ids ----------
+
+    def select_users(
+        self,
+        ids: Collection[str] = (),
+        patient_ids: Collection[str] = (),
+        contact_ids: Collection[str] = (),
+        changed_since: datetime | None = None,
+    ) -> Iterator[PortalUser | InvalidRecord]:
+        """By id, by OP patient or contact, or changed since a time: in one pass."""
+        return self._select("portal_users", {
+            "user_id": ids, "op_patient_id": patient_ids, "op_contact_id": contact_ids,
+        }, changed_since=changed_since)
+
+    def select_links(self, user_ids: Collection[str]) -> Iterator[CaregiverLink | InvalidRecord]:
+        """Links with either end among the users."""
+        return self._select(
+            "portal_links", {"caregiver_user_id": user_ids, "dependent_user_id": user_ids}
+        )
+
+    def select_sources(self, user_ids: Collection[str]) -> Iterator[PortalSource | InvalidRecord]:
+        return self._select("portal_sources", {"user_id": user_ids})
