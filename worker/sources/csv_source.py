@@ -23,7 +23,7 @@ from worker.records import (
     InvalidRecord,
     PortalUser,
 )
-from worker.sources.base import ReadOnlyPortal, SourceError
+from worker.sources.base import SourceError
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT, csv_name
 from worker.sources.parsing import (
     PARSERS,
@@ -34,7 +34,7 @@ from worker.sources.parsing import (
     parse_time,
     table_of,
 )
-from worker.sources.tables import OPTables, PortalTables
+from worker.sources.tables import OPTables, ReadOnlyPortalTables
 
 # Given a file's column -> position, a test of a raw row (its list of fields).
 RowTest = Callable[[dict[str, int]], Callable[[list[str]], bool]]
@@ -265,10 +265,10 @@ class CsvOPSource(OPTables, _CsvDir):
     """OPReader over a directory holding patients.csv, contacts.csv, family_contacts.csv."""
 
 
-class CsvPortalSource(PortalTables, _CsvDir):
+class CsvPortalSource(ReadOnlyPortalTables, _CsvDir):
     """PortalReader over a portal export directory; exports cannot be changed."""
 
-    writable = False
+    what = "the portal CSV export"
 
     def get_user(self, user_id: str) -> PortalUser | None:
         """A fresh read of one user: a scan of the export (verification is rare)."""
@@ -277,17 +277,6 @@ class CsvPortalSource(PortalTables, _CsvDir):
                 if isinstance(record, PortalUser) and record.user_id == user_id:
                     return record
         return None
-
-    def set_user_email(self, user_id: str, email: str, idempotency_key: str) -> None:
-        raise ReadOnlyPortal("the portal CSV export is read-only: set the email in the portal")
-
-    def refresh_source(self, user_id: str, idempotency_key: str) -> None:
-        raise ReadOnlyPortal(
-            "the portal CSV export is read-only: disconnect and connect the source in the portal"
-        )
-
-    def resend_welcome(self, contact_id: str, email: str, idempotency_key: str) -> None:
-        raise ReadOnlyPortal("the portal CSV export is read-only: use Register in OP")
 
 
 # -- writers ------------------------------------------------------------------------------

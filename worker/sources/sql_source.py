@@ -47,10 +47,10 @@ from sqlalchemy.types import TypeDecorator
 from worker.records import (
     PortalUser,
 )
-from worker.sources.base import ReadOnlyPortal, SourceError, SourceUnavailable
+from worker.sources.base import SourceError, SourceUnavailable
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 from worker.sources.parsing import PARSERS, SINCE_COLUMN, format_value, parse_time, table_of
-from worker.sources.tables import OPTables, PortalTables
+from worker.sources.tables import OPTables, ReadOnlyPortalTables
 
 CHUNK = 5000
 LAYOUT: dict[str, tuple[str, ...]] = {**OP_LAYOUT, **PORTAL_LAYOUT}
@@ -304,10 +304,10 @@ class SqlOPSource(OPTables, _SqlDb):
     """OPReader over tables patients, contacts, family_contacts."""
 
 
-class SqlPortalSource(PortalTables, _SqlDb):
+class SqlPortalSource(ReadOnlyPortalTables, _SqlDb):
     """PortalReader over portal_* tables: a copy of the portal, so it is read-only."""
 
-    writable = False
+    what = "the portal database copy"
 
     def get_user(self, user_id: str) -> PortalUser | None:
         t = TABLES["portal_users"]
@@ -325,17 +325,6 @@ class SqlPortalSource(PortalTables, _SqlDb):
         text = {c: _to_text(v) for c, v in zip(columns, row, strict=True)}
         record = PARSERS["portal_users"](text, "portal_users", 1)
         return record if isinstance(record, PortalUser) else None
-
-    def set_user_email(self, user_id: str, email: str, idempotency_key: str) -> None:
-        raise ReadOnlyPortal("the portal database copy is read-only: set the email in the portal")
-
-    def refresh_source(self, user_id: str, idempotency_key: str) -> None:
-        raise ReadOnlyPortal(
-            "the portal database copy is read-only: disconnect and connect the source in the portal"
-        )
-
-    def resend_welcome(self, contact_id: str, email: str, idempotency_key: str) -> None:
-        raise ReadOnlyPortal("the portal database copy is read-only: use Register in OP")
 
 
 # -- creating and loading (tests, demo, benchmark) ---------------------------------------

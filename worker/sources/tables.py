@@ -22,6 +22,7 @@ from worker.records import (
     PortalSource,
     PortalUser,
 )
+from worker.sources.base import ReadOnlyPortal
 
 
 class _Tables:
@@ -118,3 +119,22 @@ class PortalTables(_Tables):
 
     def select_sources(self, user_ids: Collection[str]) -> Iterator[PortalSource | InvalidRecord]:
         return self._select("portal_sources", {"user_id": user_ids})
+
+
+class ReadOnlyPortalTables(PortalTables):
+    """A copy of the portal (exports, a database dump): it can be read, never changed, and
+    each refusal says where staff make the change instead."""
+
+    writable = False
+    what = "this portal copy"
+
+    def set_user_email(self, user_id: str, email: str, idempotency_key: str) -> None:
+        raise ReadOnlyPortal(f"{self.what} is read-only: set the email in the portal")
+
+    def refresh_source(self, user_id: str, idempotency_key: str) -> None:
+        raise ReadOnlyPortal(
+            f"{self.what} is read-only: disconnect and connect the source in the portal"
+        )
+
+    def resend_welcome(self, contact_id: str, email: str, idempotency_key: str) -> None:
+        raise ReadOnlyPortal(f"{self.what} is read-only: use Register in OP")
