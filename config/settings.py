@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     breaker_min_calls: int = Field(10, ge=1)
     breaker_cooldown_seconds: float = Field(300, gt=0)
     breaker_window_seconds: float = Field(120, gt=0)
+    # Transient failures before a fix is given up and handed to staff as failed.
+    fix_max_attempts: int = Field(8, ge=1, le=50)
 
     # -- digests ----------------------------------------------------------------------
     digest_recipients: dict[str, list[str]] = Field(default_factory=dict)

@@ -288,6 +288,28 @@ def test_transient_500_leaves_the_action_retrying_then_a_later_attempt_applies(
     assert [w["applied"] for w in world.calls()["writes"]] == [1]
 
 
+def test_a_fix_that_keeps_failing_transiently_is_given_up_and_escalated(world: World) -> None:
+    """Retries are bounded: after `fix_max_attempts` the fix is failed and staff hear of
+    it, instead of the resume task re-enqueueing it for ever."""
+    settings = world.settings_for(fix_max_attempts=3)
+    deps = world.deps(settings, world.portal(max_retries=0))
+    reconcile(deps, kind="full", now=T0)
+    email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
+    world.http.post("/_sim/faults", json={"status": 503, "count": 10, "path": "/users/U2"})
+    for _ in range(3):
+        with pytest.raises(TransientPortalError):
+            apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                         now=at(T0), max_attempts=settings.fix_max_attempts)
+    before = sum(world.calls()["requests"].values())
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                        now=at(T0), max_attempts=settings.fix_max_attempts) == "failed"
+    row = action_row(deps.sessions, email.id)
+    assert row.status == "failed" and row.error and row.error.startswith("gave up after 3")
+    assert finding(deps.sessions, email).state == "escalated"
+    # No portal call once it gave up (the /_sim/calls reads themselves count one each).
+    assert sum(world.calls()["requests"].values()) == before + 1
+
+
 def test_a_change_already_visible_is_recorded_without_calling_again(world: World) -> None:
     """The first call timed out, but the portal had accepted it: once it shows, the retry
     re-reads, sees it and records `already`."""

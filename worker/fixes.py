@@ -97,8 +97,14 @@ def apply_action(
     *,
     guard: CallGuard | None = None,
     now: Callable[[], datetime] = utcnow,
+    max_attempts: int = 8,
 ) -> str:
-    """Apply one intent; returns its final status. Raises TransientPortalError to retry."""
+    """Apply one intent; returns its final status. Raises TransientPortalError to retry.
+
+    After `max_attempts` transient failures (Celery's retries, then the resume task's
+    re-enqueues) the fix is given up as failed, so staff hear of it instead of the
+    journal retrying for ever.
+    """
     guard = guard or NoGuard()
     with sessions() as session, session.begin():
         action = session.get(ActionRow, action_id, with_for_update=True)
@@ -114,9 +120,19 @@ def apply_action(
             action.error = "finding resolved before the fix ran"
             action.applied_at = now()
             return str(action.status)
-        action.attempts += 1
-        action.status = ActionStatus.RETRYING if action.attempts > 1 else ActionStatus.INTENT
+        exhausted = action.attempts >= max_attempts
+        if not exhausted:
+            action.attempts += 1
+            action.status = (
+                ActionStatus.RETRYING if action.attempts > 1 else ActionStatus.INTENT
+            )
         snapshot = _ActionView(action)
+        last_error = action.error
+
+    if exhausted:
+        log.error("fix_gave_up", action_id=action_id, attempts=snapshot.attempts)
+        return _finish(sessions, action_id, ActionStatus.FAILED, rules, now(),
+                       f"gave up after {snapshot.attempts} attempts; last error: {last_error}")
 
     bound = log.bind(action_id=action_id, fix=snapshot.kind, finding_id=snapshot.finding_id)
     if not getattr(portal, "writable", False):

@@ -138,7 +138,7 @@ def apply_fix(settings: Settings, action_id: int, *, deps: Deps | None = None) -
     try:
         outcome = apply_action(
             deps.sessions, deps.portal, action_id, time_rules(settings),
-            guard=portal_guard(settings),
+            guard=portal_guard(settings), max_attempts=settings.fix_max_attempts,
         )
     except TransientPortalError:
         metrics.fix_finished(_fix_kind(deps, action_id), "retrying")
