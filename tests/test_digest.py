@@ -10,6 +10,8 @@ import io
 import json
 import shutil
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -638,7 +640,7 @@ def test_unreachable_smtp_is_transient(env: Any) -> None:
 
 
 def test_smtp_login(env: Any, smtp: SmtpSink) -> None:
-    """AUTH over a plain loopback connection (STARTTLS needs a certificate: not tested)."""
+    """AUTH over a plain loopback connection (STARTTLS: the test below)."""
     seen: list[str] = []
 
     def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
@@ -659,6 +661,62 @@ def test_smtp_login(env: Any, smtp: SmtpSink) -> None:
     finally:
         controller.stop()
     assert result.status == "sent" and seen == ["oprecon"]
+
+
+@pytest.fixture(scope="module")
+def relay_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "relay.pem", d / "relay.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def test_starttls_then_login_verified_against_the_relay_certificate(
+    env: Any, smtp: SmtpSink, relay_cert: tuple[Path, Path]
+) -> None:
+    """The relay demands STARTTLS before AUTH; oprecon upgrades, verifies the certificate
+    against `smtp_ca_file`, logs in and delivers. An unverifiable certificate is refused."""
+    cert, key = relay_cert
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    secured: list[bool] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
+                      auth_data: Any) -> AuthResult:
+        secured.append(session.ssl is not None)
+        return AuthResult(success=auth_data.password == b"s3cret")
+
+    port = _free_port()
+    controller = Controller(smtp, hostname="127.0.0.1", port=port, tls_context=server_tls,
+                            require_starttls=True, auth_require_tls=True,
+                            authenticator=authenticator)
+    controller.start()
+    try:
+        common = dict(smtp_port=port, smtp_starttls=True, smtp_user="oprecon",
+                      smtp_password="s3cret")
+        untrusted = env(**common)
+        untrusted.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1",
+                      contact="C1")
+        refused = send.deliver(untrusted.settings, untrusted.sessions, b.recipient_key(FD),
+                               "daily:2026-11-25", now=NOW, final=True,
+                               sleep=lambda _: None)
+        assert refused.status == "failed" and smtp.messages == []
+
+        e = env(**common, smtp_ca_file=str(cert))
+        e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1",
+              contact="C1")
+        result = send.deliver(e.settings, e.sessions, b.recipient_key(FD), "daily:2026-11-25",
+                              now=NOW)
+    finally:
+        controller.stop()
+    assert result.status == "sent" and secured == [True]
+    assert [rcpts for rcpts, _ in smtp.messages] == [[FD]]
 
 
 def test_stuck_sending_row_becomes_unknown_and_is_not_resent(env: Any, smtp: SmtpSink) -> None:

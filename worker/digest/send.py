@@ -66,7 +66,8 @@ def _smtp_once(settings: Settings, msg: EmailMessage, to: str) -> None:
         with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SMTP_TIMEOUT) as smtp:
             smtp.ehlo()
             if settings.smtp_starttls:
-                smtp.starttls(context=ssl.create_default_context())
+                cafile = str(settings.smtp_ca_file) if settings.smtp_ca_file else None
+                smtp.starttls(context=ssl.create_default_context(cafile=cafile))
                 smtp.ehlo()
             if settings.smtp_user:
                 password = (settings.smtp_password.get_secret_value()
