@@ -47,7 +47,11 @@ def _scrub(value: Any, dates: bool = True) -> Any:
             return _PHONE.sub(REDACTED, _EMAIL.sub(REDACTED, value))
         return scrub_text(value)
     if isinstance(value, dict):
-        return {k: REDACTED if k in PHI_KEYS else _scrub(v) for k, v in value.items()}
+        # Nested "name" is Celery's task name (its `data` extra), not a person's.
+        return {
+            k: REDACTED if k in PHI_KEYS and k != "name" else _scrub(v, dates)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     return value
