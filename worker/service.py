@@ -7,13 +7,14 @@ held is skipped and logged (never queued behind), an on-call run may wait for it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
 
 from config.settings import Settings
-from worker import metrics, ondemand
+from worker import metrics, ondemand, shards
 from worker.engine import (
     Deps,
     RunResult,
@@ -36,7 +37,7 @@ log = structlog.get_logger(__name__)
 
 @dataclass
 class ScanOutcome:
-    status: str  # succeeded | skipped
+    status: str  # succeeded | skipped | started (a sharded full scan was enqueued)
     result: RunResult | None = None
     reason: str = ""
     action_ids: list[int] = field(default_factory=list)
@@ -51,8 +52,13 @@ def scan(
     wait_seconds: float = 0,
     deps: Deps | None = None,
     now: datetime | None = None,
+    fan_out: Callable[[int, int], None] | None = None,
 ) -> ScanOutcome:
+    """`fan_out(parent_run_id, count)` enqueues the shards of a sharded full scan
+    (default: tasks.scans.enqueue_shards)."""
     request = request or ScopeRequest()
+    if kind == "full" and request.kind == "all" and settings.full_scan_shards > 1:
+        return _start_sharded(settings, task_id=task_id, deps=deps, now=now, fan_out=fan_out)
     # An ad hoc run reports its progress under its task id (worker.ondemand).
     tracked = task_id if kind == "adhoc" else None
     started = time.perf_counter()
@@ -60,6 +66,9 @@ def scan(
         with ondemand.scan_lock(settings, wait_seconds=wait_seconds, task_id=tracked):
             deps = deps or build_deps(settings)
             metrics.watch_portal(deps.portal)
+            if kind == "incremental" and shards.running_parent(deps, now) is not None:
+                # Its shards hold no practice lock: keep off the rows they are deciding.
+                raise ScanBusy("a sharded full scan is running")
             if kind == "incremental" and request.kind == "all":
                 result = incremental_reconcile(deps, now, task_id=task_id)
             elif kind == "full" and request.kind == "all":
@@ -76,6 +85,56 @@ def scan(
     metrics.scan_finished(kind, "succeeded", time.perf_counter() - started)
     _record_metrics(result, now)
     ondemand.record_done(settings, tracked, result)
+    return ScanOutcome("succeeded", result, action_ids=result.action_ids)
+
+
+def _start_sharded(
+    settings: Settings, *, task_id: str | None, deps: Deps | None, now: datetime | None,
+    fan_out: Callable[[int, int], None] | None,
+) -> ScanOutcome:
+    """Create the parent run and enqueue the shards, holding the practice lock only
+    meanwhile (worker.shards); refused while another sharded scan still runs."""
+    count = settings.full_scan_shards
+    try:
+        with ondemand.scan_lock(settings):
+            deps = deps or build_deps(settings)
+            parent_id = shards.start(deps, count, now=now, task_id=task_id)
+            if fan_out is None:
+                from tasks.scans import enqueue_shards
+
+                fan_out = enqueue_shards
+            try:
+                fan_out(parent_id, count)
+            except Exception as err:
+                shards.fail_parent(deps, parent_id, f"enqueue failed: {type(err).__name__}")
+                raise
+    except (ScanBusy, shards.ShardedScanRunning) as busy:
+        log.info("scan_skipped", kind="full", reason=str(busy))
+        return ScanOutcome("skipped", reason=str(busy))
+    log.info("sharded_scan_started", parent_run_id=parent_id, shards=count)
+    return ScanOutcome("started", reason=f"run {parent_id}: {count} shards enqueued")
+
+
+def scan_shard(
+    settings: Settings, parent_id: int, index: int, count: int, *,
+    task_id: str | None = None, deps: Deps | None = None, now: datetime | None = None,
+) -> ScanOutcome:
+    """One shard of a sharded full scan, under its own shard lock (not the practice's)."""
+    started = time.perf_counter()
+    try:
+        with shards.shard_lock(settings, index):
+            deps = deps or build_deps(settings)
+            metrics.watch_portal(deps.portal)
+            result = shards.run_shard(deps, parent_id, index, count, now=now,
+                                      task_id=task_id)
+    except ScanBusy as busy:
+        log.info("scan_skipped", kind="shard", reason=str(busy))
+        metrics.scan_finished("shard", "skipped", time.perf_counter() - started)
+        return ScanOutcome("skipped", reason=str(busy))
+    except Exception:
+        metrics.scan_finished("shard", "failed", time.perf_counter() - started)
+        raise
+    metrics.scan_finished("shard", "succeeded", time.perf_counter() - started)
     return ScanOutcome("succeeded", result, action_ids=result.action_ids)
 
 
