@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from typing import Any
 
 import pytest
 import redis
+from procs import free_port, wait_for
 from sqlalchemy import select
 
 from config.settings import Settings, load_settings
@@ -249,12 +249,6 @@ def test_poll_reads_progress_then_the_run_row(make_settings: Any) -> None:
 # -- the live cluster ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _write_practice(root: Path) -> None:
     from worker.sources.csv_source import write_op_csv, write_portal_csv
 
@@ -266,18 +260,6 @@ def _write_practice(root: Path) -> None:
     write_op_csv(root / "op", src._of(Patient), src._of(Contact), src._of(FamilyContact))
     write_portal_csv(root / "portal", src._of(PortalUser), src._of(CaregiverLink),
                      src._of(PortalSource), src._of(AuditEvent))
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
-             every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 @dataclass
@@ -370,7 +352,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
         "OPRECON_LOG_FORMAT": "json",
         "OPRECON_LOG_LEVEL": "INFO",
     }
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPRECON_")}
     # Celery warns on stderr when run as root (CI containers): not a log line.
     env.update(values, OPRECON_METRICS_PORT=str(port),
