@@ -422,7 +422,7 @@ def _blocks(column: list, cap: int, stats: DuplicateStats) -> list[list[int]]:
             if cur.__class__ is int:
                 index[value] = [cur, row]
             else:
-                cur.append(row)
+                cur.append(row)  # type: ignore[union-attr]  # a list once a value repeats
     blocks: list[list[int]] = []
     for members in index.values():
         if members.__class__ is not list:

@@ -417,7 +417,7 @@ def _recent_resends(
             ActionRow.applied_at >= since,
         )
     )
-    return frozenset(r.params.get("contact_id") for r in rows if r.params.get("contact_id"))
+    return frozenset(str(r.params["contact_id"]) for r in rows if r.params.get("contact_id"))
 
 
 def pending_intents(sessions: sessionmaker[Session], practice: str) -> list[int]:

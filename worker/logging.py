@@ -11,6 +11,7 @@ import logging
 import logging.config
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -57,7 +58,7 @@ def _scrub(value: Any, dates: bool = True) -> Any:
     return value
 
 
-def redact_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def redact_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: drop PHI keys' values and mask PHI patterns everywhere."""
     for key in list(event_dict):
         if key in PHI_KEYS:

@@ -16,7 +16,7 @@ from contextlib import closing
 from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from worker.records import (
     Contact,
@@ -172,7 +172,7 @@ class _CsvDir:
         self,
         table: str,
         since: datetime | None = None,
-    ) -> Generator[Any, None, None]:
+    ) -> Iterator[Any]:
         parse: Callable[[Row, str, int], Any] = PARSERS[table]
         name = csv_name(table)
         since = _utc(since)
@@ -272,7 +272,7 @@ class CsvPortalSource(ReadOnlyPortalTables, _CsvDir):
 
     def get_user(self, user_id: str) -> PortalUser | None:
         """A fresh read of one user: a scan of the export (verification is rare)."""
-        with closing(self._read("portal_users")) as users:
+        with closing(cast(Generator[Any, None, None], self._read("portal_users"))) as users:
             for record in users:
                 if isinstance(record, PortalUser) and record.user_id == user_id:
                     return record

@@ -8,7 +8,7 @@ targeted reads of incremental scans, so the two adapters cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,16 +27,8 @@ from worker.sources.base import ReadOnlyPortal
 
 class _Tables:
     if TYPE_CHECKING:  # supplied by the source class, which comes later in the MRO
-
-        def _read(self, table: str, since: datetime | None = None) -> Iterator[Any]: ...
-
-        def _select(
-            self,
-            table: str,
-            match: Mapping[str, Collection[str]],
-            folded: Collection[str] = (),
-            changed_since: datetime | None = None,
-        ) -> Iterator[Any]: ...
+        _read: Callable[..., Iterator[Any]]
+        _select: Callable[..., Iterator[Any]]
 
 
 class OPTables(_Tables):
