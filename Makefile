@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/oprecon demo
 
-## The whole test suite, against the local Redis and PostgreSQL (started if down).
-test: $(STAMP) services
+## Lint and types, then the whole test suite against the local Redis and PostgreSQL
+## (started if down).
+test: $(STAMP) services lint
 	$(VENV)/bin/pytest -q
 
 services:
@@ -24,6 +25,7 @@ services:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check worker tasks config tests bench
+	$(VENV)/bin/mypy worker tasks config
 
 bench: $(STAMP) services
 	$(VENV)/bin/oprecon bench --patients 10000
