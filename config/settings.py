@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(25, ge=1, le=65535)
     smtp_starttls: bool = False
+    # Implicit TLS from the first byte (port 465) instead of upgrading with STARTTLS.
+    smtp_ssl: bool = False
     # CA bundle to verify the relay's certificate (an internal CA); default: the system's.
     smtp_ca_file: Path | None = None
     smtp_user: str | None = None

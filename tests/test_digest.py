@@ -719,6 +719,26 @@ def test_starttls_then_login_verified_against_the_relay_certificate(
     assert [rcpts for rcpts, _ in smtp.messages] == [[FD]]
 
 
+def test_implicit_tls_relay(env: Any, smtp: SmtpSink, relay_cert: tuple[Path, Path]) -> None:
+    """`smtp_ssl`: TLS from the first byte (port 465 style), certificate verified."""
+    cert, key = relay_cert
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    port = _free_port()
+    controller = Controller(smtp, hostname="127.0.0.1", port=port, ssl_context=server_tls)
+    controller.start()
+    try:
+        e = env(smtp_port=port, smtp_ssl=True, smtp_ca_file=str(cert))
+        e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1",
+              contact="C1")
+        result = send.deliver(e.settings, e.sessions, b.recipient_key(FD), "daily:2026-11-25",
+                              now=NOW)
+    finally:
+        controller.stop()
+    assert result.status == "sent"
+    assert [rcpts for rcpts, _ in smtp.messages] == [[FD]]
+
+
 def test_stuck_sending_row_becomes_unknown_and_is_not_resent(env: Any, smtp: SmtpSink) -> None:
     e = env(digest_recipients={"front_desk": [FD]})
     e.mark_sent(FD, "daily:2026-11-23", created=PREV_CLOSE - timedelta(days=1))

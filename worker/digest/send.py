@@ -63,11 +63,18 @@ def _smtp_once(settings: Settings, msg: EmailMessage, to: str) -> None:
     """One SMTP conversation. Only a failure after DATA was sent is ambiguous."""
     phase = "connect"
     try:
-        with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SMTP_TIMEOUT) as smtp:
+        cafile = str(settings.smtp_ca_file) if settings.smtp_ca_file else None
+        tls = ssl.create_default_context(cafile=cafile)
+        smtp = (
+            smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, timeout=SMTP_TIMEOUT,
+                             context=tls)
+            if settings.smtp_ssl
+            else smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SMTP_TIMEOUT)
+        )
+        with smtp:
             smtp.ehlo()
-            if settings.smtp_starttls:
-                cafile = str(settings.smtp_ca_file) if settings.smtp_ca_file else None
-                smtp.starttls(context=ssl.create_default_context(cafile=cafile))
+            if settings.smtp_starttls and not settings.smtp_ssl:
+                smtp.starttls(context=tls)
                 smtp.ehlo()
             if settings.smtp_user:
                 password = (settings.smtp_password.get_secret_value()
