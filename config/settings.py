@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     scan_soft_limit_seconds: int = Field(1500, gt=0)
     scan_hard_limit_seconds: int = Field(1800, gt=0)
     broker_visibility_timeout_seconds: int = Field(7200, gt=0)
+    # RedBeat's lock: a standby beat takes over this long after the active one dies.
+    beat_lock_timeout_seconds: int = Field(300, ge=5, le=3600)
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 

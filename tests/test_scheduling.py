@@ -349,6 +349,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
         "OPRECON_PRACTICE": practice,
         "OPRECON_INCREMENTAL_SCAN_MINUTES": str(INTERVAL_MINUTES),
         "OPRECON_HEARTBEAT_INTERVAL_SECONDS": "1",
+        "OPRECON_BEAT_LOCK_TIMEOUT_SECONDS": "10",  # a standby takes over within ~10 s
         "OPRECON_LOG_FORMAT": "json",
         "OPRECON_LOG_LEVEL": "INFO",
     }
@@ -570,3 +571,30 @@ def test_worker_logs_are_json_with_task_ids_and_no_phi(cluster: Cluster) -> None
     assert finished and all(e.get("task_id") and e.get("task_name") for e in finished)
     assert {e["level"] for e in events} <= {"debug", "info", "warning", "error", "critical"}
     assert not [p for p in PHI if p in text]
+
+
+@pytest.mark.services
+def test_a_standby_beat_takes_over_when_the_active_one_is_killed(cluster: Cluster) -> None:
+    """Runs last: it kills beat-a. RedBeat's lock lapses (10 s here, 300 s by default) and
+    the standby becomes the one active beat; scheduled scans go on."""
+    cluster.start("beat-c", "beat")
+    wait_for(lambda: (cluster.hb_dir("beat-c") / "beat.heartbeat").exists(), 20,
+             "the standby beat's heartbeat")
+
+    def role(hb: str) -> str | None:
+        probe = cluster.oprecon("health", "--process", "beat", "--json", hb=hb)
+        checks = json.loads(probe.stdout)["checks"] if probe.stdout.strip() else []
+        return checks[0].get("role") if checks and probe.returncode == 0 else None
+
+    wait_for(lambda: role("beat-c") == "standby", 20, "beat-c to stand by")
+    active = cluster.procs.pop("beat-a")
+    os.killpg(active.pid, signal.SIGKILL)
+    active.wait(timeout=5)
+    killed_at = datetime.now(UTC)
+    wait_for(lambda: role("beat-c") == "active", 40, "beat-c to take over the lock")
+    wait_for(lambda: cluster.runs("incremental", since=killed_at), 30,
+             "a scheduled scan sent by the new beat")
+    report = json.loads(cluster.oprecon("health", "--json").stdout)
+    beat = next(c for c in report["checks"] if c["name"] == "beat")
+    assert beat["ok"] and beat["active"] == 1, report
+

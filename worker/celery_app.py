@@ -30,7 +30,12 @@ from worker import health, metrics
 from worker.logging import setup_logging
 
 BEAT_MAX_LOOP_INTERVAL = 30
-REDBEAT_LOCK_TIMEOUT = 300  # well above the loop interval (CELERY.md §3)
+
+
+def beat_loop_interval(settings: Settings) -> int:
+    """Well below the RedBeat lock timeout, so the active beat renews its lock in time
+    (CELERY.md §3: a lapsed lock makes beat exit with LockNotOwnedError)."""
+    return max(1, min(BEAT_MAX_LOOP_INTERVAL, settings.beat_lock_timeout_seconds // 5))
 
 log = structlog.get_logger(__name__)
 
@@ -142,8 +147,8 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
         redbeat_redis_options={"socket_timeout": 5, "socket_connect_timeout": 5,
                                "health_check_interval": 30},
         redbeat_key_prefix=redbeat_key_prefix(settings),
-        redbeat_lock_timeout=REDBEAT_LOCK_TIMEOUT,
-        beat_max_loop_interval=BEAT_MAX_LOOP_INTERVAL,
+        redbeat_lock_timeout=settings.beat_lock_timeout_seconds,
+        beat_max_loop_interval=beat_loop_interval(settings),
     )
     app.conf.oprecon_settings = settings
     app.steps["worker"].add(WorkerHeartbeat)
