@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml_file = os.environ.get("OPRECON_CONFIG_FILE")
+        if toml_file and not Path(toml_file).is_file():
+            # A mistyped path must not silently fall back to the defaults.
+            raise SettingsError(f"invalid setting OPRECON_CONFIG_FILE: no file at {toml_file}")
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         sources.append(file_secret_settings)

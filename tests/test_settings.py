@@ -67,3 +67,12 @@ def test_cli_stops_with_one_line_and_exit_2(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0
     assert "OPRECON_HOLD_MINUTES" in out.stderr
+
+
+def test_a_missing_settings_file_is_an_error_not_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPRECON_CONFIG_FILE", str(tmp_path / "typo.toml"))
+    with pytest.raises(SettingsError, match="OPRECON_CONFIG_FILE: no file at"):
+        load_settings()
+
