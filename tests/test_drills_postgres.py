@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -250,3 +252,26 @@ def test_cut_after_the_findings_are_written_before_the_commit(
 
     assert service.scan(rig.settings, "full").status == "succeeded"
     assert sorted(rig.findings()) == sorted(rig.manifest)
+
+
+def test_workers_starting_together_on_a_fresh_database_all_migrate() -> None:
+    """Each worker process migrates on start; four at once on an empty PostgreSQL must
+    not trip over each other's CREATE TABLE (one migrates, the others find it done)."""
+    from tests.conftest import _throwaway_database
+
+    for url in _throwaway_database("oprecon_migrate"):
+        code = "import sys; from worker.state.db import migrate; migrate(sys.argv[1])"
+        procs = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE,
+                                  text=True) for _ in range(4)]
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                heads = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+                tables = conn.exec_driver_sql(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_name = 'runs'"
+                ).scalar()
+        finally:
+            engine.dispose()
+        assert len(heads) == 1 and tables == 1

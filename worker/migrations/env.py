@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import Connection, pool
+from sqlalchemy import Connection, pool, text
 
 from worker.state.db import make_engine
 from worker.state.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+# An arbitrary, fixed advisory-lock key: "oprecon" migrations.
+MIGRATION_LOCK = 0x6F70726563
 
 
 def run_migrations_offline() -> None:
@@ -40,6 +42,10 @@ def _run(connection: Connection) -> None:
         connection=connection, target_metadata=target_metadata, render_as_batch=True
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Workers starting together on a fresh database each migrate: one at a time,
+            # and the later ones then find the schema already at head.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 
