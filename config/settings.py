@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     digest_time: str = Field("07:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     digest_timezone: str = "America/New_York"
     digest_show_names: bool = False
+    # Immediate notices due together go out as one message per recipient; beyond this
+    # many problems it lists no more and counts the rest by check.
+    immediate_bundle_max_items: int = Field(50, ge=1, le=1000)
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(25, ge=1, le=65535)
     smtp_starttls: bool = False

@@ -514,23 +514,28 @@ def test_system_notices_breaker_guard_deadman(env: Any, smtp: SmtpSink) -> None:
             s.add(ActionRow(practice="test", finding_id=finding_id, run_id=42,
                             kind="resend_welcome", idempotency_key=f"k{i}", params={},
                             status="staged", created_at=NOW - timedelta(minutes=1)))
-    keys = [w for _, w in send.due(e.settings, e.sessions, NOW)]
+    with e.sessions() as s:
+        keys = [n.window_key for n in b.immediate_notices(s, e.settings, NOW)]
     assert keys == [  # oldest event first
         f"immediate:breaker:{b.stamp(opened)}",
         "immediate:guard:run42",
         f"immediate:deadman:{b.stamp(outage)}",
     ]
+    # One delivery, named after the oldest, carries all three to the manager.
+    assert send.due(e.settings, e.sessions, NOW) == [(b.recipient_key(PM), keys[0])]
     e.send_due()
-    subjects = sorted(m["Subject"] for _, m in smtp.messages)
-    assert subjects == [
-        "[oprecon] Action needed now: A large batch of fixes is waiting for approval",
-        "[oprecon] Action needed now: oprecon has stopped checking",
-        "[oprecon] Action needed now: oprecon stopped changing the portal",
-    ]
-    guard_text = parts(next(m for _, m in smtp.messages if "batch" in m["Subject"]))[0]
-    assert "oprecon fixes approve 42" in guard_text and "3 portal record(s)" in guard_text
-    assert "The guard's reason: 3 fixes exceed the guard." in guard_text
-    assert all(r == [PM] for r, _ in smtp.messages)
+    [(rcpts, msg)] = smtp.messages
+    assert rcpts == [PM]
+    assert msg["Subject"] == ("[oprecon] Action needed now: 3 problems (oprecon stopped "
+                              "changing the portal and 2 other kinds)")
+    text = parts(msg)[0]
+    for title in ("OPRECON STOPPED CHANGING THE PORTAL", "A LARGE BATCH OF FIXES IS WAITING "
+                  "FOR APPROVAL", "OPRECON HAS STOPPED CHECKING"):
+        assert f"!! {title}" in text
+    assert "oprecon fixes approve 42" in text and "3 portal record(s)" in text
+    assert "The guard's reason: 3 fixes exceed the guard." in text
+    assert {r.window_key: r.status for r in e.rows() if r.window_key in keys} == dict.fromkeys(
+        keys, "sent")
     assert send.due(e.settings, e.sessions, NOW + timedelta(minutes=10)) == []
     with e.sessions() as s:
         assert kv_get(s, "test", "deadman")["alerted"] is True  # told staff: health shows it

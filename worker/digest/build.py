@@ -400,6 +400,8 @@ class Group:
     severity: str
     items: list[Item] = field(default_factory=list)
     hidden: int = 0  # listed-worthy items beyond MAX_ITEMS_PER_CHECK
+    # Steps shown for the hidden ones when none of the group is listed (a capped bundle).
+    steps: tuple[str, ...] = ()
 
 
 @dataclass
@@ -429,6 +431,16 @@ class Counts:
 
 
 @dataclass
+class SummaryRow:
+    """One line of a bundle's counts: a check, or a kind of system notice."""
+
+    ref: str
+    title: str
+    count: int
+    escalated: int = 0
+
+
+@dataclass
 class SystemNote:
     kind: str
     title: str
@@ -452,6 +464,17 @@ class Digest:
     backlog_rows: list[BacklogRow] = field(default_factory=list)
     notes: list[SystemNote] = field(default_factory=list)
     previous_issue: str | None = None
+    # Immediate only: the notice windows this message answers (more than one: a bundle).
+    notice_keys: list[str] = field(default_factory=list)
+    summary: list[SummaryRow] = field(default_factory=list)  # a bundle's counts
+
+    @property
+    def bundled(self) -> bool:
+        return len(self.notice_keys) > 1
+
+    @property
+    def hidden(self) -> int:
+        return sum(g.hidden for g in self.groups)
 
     @property
     def items(self) -> int:
@@ -752,6 +775,7 @@ def build_immediate(
     now = _now(now)
     practice = settings.practice
     digest = _base(settings, "immediate", window, None, now, recipient.categories)
+    digest.notice_keys = [window.key]
     if window.ref == "breaker":
         if breaker_state(session, practice) is None:
             return None
@@ -785,6 +809,67 @@ def build_immediate(
     return digest
 
 
+def bundle_immediate(parts: list[Digest], max_items: int) -> Digest:
+    """Several immediate notices for one recipient as one message.
+
+    A run that finds 40 stale caregiver links must not send 40 emails. Items are merged
+    by check (the daily digest's order), system notices stay on top, and the counts go
+    in `summary`. Beyond `max_items` listed findings the rest are only counted: every
+    check keeps at least one listed item while the cap allows, so each kind of problem
+    still shows its steps. A single part is returned as it is: a bundle of one reads
+    exactly like the notice it always was.
+    """
+    if not parts:
+        raise ValueError("a bundle needs at least one notice")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    digest = Digest(
+        practice=first.practice, kind="immediate", window=first.window, start=None,
+        generated_at=first.generated_at, categories=first.categories, tz=first.tz,
+        next_scan=first.next_scan,
+    )
+    merged: dict[str, Group] = {}
+    for part in parts:
+        digest.notice_keys.extend(part.notice_keys)
+        digest.notes.extend(part.notes)
+        digest.counts.escalated += part.counts.escalated
+        for group in part.groups:
+            into = merged.setdefault(group.check, Group(group.check, group.title,
+                                                        _severity(group.check)))
+            into.items.extend(group.items)
+    groups = [merged[c] for c in sorted(merged, key=_check_order)]
+    for group in groups:
+        group.items.sort(key=lambda i: (not i.escalated, i.since, i.fingerprint))
+    notes_by_kind: dict[str, SummaryRow] = {}
+    for note in digest.notes:
+        notes_by_kind.setdefault(note.kind, SummaryRow(note.kind, note.title, 0)).count += 1
+    digest.summary = [*notes_by_kind.values()] + [
+        SummaryRow(g.check, g.title, len(g.items), sum(i.escalated for i in g.items))
+        for g in groups
+    ]
+    _cap_items(groups, max_items)
+    digest.groups = groups
+    return digest
+
+
+def _cap_items(groups: list[Group], max_items: int) -> None:
+    """Keep at most `max_items` listed: one per group first, then in display order."""
+    keep = [0] * len(groups)
+    budget = max(0, max_items)
+    for i, group in enumerate(groups):
+        if budget and group.items:
+            keep[i], budget = 1, budget - 1
+    for i, group in enumerate(groups):
+        extra = min(len(group.items) - keep[i], budget)
+        keep[i], budget = keep[i] + extra, budget - extra
+    for i, group in enumerate(groups):
+        group.hidden += len(group.items) - keep[i]
+        del group.items[keep[i]:]
+        if group.hidden and not group.items:
+            group.steps = tuple(REMEDIES.get(group.check, ()))
+
+
 def build(
     session: Session,
     settings: Settings,
@@ -799,12 +884,18 @@ def build(
 
 
 def mentioned_ids(session: Session, practice: str) -> tuple[set[str], set[str]]:
-    """Patient and contact ids of every listable finding: the only names worth loading."""
+    """Patient and contact ids a digest or notice may list: the only names worth loading.
+
+    That is every listable finding, plus high-severity ones oprecon is still fixing (an
+    immediate notice lists those, e.g. a stale caregiver link whose fix is on hold).
+    """
     patients: set[str] = set()
     contacts: set[str] = set()
     rows = session.execute(
         select(FindingRow.patient_id, FindingRow.contact_id, FindingRow.contact_ids).where(
-            FindingRow.practice == practice, FindingRow.state.in_(LISTABLE)
+            FindingRow.practice == practice,
+            FindingRow.state.in_(LISTABLE)
+            | (FindingRow.state.in_(HIGH_ACTIVE) & (FindingRow.severity == "high")),
         )
     )
     for patient_id, contact_id, contact_ids in rows:

@@ -43,6 +43,8 @@ def _audience(digest: Digest) -> str:
 def subject(digest: Digest) -> str:
     """Short, id-only subjects: they show in lock screens and notification previews."""
     if digest.kind == "immediate":
+        if digest.bundled:
+            return _bundle_subject(digest)
         if digest.notes:
             return f"[oprecon] Action needed now: {digest.notes[0].title}"
         group = digest.groups[0]
@@ -57,6 +59,16 @@ def subject(digest: Digest) -> str:
     c = digest.counts
     return (f"[oprecon] {digest.practice}: daily digest {day}: {c.new} new, "
             f"{c.open_total} open, {c.resolved} resolved")
+
+
+def _bundle_subject(digest: Digest) -> str:
+    """How many problems, and of what kind: the preview must say it is not just one."""
+    rows = digest.summary
+    escalations_only = not digest.notes and all(r.escalated == r.count for r in rows)
+    tag = "Escalated" if escalations_only else "Action needed now"
+    others = len(rows) - 1
+    tail = f" and {others} other kind{'s' if others != 1 else ''}" if others > 0 else ""
+    return f"[oprecon] {tag}: {digest.items} problems ({rows[0].title}{tail})"
 
 
 def _context(digest: Digest) -> dict[str, Any]:
@@ -85,6 +97,13 @@ def message_id(recipient_key: str, window_key: str, domain: str) -> str:
     return f"<{token}@{domain}>"
 
 
+def _message_key(digest: Digest) -> str:
+    """A bundle is identified by all of its notices, so a different set never shares an id."""
+    if digest.bundled:
+        return "bundle:" + ",".join(sorted(digest.notice_keys))
+    return digest.window.key
+
+
 def build_message(digest: Digest, sender: str, to: str, recipient_key: str) -> EmailMessage:
     msg = EmailMessage()
     msg["Subject"] = subject(digest)
@@ -92,9 +111,11 @@ def build_message(digest: Digest, sender: str, to: str, recipient_key: str) -> E
     msg["To"] = to
     msg["Date"] = format_datetime(digest.generated_at)
     domain = sender.rpartition("@")[2] or "oprecon.invalid"
-    msg["Message-ID"] = message_id(recipient_key, digest.window.key, domain)
+    msg["Message-ID"] = message_id(recipient_key, _message_key(digest), domain)
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation auto-replies
     msg["X-Oprecon-Window"] = digest.window.key
+    if digest.bundled:
+        msg["X-Oprecon-Notices"] = str(len(digest.notice_keys))
     msg.set_content(render_text(digest))
     msg.add_alternative(render_html(digest), subtype="html")
     return msg

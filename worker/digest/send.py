@@ -2,7 +2,9 @@
 
 The `digests_sent` row is committed (status `sending`) before anything leaves; its
 unique constraint is what makes a Celery retry, a redelivered message or two racing
-workers send one message between them. See `worker.digest` for every status.
+workers send one message between them. Immediate notices waiting for one recipient go
+out together: every notice row of the bundle is claimed in one transaction, so each
+notice still has exactly one row and one message. See `worker.digest` for every status.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import email.policy
 import smtplib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -19,7 +21,8 @@ from typing import Any
 
 import httpx
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import Insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -193,15 +196,63 @@ def claim(sessions: sessionmaker[Session], practice: str, recipient: str, window
         )
 
 
-def _finish(sessions: sessionmaker[Session], row_id: int, status: str, *,
-            items: int = 0, sent_at: datetime | None = None, error: str | None = None) -> None:
+def _insert_unless_taken(session: Session) -> Insert:
+    """INSERT that does nothing when the (practice, recipient, window) row exists.
+
+    No savepoints: with pysqlite a savepoint opened first in a transaction commits
+    on release, which would split a bundle's claim into several transactions.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(DigestSent).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(DigestSent).on_conflict_do_nothing()
+    raise NotImplementedError(f"digest claims need PostgreSQL or SQLite, not {dialect}")
+
+
+def claim_many(sessions: sessionmaker[Session], practice: str, recipient: str,
+               window_keys: Iterable[str], channel: str, now: datetime) -> dict[str, int]:
+    """Claim every key nobody else holds, in one transaction: window key → row id.
+
+    Like `claim` per key (a new `sending` row, or a `retrying` one taken over); a key
+    another worker holds is left out. Keys go in sorted order, so two workers claiming
+    overlapping sets on PostgreSQL wait for each other instead of deadlocking.
+    """
+    claimed: dict[str, int] = {}
     with sessions.begin() as session:
-        row = session.get(DigestSent, row_id)
-        assert row is not None
-        row.status = status
-        row.items = items
-        row.sent_at = sent_at
-        row.error = scrub_text(error)[:500] if error else None
+        insert = _insert_unless_taken(session)
+        for key in sorted(set(window_keys)):
+            row_id = session.scalar(
+                insert.values(practice=practice, recipient=recipient, window_key=key,
+                              channel=channel, status="sending", created_at=now, items=0)
+                .returning(DigestSent.id)
+            )
+            if row_id is None:
+                row_id = session.scalar(
+                    update(DigestSent)
+                    .where(DigestSent.practice == practice, DigestSent.recipient == recipient,
+                           DigestSent.window_key == key, DigestSent.status == "retrying")
+                    .values(status="sending")
+                    .returning(DigestSent.id)
+                )
+            if row_id is not None:
+                claimed[key] = row_id
+    return claimed
+
+
+def _finish(sessions: sessionmaker[Session], rows: Mapping[int, int] | Iterable[int],
+            status: str, *, sent_at: datetime | None = None,
+            error: str | None = None) -> None:
+    """Record the outcome of claimed rows (row id → items, or just ids: 0 items)."""
+    items = rows if isinstance(rows, Mapping) else dict.fromkeys(rows, 0)
+    with sessions.begin() as session:
+        for row_id, count in items.items():
+            row = session.get(DigestSent, row_id)
+            assert row is not None
+            row.status = status
+            row.items = count
+            row.sent_at = sent_at
+            row.error = scrub_text(error)[:500] if error else None
 
 
 def expire_stale(sessions: sessionmaker[Session], practice: str, now: datetime) -> int:
@@ -232,7 +283,11 @@ def expire_stale(sessions: sessionmaker[Session], practice: str, now: datetime) 
 
 def due(settings: Settings, sessions: sessionmaker[Session],
         now: datetime | None = None) -> list[tuple[str, str]]:
-    """(recipient key, window key) pairs with no `digests_sent` row yet: immediate first."""
+    """(recipient key, window key) pairs to deliver, immediate first.
+
+    One pair per recipient covers all of its immediate notices without a row: it names
+    the oldest, and delivering it gathers the others into the same message.
+    """
     now = now or datetime.now(UTC)
     recipients = b.resolve_recipients(settings)
     if not recipients:
@@ -247,9 +302,10 @@ def due(settings: Settings, sessions: sessionmaker[Session],
         ).tuples())
     out: list[tuple[str, str]] = []
     for r in recipients:
-        for n in notices:
-            if n.category in r.categories and (r.key, n.window_key) not in done:
-                out.append((r.key, n.window_key))
+        waiting = [n.window_key for n in notices
+                   if n.category in r.categories and (r.key, n.window_key) not in done]
+        if waiting:  # notices are sorted oldest first
+            out.append((r.key, waiting[0]))
     for r in recipients:
         if (r.key, daily.key) not in done:
             out.append((r.key, daily.key))
@@ -311,6 +367,39 @@ class Delivery:
     status: str  # sent | empty | skipped | duplicate | retrying | failed | unknown
     items: int = 0
     reason: str = ""
+    notices: int = 0  # immediate: how many notices this one message answered
+
+
+def bundle_keys(session: Session, settings: Settings, recipient: b.Recipient, lead: str,
+                now: datetime) -> list[str]:
+    """What one immediate delivery tries to claim for `recipient`.
+
+    The notice it was asked for, every other notice of the recipient's categories that
+    has no row yet, and any of its notices an earlier attempt left `retrying` (their own
+    retry then finds them taken and sends nothing). Oldest event first: the message
+    lists them in this order.
+    """
+    practice = settings.practice
+    notices = [n.window_key for n in b.immediate_notices(session, settings, now)
+               if n.category in recipient.categories]
+    have = set(session.scalars(select(DigestSent.window_key).where(
+        DigestSent.practice == practice, DigestSent.recipient == recipient.key,
+        DigestSent.window_key.in_(notices))))
+    retrying = session.scalars(select(DigestSent.window_key).where(
+        DigestSent.practice == practice, DigestSent.recipient == recipient.key,
+        DigestSent.window_key.like("immediate:%"), DigestSent.status == "retrying"))
+    waiting = [k for k in notices if k not in have]
+    return list(dict.fromkeys([*waiting, lead, *sorted(retrying)]))
+
+
+def _transmit(settings: Settings, recipient: b.Recipient, digest: b.Digest,
+              sleep: Sleep) -> None:
+    if recipient.channel == "webhook":
+        post_webhook(recipient.address, render.webhook_body(digest), sleep=sleep)
+    else:
+        msg = render.build_message(digest, settings.smtp_sender, recipient.address,
+                                   recipient.key)
+        send_email(settings, msg, recipient.address, sleep=sleep)
 
 
 def deliver(
@@ -325,7 +414,11 @@ def deliver(
     sleep: Sleep = time.sleep,
 ) -> Delivery:
     """Send one (recipient, window) at most once. Raises TransientDeliveryError only when
-    `final` is false (the caller will retry); otherwise every outcome is a status."""
+    `final` is false (the caller will retry); otherwise every outcome is a status.
+
+    An immediate window brings along the recipient's other waiting notices (see
+    `bundle_keys`): all of them are claimed in one transaction and sent as one message.
+    """
     now = now or datetime.now(UTC)
     bound = log.bind(recipient_key=recipient_key, window_key=window_key)
     recipient = b.find_recipient(settings, recipient_key)
@@ -338,64 +431,108 @@ def deliver(
         bound.warning("digest_bad_window")
         return Delivery("skipped", reason="bad window key")
     bound = bound.bind(categories=sorted(recipient.categories), channel=recipient.channel)
-    row_id = claim(sessions, settings.practice, recipient.key, window.key, recipient.channel,
-                   now)
-    if row_id is None:
+    if window.kind == "immediate":
+        with sessions() as session:
+            keys = bundle_keys(session, settings, recipient, window.key, now)
+        got = claim_many(sessions, settings.practice, recipient.key, keys,
+                         recipient.channel, now)
+        claimed = {k: got[k] for k in keys if k in got}
+    else:
+        row_id = claim(sessions, settings.practice, recipient.key, window.key,
+                       recipient.channel, now)
+        claimed = {window.key: row_id} if row_id is not None else {}
+    if not claimed:
         bound.info("digest_already_claimed")
         return Delivery("duplicate", reason="already sent or being sent")
+    return _deliver_claimed(settings, sessions, recipient, claimed, now=now, final=final,
+                            names_loader=names_loader, sleep=sleep, bound=bound)
+
+
+def _deliver_claimed(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    recipient: b.Recipient,
+    claimed: dict[str, int],
+    *,
+    now: datetime,
+    final: bool,
+    names_loader: NamesLoader | None,
+    sleep: Sleep,
+    bound: Any,
+) -> Delivery:
+    """Build, send and record what this worker claimed (window key → row id, in the
+    order the message lists them)."""
+    pending = dict(claimed)  # rows without an outcome yet
     sending = False
     try:
         names = load_names(settings, sessions, names_loader) if recipient.channel == "email" \
             else None
+        windows: dict[str, b.Window] = {}
+        bad: list[str] = []
+        for key in pending:
+            try:
+                windows[key] = b.parse_window(key, settings)
+            except ValueError:
+                bad.append(key)
+        if bad:
+            _finish(sessions, [pending.pop(k) for k in bad], "skipped", error="bad window key")
+            bound.warning("digest_bad_window", count=len(bad))
         with sessions() as session:
-            digest = b.build(session, settings, recipient, window, now, names)
-        if digest is None:
-            _finish(sessions, row_id, "skipped", error="cleared before it was sent")
-            bound.info("digest_skipped_cleared")
+            built = {key: b.build(session, settings, recipient, windows[key], now, names)
+                     for key in pending}
+        cleared = [key for key, part in built.items() if part is None]
+        if cleared:
+            _finish(sessions, [pending.pop(k) for k in cleared], "skipped",
+                    error="cleared before it was sent")
+            bound.info("digest_skipped_cleared", notices=len(cleared))
+        parts = {key: part for key, part in built.items() if part is not None}
+        if not parts:
             return Delivery("skipped", reason="cleared before it was sent")
+        # One part (a daily digest, a lone notice) comes back unchanged.
+        digest = b.bundle_immediate(list(parts.values()), settings.immediate_bundle_max_items)
         if digest.is_empty:
-            _finish(sessions, row_id, "empty")
+            _finish(sessions, pending.values(), "empty")
             bound.info("digest_empty")
             return Delivery("empty")
         sending = True
-        if recipient.channel == "webhook":
-            post_webhook(recipient.address, render.webhook_body(digest), sleep=sleep)
-        else:
-            msg = render.build_message(digest, settings.smtp_sender, recipient.address,
-                                       recipient.key)
-            send_email(settings, msg, recipient.address, sleep=sleep)
+        _transmit(settings, recipient, digest, sleep)
     except TransientDeliveryError as err:
         if final:
-            _finish(sessions, row_id, "failed", error=str(err))
+            _finish(sessions, pending.values(), "failed", error=str(err))
             bound.error("digest_failed", reason=str(err), retries_left=False)
             return Delivery("failed", reason=str(err))
-        _finish(sessions, row_id, "retrying", error=str(err))
+        _finish(sessions, pending.values(), "retrying", error=str(err))
         bound.warning("digest_retrying", reason=str(err))
         raise
     except AmbiguousDeliveryError as err:
-        _finish(sessions, row_id, "unknown", error=str(err))
+        _finish(sessions, pending.values(), "unknown", error=str(err))
         bound.error("digest_unknown", reason=str(err))
         return Delivery("unknown", reason=str(err))
     except PermanentDeliveryError as err:
-        _finish(sessions, row_id, "failed", error=str(err))
+        _finish(sessions, pending.values(), "failed", error=str(err))
         bound.error("digest_failed", reason=str(err))
         return Delivery("failed", reason=str(err))
     except BaseException as err:
         # A crash while handing the message over (a time limit, a bug) may have sent it.
         status = "unknown" if sending else "failed"
-        _finish(sessions, row_id, status, error=f"{type(err).__name__}: {err}")
+        _finish(sessions, pending.values(), status, error=f"{type(err).__name__}: {err}")
         bound.exception("digest_crashed", status=status)
         raise
-    _finish(sessions, row_id, "sent", items=digest.items, sent_at=now)
-    if window.ref == "deadman":
-        with sessions.begin() as session:
-            b.mark_deadman_alerted(session, settings.practice, window.detail, now)
-    bound.info("digest_sent", items=digest.items, kind=digest.kind, backlog=digest.backlog)
-    return Delivery("sent", items=digest.items)
+    _finish(sessions, {pending[k]: part.items for k, part in parts.items()}, "sent",
+            sent_at=now)
+    for key, window in windows.items():
+        if key in parts and window.ref == "deadman":
+            with sessions.begin() as session:
+                b.mark_deadman_alerted(session, settings.practice, window.detail, now)
+    notices = len(parts) if digest.kind == "immediate" else 0
+    bound.info("digest_sent", items=digest.items, kind=digest.kind, backlog=digest.backlog,
+               notices=notices)
+    return Delivery("sent", items=digest.items, notices=notices)
 
 
 __all__ = [
     "AmbiguousDeliveryError", "Delivery", "PermanentDeliveryError", "TransientDeliveryError",
-    "claim", "deliver", "due", "expire_stale", "post_webhook", "send_email", "tick",
+    "bundle_keys", "claim", "claim_many", "deliver", "due", "expire_stale", "post_webhook",
+    "send_email", "tick",
 ]
 
