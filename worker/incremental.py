@@ -123,8 +123,8 @@ def _ids(values: Iterable[str | None]) -> set[str]:
 class Reads:
     """The targeted reads an incremental scan makes, with the number of rows they cost.
 
-    Adapters with `select_*` / `read_changed` methods (CSV, SQL) answer them directly;
-    for any other adapter (the portal's HTTP API) the table is streamed and filtered.
+    Adapters with `select_*` / `read_changed` methods (CSV, SQL, the portal's HTTP API)
+    answer them directly; for any other adapter the table is streamed and filtered.
     """
 
     def __init__(self, op: Any, portal: Any) -> None:

@@ -36,6 +36,7 @@ from worker.simulator.store import (
     DEFAULT_DELAY,
     DEFAULT_LIMIT,
     DEFAULT_REFRESH_DELAY,
+    MAX_SELECT_IDS,
     BadRequest,
     Simulator,
     iso,
@@ -383,6 +384,18 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
         raise BadRequest(f"{name} must be an ISO 8601 time")
 
+    @staticmethod
+    def _ids(query: Mapping[str, list[str]], *names: str) -> dict[str, list[str]]:
+        """The repeatable id selectors present in the query, at most MAX_SELECT_IDS
+        values in all; a blank one is refused rather than read as "no selector"."""
+        found = {name: query[name] for name in names if name in query}
+        if sum(len(values) for values in found.values()) > MAX_SELECT_IDS:
+            raise BadRequest(f"at most {MAX_SELECT_IDS} ids per request")
+        for name, values in found.items():
+            if any(not value.strip() for value in values):
+                raise BadRequest(f"{name} must not be blank")
+        return found
+
     def _page(self, kind: str, query: Mapping[str, list[str]], partial: bool,
               **filters: Any) -> Reply:
         cursor, limit = self._paging(query)
@@ -419,7 +432,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- the portal API -----------------------------------------------------------------
 
     def h_list_users(self, query: Mapping[str, list[str]], partial: bool, **_: Any) -> Reply:
-        return self._page("users", query, partial, since=self._time(query, "updated_since"))
+        return self._page("users", query, partial, since=self._time(query, "updated_since"),
+                          match=self._ids(query, "user_id", "op_patient_id", "op_contact_id"),
+                          changed_since=self._time(query, "changed_since"))
 
     def h_get_user(self, params: dict[str, str], **_: Any) -> Reply:
         user = self.server.simulator.store.get_user(params["user_id"])
@@ -443,10 +458,14 @@ class _Handler(BaseHTTPRequestHandler):
         return self._user_links(params, query, partial, "caregiver")
 
     def h_list_links(self, query: Mapping[str, list[str]], partial: bool, **_: Any) -> Reply:
-        return self._page("links", query, partial)
+        users = self._ids(query, "user_id").get("user_id", [])
+        return self._page("links", query, partial, match={
+            "caregiver_user_id": users, "dependent_user_id": users,
+        })
 
     def h_list_sources(self, query: Mapping[str, list[str]], partial: bool, **_: Any) -> Reply:
-        return self._page("sources", query, partial)
+        return self._page("sources", query, partial,
+                          match={"user_id": self._ids(query, "user_id").get("user_id", [])})
 
     def h_list_audit(self, query: Mapping[str, list[str]], partial: bool, **_: Any) -> Reply:
         return self._page("audit", query, partial, since=self._time(query, "since"),

@@ -22,7 +22,7 @@ import json
 import random
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -71,6 +71,14 @@ CREATE TABLE IF NOT EXISTS sources (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT, status TEXT, last_sync_at TEXT
 );
 CREATE INDEX IF NOT EXISTS sources_by_user ON sources (user_id);
+-- Targeted reads compare ids as the parsers read them (trimmed): one index per column.
+CREATE INDEX IF NOT EXISTS users_by_trimmed_id ON users (trim(user_id));
+CREATE INDEX IF NOT EXISTS users_by_trimmed_patient ON users (trim(op_patient_id));
+CREATE INDEX IF NOT EXISTS users_by_trimmed_contact ON users (trim(op_contact_id));
+CREATE INDEX IF NOT EXISTS users_by_updated ON users (updated_us);
+CREATE INDEX IF NOT EXISTS links_by_trimmed_caregiver ON links (trim(caregiver_user_id));
+CREATE INDEX IF NOT EXISTS links_by_trimmed_dependent ON links (trim(dependent_user_id));
+CREATE INDEX IF NOT EXISTS sources_by_trimmed_user ON sources (trim(user_id));
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at TEXT, action TEXT, user_id TEXT, email TEXT, at_us INTEGER
@@ -104,6 +112,14 @@ _KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sources": ("sources", PORTAL_LAYOUT["portal_sources"]),
     "audit": ("audit", PORTAL_LAYOUT["portal_audit"]),
 }
+# The id columns a targeted read may select rows by, per page kind.
+SELECTABLE: dict[str, frozenset[str]] = {
+    "users": frozenset({"user_id", "op_patient_id", "op_contact_id"}),
+    "links": frozenset({"caregiver_user_id", "dependent_user_id"}),
+    "sources": frozenset({"user_id"}),
+}
+# Id values one list request may carry in all (the API's limit): URLs stay short.
+MAX_SELECT_IDS = 100
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 _OPTIONAL = frozenset({"op_patient_id", "op_contact_id", "user_id", "updated_at",
@@ -267,9 +283,15 @@ class PortalStore:
         action: str | None = None,
         caregiver: str | None = None,
         dependent: str | None = None,
+        match: Mapping[str, Collection[str]] | None = None,
+        changed_since: datetime | None = None,
         truncate_to: int | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """One page in insertion order, keyset-paged so writes never shift a scan.
+
+        `match` (column -> ids) and `changed_since` select the rows matching any of them:
+        the targeted reads of incremental scans. `since`, `action`, `caregiver` and
+        `dependent` narrow whatever is selected.
 
         `truncate_to` serves a short page whose cursor still continues correctly (the
         "partial" fault): clients must follow `next_cursor`, not guess from the size.
@@ -279,6 +301,10 @@ class PortalStore:
         table, columns = _KINDS[kind]
         where = ["seq > ?"]
         args: list[Any] = [decode_cursor(kind, cursor) if cursor else 0]
+        selected = self._selection(kind, table, match or {}, changed_since)
+        if selected is not None:
+            where.append(f"seq IN ({selected[0]})")
+            args.extend(selected[1])
         if since is not None:
             # A row whose time is missing or unreadable might have changed: serve it.
             column = "updated_us" if kind == "users" else "at_us"
@@ -307,6 +333,40 @@ class PortalStore:
         items = [{c: _json_value(c, r[c]) for c in columns} for r in rows]
         next_cursor = encode_cursor(kind, rows[-1]["seq"]) if more and rows else None
         return items, next_cursor
+
+    @staticmethod
+    def _selection(
+        kind: str, table: str, match: Mapping[str, Collection[str]],
+        changed_since: datetime | None,
+    ) -> tuple[str, list[Any]] | None:
+        """The seqs of the rows a targeted read selects, as one subquery; None when
+        nothing selects (empty id lists are no selector): every row. Each branch is its
+        own indexed lookup, since SQLite scans the whole table for an OR of them."""
+        allowed = SELECTABLE.get(kind, frozenset())
+        branches: list[str] = []
+        args: list[Any] = []
+        for column, values in match.items():
+            if column not in allowed:
+                raise BadRequest(f"{kind} cannot be selected by {column}")
+            ids = sorted({v.strip() for v in values})
+            if not ids:
+                continue
+            if "" in ids:
+                raise BadRequest(f"{column} must not be blank")
+            branches.append(
+                f"SELECT seq FROM {table} WHERE trim({column}) IN ({', '.join('?' * len(ids))})"
+            )
+            args.extend(ids)
+        if changed_since is not None:
+            if kind != "users":
+                raise BadRequest(f"{kind} cannot be selected by change time")
+            # A row whose time is missing or unreadable might have changed: select it.
+            branches.append(f"SELECT seq FROM {table} WHERE updated_us >= ?")
+            branches.append(f"SELECT seq FROM {table} WHERE updated_us IS NULL")
+            args.append(to_us(changed_since))
+        if not branches:
+            return None
+        return " UNION ALL ".join(branches), args
 
     def get_user(self, user_id: str) -> dict[str, Any] | None:
         columns = _KINDS["users"][1]
