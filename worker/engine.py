@@ -150,12 +150,15 @@ def reconcile(
     snapshot: Snapshot | None = None,
     scope_override: Scope | None = None,
     population: int | None = None,
+    defer_fixes: bool = False,
 ) -> RunResult:
     """Run every check on a fresh read and fold the result into the state database.
 
     With `dry_run` nothing is written: the same transaction is rolled back. `population`
     (patients in the practice, for the mass-change guard) defaults to the snapshot's: an
-    incremental run, whose snapshot is a neighbourhood, passes the practice's.
+    incremental run, whose snapshot is a neighbourhood, passes the practice's. With
+    `defer_fixes` (a shard of a sharded scan) planned fixes are journaled as deferred,
+    not queued, and the guard is left to whoever settles the whole run.
     """
     settings = deps.settings
     practice = settings.practice
@@ -216,12 +219,14 @@ def reconcile(
                 findings, result_sync.rows, settings, now, gate,
                 population=population or len(snap.patients),
                 welcome_recently_resent=_recent_resends(session, practice, now, settings),
+                guard=not defer_fixes,
             )
             action_ids: list[int] = []
             if dry_run:
                 session.rollback()  # a dry run leaves the state database untouched
             else:
-                action_ids = _journal(session, plan, result_sync, now, run_id)
+                action_ids = _journal(session, plan, result_sync, now, run_id,
+                                      defer=defer_fixes)
                 elapsed = time.perf_counter() - t0
                 _finish_run(session, run_id, kind, snap, plan, result_sync, now, elapsed)
                 session.commit()
@@ -327,12 +332,15 @@ def _fail_run(deps: Deps, run_id: int, err: BaseException) -> None:
 
 
 def _journal(
-    session: Session, plan: Plan, res: SyncResult, now: datetime, run_id: int | None
+    session: Session, plan: Plan, res: SyncResult, now: datetime, run_id: int | None,
+    *, defer: bool = False,
 ) -> list[int]:
     """Commit an intent for every planned fix (and a staged row for every held one).
 
     One action per finding episode and attempt: a batch staged by the mass-change guard
-    is found again by the next scan and neither re-staged nor re-alerted.
+    is found again by the next scan and neither re-staged nor re-alerted. A deferred
+    action (a shard's, `defer`) is adopted by the next run that plans the same fix, so
+    one left behind by a sharded scan that failed is never stranded.
     """
     ids: list[int] = []
     staged: list[str] = []  # practice of each newly staged action
@@ -342,21 +350,30 @@ def _journal(
         row = res.rows[item.finding.fingerprint]
         attempt = row.fix_attempts + 1
         key = _action_key(row, attempt)
-        existing = session.scalar(select(ActionRow).where(ActionRow.idempotency_key == key))
-        if existing is not None:
+        if defer:
+            status = ActionStatus.DEFERRED
+        elif item.decision is Decision.FIX:
+            status = ActionStatus.INTENT
+        else:
+            status = ActionStatus.STAGED
+        action = session.scalar(select(ActionRow).where(ActionRow.idempotency_key == key))
+        if action is None:
+            action = ActionRow(
+                practice=row.practice, finding_id=row.id, run_id=run_id,
+                kind=str(item.finding.fix), idempotency_key=key,
+                params=_params(item.finding), status=status, created_at=now,
+            )
+            session.add(action)
+            session.flush()
+        elif action.status == ActionStatus.DEFERRED:
+            action.status, action.run_id = status, run_id
+            action.params = _params(item.finding)
+        else:
             continue
-        status = ActionStatus.INTENT if item.decision is Decision.FIX else ActionStatus.STAGED
-        action = ActionRow(
-            practice=row.practice, finding_id=row.id, run_id=run_id,
-            kind=str(item.finding.fix), idempotency_key=key,
-            params=_params(item.finding), status=status, created_at=now,
-        )
-        session.add(action)
-        session.flush()
         if status is ActionStatus.INTENT:
             transition(session, row, S.FIX_QUEUED, now, f"fix queued: {action.kind}", run_id)
             ids.append(action.id)
-        else:
+        elif status is ActionStatus.STAGED:
             staged.append(row.practice)
     if staged and run_id is not None:
         # The one staff alert for this batch: durable, read by the digest and `status`.

@@ -100,14 +100,19 @@ def make_plan(
     gate: FixGate,
     population: int,
     welcome_recently_resent: frozenset[str] = frozenset(),
+    *,
+    guard: bool = True,
 ) -> Plan:
+    """`guard=False` leaves the mass-change guard to the caller: a shard of a sharded
+    scan plans a part of the run, and the guard must count the whole of it."""
     plan = Plan()
     blocked = gate.blocked_reason(settings)
     for f in findings:
         row = rows.get(f.fingerprint)
         state = row.state if row is not None else S.OPEN
         plan.items.append(_decide(f, row, state, settings, now, blocked, welcome_recently_resent))
-    _guard(plan, settings, population)
+    if guard:
+        _guard(plan, settings, population)
     return plan
 
 
@@ -162,23 +167,31 @@ def _decide(
     return item(Decision.FIX, f"{f.fix} (attempt {attempt})")
 
 
+def guard_verdict(fixes: int, settings: Settings, population: int) -> str | None:
+    """Why `fixes` fixes in one run are too many for the mass-change guard, or None."""
+    if not fixes:
+        return None
+    limit_n = settings.mass_change_max_fixes
+    limit_pct = settings.mass_change_max_percent
+    pct = 100.0 * fixes / max(1, population)
+    over_n = limit_n > 0 and fixes > limit_n
+    over_pct = limit_pct > 0 and pct > limit_pct and fixes > settings.mass_change_min_fixes
+    if not (over_n or over_pct):
+        return None
+    return (
+        f"{fixes} fixes ({pct:.1f}% of {population} patients) exceed the mass-change "
+        f"guard ({limit_n} fixes / {limit_pct:g}%): batch staged for approval"
+    )
+
+
 def _guard(plan: Plan, settings: Settings, population: int) -> None:
     """Stage every fix when a run would change an unusual number of records."""
     fixes = plan.fixes
-    if not fixes:
-        return
-    limit_n = settings.mass_change_max_fixes
-    limit_pct = settings.mass_change_max_percent
-    pct = 100.0 * len(fixes) / max(1, population)
-    over_n = limit_n > 0 and len(fixes) > limit_n
-    over_pct = limit_pct > 0 and pct > limit_pct and len(fixes) > settings.mass_change_min_fixes
-    if not (over_n or over_pct):
+    reason = guard_verdict(len(fixes), settings, population)
+    if reason is None:
         return
     plan.guard_tripped = True
-    plan.guard_reason = (
-        f"{len(fixes)} fixes ({pct:.1f}% of {population} patients) exceed the mass-change "
-        f"guard ({limit_n} fixes / {limit_pct:g}%): batch staged for approval"
-    )
+    plan.guard_reason = reason
     for i in fixes:
         i.decision = Decision.STAGED
         i.reason = plan.guard_reason

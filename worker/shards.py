@@ -22,6 +22,10 @@ each owned finding comes out exactly as in a full scan. Shard 0 also keeps every
 (`contact_duplicate`) and streams family contacts, links and sources for the rows no
 other shard can own. With CSV exports every read streams the file: sharding pays only
 with a SQL OP source (docs/benchmarks.md, "Scaling out").
+
+Fixes: a shard journals its fixes as deferred; the last shard counts them all against
+the mass-change guard (`settle_fixes`), so a mass change spread over N shards is stopped
+exactly as one full scan would stop it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,7 +45,9 @@ from sqlalchemy.orm import Session
 from config.settings import Settings
 from worker.engine import Deps, RunResult, ScopeRequest, reconcile, utcnow
 from worker.incremental import WATERMARK, Ids, Reads, neighbourhood
+from worker.lifecycle import transition
 from worker.locks import ScanBusy, _take_over, holder_token, redis_client
+from worker.planner import guard_verdict
 from worker.records import (
     WELCOME_ACTION,
     AuditEvent,
@@ -53,7 +59,8 @@ from worker.records import (
 )
 from worker.scope import Scope
 from worker.state.db import kv_set
-from worker.state.models import Run
+from worker.state.models import ActionRow, ActionStatus, FindingRow, Run
+from worker.state.models import FindingState as S
 
 log = structlog.get_logger(__name__)
 
@@ -181,9 +188,12 @@ def _locked_parent(session: Session, parent_id: int) -> Run:
 def mark_shard(
     deps: Deps, parent_id: int, index: int, *, run: RunResult | None = None,
     population: int | None = None, error: str | None = None, now: datetime | None = None,
+    released: list[int] | None = None,
 ) -> str:
     """Record one shard's outcome on the parent; the last shard to succeed finishes the
-    scan. Idempotent: a shard that runs again leaves the same marks. Returns the parent's
+    scan and settles the fixes every shard deferred (`settle_fixes`), appending the ids
+    of those it released to `released` for the caller to enqueue after the commit.
+    Idempotent: a shard that runs again leaves the same marks. Returns the parent's
     status."""
     now = now or utcnow()
     practice = deps.settings.practice
@@ -221,7 +231,54 @@ def mark_shard(
             }, now)
             kv_set(session, practice, "last_success",
                    {"at": at, "run_id": parent_id, "kind": PARENT_KIND}, now)
+            ids = settle_fixes(session, deps.settings, parent, now)
+            if released is not None:
+                released.extend(ids)
         return parent.status
+
+
+def settle_fixes(session: Session, settings: Settings, parent: Run, now: datetime) -> list[int]:
+    """The mass-change guard over a whole sharded run: each shard deferred its fixes, and
+    here, with all of them planned, they are counted together against the practice's
+    population. Within the guard each becomes an intent (its finding fix_queued) and
+    the ids are returned; over it, the whole batch is staged under the parent run, with
+    one alert, for `oprecon fixes approve|reject <parent run>`."""
+    summary = parent.summary or {}
+    shard_runs = [int(r) for r in (summary.get("runs") or {}).values()]
+    if not shard_runs:
+        return []
+    actions = list(session.scalars(
+        select(ActionRow).where(ActionRow.practice == settings.practice,
+                                ActionRow.run_id.in_(shard_runs),
+                                ActionRow.status == ActionStatus.DEFERRED)
+        .order_by(ActionRow.id).with_for_update()
+    ))
+    if not actions:
+        return []
+    population = int(summary.get("patients") or 0)
+    reason = guard_verdict(len(actions), settings, population)
+    if reason is not None:
+        for action in actions:
+            action.status, action.run_id = ActionStatus.STAGED, parent.id
+        kv_set(session, settings.practice, "guard", {
+            "run_id": parent.id, "reason": reason, "at": now.isoformat(),
+            "staged": len(actions), "status": "pending",
+        }, now)
+        log.warning("mass_change_guard_tripped", run_id=parent.id, staged=len(actions),
+                    shards=len(shard_runs))
+        return []
+    ids: list[int] = []
+    for action in actions:
+        finding = session.get(FindingRow, action.finding_id)
+        if finding is None or finding.state != S.OPEN:
+            continue  # decided otherwise meanwhile (an ad hoc run, a silence): the next
+            # run that plans this fix adopts the deferred row
+        action.status = ActionStatus.INTENT
+        transition(session, finding, S.FIX_QUEUED, now,
+                   f"fix queued: {action.kind} (sharded run {parent.id}, within the "
+                   "mass-change guard)", action.run_id)
+        ids.append(action.id)
+    return ids
 
 
 # -- one shard ----------------------------------------------------------------------------
@@ -334,18 +391,6 @@ def _snapshot(deps: Deps, own: _Ownership, index: int) -> tuple[Any, int]:
     return snap, reads.rows
 
 
-def _guard_share(settings: Settings, population: int, count: int) -> tuple[Settings, int]:
-    """A shard's part of the mass-change guard: each shard plans only its own fixes, so
-    it is held to 1/N of the limits (and of the practice), lest a mass change spread over
-    N shards pass where one full scan would stop it. Uneven shards trip it sooner: the
-    safe side."""
-    limits = {
-        "mass_change_max_fixes": -(-settings.mass_change_max_fixes // count),
-        "mass_change_min_fixes": settings.mass_change_min_fixes // count,
-    }
-    return settings.model_copy(update=limits), max(1, -(-population // count))
-
-
 @contextmanager
 def shard_lock(settings: Settings, index: int) -> Iterator[None]:
     """Two copies of one shard (a redelivery) never overlap; other shards and the
@@ -389,11 +434,11 @@ def run_shard(
             index=index, count=count, known_patients=frozenset(own.patients),
             known_contacts=frozenset(own.contacts), known_users=frozenset(own.users),
         )
-        share, population = _guard_share(deps.settings, own.population, count)
+        # Fixes wait for the other shards: the guard counts the whole run (settle_fixes).
         result = reconcile(
-            replace(deps, settings=share), ScopeRequest("entities", label), kind=SHARD_KIND,
-            now=now, task_id=task_id, snapshot=snap, scope_override=scope,
-            population=population,
+            deps, ScopeRequest("entities", label), kind=SHARD_KIND, now=now,
+            task_id=task_id, snapshot=snap, scope_override=scope,
+            population=own.population, defer_fixes=True,
         )
         result.read_seconds += t_read
         result.total_seconds += t_read
@@ -403,8 +448,10 @@ def run_shard(
         except Exception:  # the state DB may be what failed: keep the first error
             log.exception("shard_failure_not_recorded", parent_run_id=parent_id, shard=index)
         raise
+    released: list[int] = []
     status = mark_shard(deps, parent_id, index, run=result, population=own.population,
-                        now=now)
+                        now=now, released=released)
+    result.action_ids = released  # enqueued by the task, now that they are committed
     log.info("shard_scan", parent_run_id=parent_id, shard=index, shards=count,
              run_id=result.run_id, rows_read=rows, owned_patients=len(own.mine.patients),
              parent_status=status, seconds=round(time.perf_counter() - t0, 3))
