@@ -894,3 +894,337 @@ def test_tasks_pass_keys_only_and_retry_below_the_visibility_timeout(
                 for n in range(digests.deliver.max_retries))
     worst += (digests.deliver.max_retries + 1) * digests.deliver.time_limit
     assert worst < send.STALE_AFTER.total_seconds() < e.settings.broker_visibility_timeout_seconds
+
+
+# -- immediate notices due together: one message per recipient ---------------------------
+
+PM2 = "deputy@example.org"
+STALE_TITLE = "Portal shows a child to someone OP no longer authorizes"
+
+
+def stale_links(e: Env, n: int, seen: datetime = NOW - timedelta(minutes=20), *,
+                first: int = 1, detail: str = "", changed: datetime | None = None) -> list[str]:
+    """`n` stale caregiver links whose fixes are on hold; their immediate notice keys."""
+    keys = []
+    for i in range(first, first + n):
+        at = seen + timedelta(seconds=i)
+        fp = e.add("caregiver_link_stale", "held", at, severity="high", patient=f"P{900 + i}",
+                   contact=f"C{900 + i}", user=f"U{900 + i}",
+                   changed=changed or max(at, NOW - timedelta(minutes=5)),
+                   detail=detail or f"portal user U{900 + i} (contact C{900 + i}) can still "
+                                    f"see patient P{900 + i}, whom OP no longer authorizes")
+        keys.append(f"immediate:{fp}:{b.stamp(at)}")
+    return keys
+
+
+def fp_of(key: str) -> str:
+    """The fingerprint in `immediate:<fingerprint>:<stamp>` (fingerprints hold colons)."""
+    return key.removeprefix("immediate:").rpartition(":")[0]
+
+
+def references(text: str) -> list[str]:
+    return [line.split("Reference: ")[1] for line in text.splitlines() if "Reference: " in line]
+
+
+def quiet_day(e: Env, *addresses: str) -> None:
+    """Yesterday's and today's daily digests went out: only immediate notices are due."""
+    for address in addresses:
+        e.mark_sent(address, "daily:2026-11-24", created=PREV_CLOSE)
+        e.mark_sent(address, "daily:2026-11-25", created=CLOSE)
+
+
+@pytest.mark.parametrize("show_names", [False, True])
+def test_notices_due_together_are_one_message_per_recipient(
+    env: Any, smtp: SmtpSink, show_names: bool
+) -> None:
+    e = env(digest_recipients={"front_desk": [FD], "practice_manager": [PM, PM2]},
+            digest_show_names=show_names)
+    quiet_day(e, FD, PM, PM2)
+    keys = stale_links(e, 4, detail="the parent (marigold@example.org, born 2016-02-03) can "
+                                    "still see the child")
+    esc_at = NOW - timedelta(minutes=8)
+    esc = e.add("caregiver_link_missing", "escalated", NOW - timedelta(days=2), patient="P301",
+                contact="C301", user="U301", changed=esc_at)
+    keys.append(f"immediate:{esc}:{b.stamp(esc_at)}")
+    opened = NOW - timedelta(minutes=3)
+    with e.sessions.begin() as s:
+        kv_set(s, "test", "breaker", {"state": "open", "since": opened.isoformat()}, NOW)
+    keys.append(f"immediate:breaker:{b.stamp(opened)}")
+    # Older than the 24-hour look-back: left to the daily digest, not bundled.
+    old = stale_links(e, 1, NOW - timedelta(hours=25), first=50,
+                      changed=NOW - timedelta(hours=25))
+    records = [factory.patient("P901", first_name="Zebulon", last_name="Quixwhistle"),
+               factory.contact("C901", first_name="Marigold", last_name="Fennimore")]
+
+    pairs = send.tick(e.settings, e.sessions, NOW)
+    assert pairs == [(b.recipient_key(PM), keys[0]), (b.recipient_key(PM2), keys[0])]
+    loader = send.names_from_op(factory.MemorySource(records))
+    results = [send.deliver(e.settings, e.sessions, r, w, now=NOW, names_loader=loader)
+               for r, w in pairs]
+    assert [(r.status, r.items, r.notices) for r in results] == [("sent", 6, 6)] * 2
+
+    assert sorted(rcpts[0] for rcpts, _ in smtp.messages) == sorted([PM, PM2])  # not FD
+    for address in (PM, PM2):
+        [msg] = smtp.to(address)
+        assert msg["Subject"] == ("[oprecon] Action needed now: 6 problems (oprecon stopped "
+                                  "changing the portal and 2 other kinds)")
+        assert msg["X-Oprecon-Notices"] == "6"
+        text, html = parts(msg)
+        assert "These 6 problems could not wait for the daily digest." in text
+        summary = text.replace("\r\n", "\n").split("SUMMARY\n")[1].split("\n\n")[0]
+        assert summary.splitlines() == [
+            "     1  oprecon stopped changing the portal (breaker)",
+            f"     4  {STALE_TITLE} (caregiver_link_stale)",
+            "     1  Parent cannot see their child in the portal (caregiver_link_missing), "
+            "1 escalated",
+        ]
+        assert 'data-count="caregiver_link_stale">4<' in html
+        # Grouped by check, high severity first; each item with who, what, steps, when.
+        assert text.index("!! OPRECON STOPPED") < text.index("(caregiver_link_stale): 4 ==")
+        stale = text.split(f"== {STALE_TITLE} (caregiver_link_stale): 4 ==")[1]
+        stale = stale.split("\n== ")[0]
+        for i in range(1, 5):
+            assert f"chart P{900 + i}" in stale and f"portal user U{900 + i}" in stale
+        assert stale.count("What to do:") == 4
+        assert stale.count(REMEDIES["caregiver_link_stale"][0]) == 4
+        assert stale.count("oprecon checks again: ") == 4
+        assert "[ESCALATED] chart P301, contact C301, portal user U301" in text
+        assert ESCALATION[1] in text
+        assert sorted(references(text)) == sorted(fp_of(k) for k in keys[:5])
+        assert fp_of(old[0]) not in text
+        # Names, and the details as OP wrote them, only when the setting allows.
+        for phi in ("Zebulon", "Quixwhistle", "Marigold", "Fennimore", "2016-02-03"):
+            assert (phi in text) is show_names and (phi in html) is show_names, phi
+        if show_names:
+            assert "chart P901 (Zebulon Quixwhistle), contact C901 (Marigold Fennimore)" in text
+
+    with e.sessions() as s:
+        rows = s.scalars(select(DigestSent).where(DigestSent.window_key.in_(keys + old)))
+        got = sorted((r.recipient, r.window_key, r.status, r.items) for r in rows)
+    assert got == sorted((b.recipient_key(a), k, "sent", 1) for a in (PM, PM2) for k in keys)
+    assert send.due(e.settings, e.sessions, NOW + timedelta(minutes=5)) == []
+
+
+def test_a_bundle_of_one_reads_like_a_single_notice(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    quiet_day(e, FD, PM)
+    [key] = stale_links(e, 1)
+    e.send_due()
+    [(_, msg)] = smtp.messages
+    assert msg["Subject"] == f"[oprecon] Action needed now: {STALE_TITLE} (chart P901)"
+    assert msg["X-Oprecon-Notices"] is None and msg["X-Oprecon-Window"] == key
+    text, html = parts(msg)
+    assert "This could not wait for the daily digest." in text
+    assert "SUMMARY" not in text and 'data-section="counts"' not in html
+    assert f"== {STALE_TITLE} (caregiver_link_stale): 1 ==" in text
+
+
+def test_a_cleared_cause_is_left_out_of_the_bundle(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    quiet_day(e, FD, PM)
+    keys = stale_links(e, 4)
+    [(rkey, lead)] = send.tick(e.settings, e.sessions, NOW)
+    assert lead == keys[0]
+    with e.sessions.begin() as s:  # the scan saw two fixed between the tick and the send
+        for key in keys[:2]:
+            row = s.scalar(select(FindingRow).where(FindingRow.fingerprint == fp_of(key)))
+            assert row is not None
+            row.state, row.resolved_at = "resolved", NOW
+    result = send.deliver(e.settings, e.sessions, rkey, lead, now=NOW)
+    assert (result.status, result.items, result.notices) == ("sent", 2, 2)
+    [(_, msg)] = smtp.messages
+    assert msg["Subject"].startswith("[oprecon] Action needed now: 2 problems (")
+    text, _ = parts(msg)
+    assert sorted(references(text)) == sorted(fp_of(k) for k in keys[2:])
+    # The notice the task named is recorded as skipped; the other cleared one is no
+    # longer a notice at all, so nothing claims it.
+    assert {r.window_key: r.status for r in e.rows() if r.window_key in keys} == {
+        keys[0]: "skipped", keys[2]: "sent", keys[3]: "sent"}
+
+    # Every notice of a bundle cleared: nothing goes out, each row says why.
+    smtp.messages.clear()
+    more = stale_links(e, 2, first=10)
+    with e.sessions.begin() as s:
+        for row in s.scalars(select(FindingRow).where(FindingRow.patient_id.in_(
+                ["P910", "P911"]))):
+            row.state, row.resolved_at = "resolved", NOW
+    result = send.deliver(e.settings, e.sessions, rkey, more[0], now=NOW)
+    assert result.status == "skipped" and smtp.messages == []
+    assert [r.status for r in e.rows() if r.window_key in more] == ["skipped"]  # the lead
+
+
+def test_beyond_the_cap_the_rest_is_counted_by_check(env: Any, smtp: SmtpSink) -> None:
+    e = env(immediate_bundle_max_items=4)
+    quiet_day(e, FD, PM)
+    keys = stale_links(e, 7)
+    for i in range(2):
+        changed = NOW - timedelta(minutes=9 - i)
+        fp = e.add("welcome_not_sent", "escalated", NOW - timedelta(days=3), contact=f"C4{i}",
+                   changed=changed)
+        keys.append(f"immediate:{fp}:{b.stamp(changed)}")
+    [result] = e.send_due()
+    assert (result.status, result.items, result.notices) == ("sent", 9, 9)
+    [(_, msg)] = smtp.messages
+    assert msg["Subject"].startswith("[oprecon] Action needed now: 9 problems (")
+    text, html = parts(msg)
+    assert "the first 4 are listed one by one with their steps, the other 5 are only" in text
+    # Both checks keep a listed example with its steps; the rest are counts.
+    assert len(references(text)) == 4
+    assert text.count("[ESCALATED]") >= 1 and text.count("[NEW]") >= 1
+    assert "... and 5 more of this kind" in text or (
+        "... and 4 more of this kind" in text and "... and 1 more of this kind" in text)
+    assert f"     7  {STALE_TITLE} (caregiver_link_stale)" in text
+    assert 'data-count="welcome_not_sent">2<' in html
+    assert [r.status for r in e.rows() if r.window_key in keys] == ["sent"] * 9
+
+    # A cap below the number of checks: a check with nothing listed still shows its steps.
+    smtp.messages.clear()
+    e1 = env(immediate_bundle_max_items=1)
+    quiet_day(e1, FD, PM)
+    stale_links(e1, 2)
+    e1.add("welcome_not_sent", "escalated", NOW - timedelta(days=3), contact="C77",
+           changed=NOW - timedelta(minutes=2))
+    e1.send_due()
+    [(_, msg)] = smtp.messages
+    text, _ = parts(msg)
+    assert len(references(text)) == 1
+    tail = text.split("(welcome_not_sent): 1 ==")[1]
+    assert "... and 1 more of this kind, not listed to keep this message short." in tail
+    assert "What to do for each:" in tail and REMEDIES["welcome_not_sent"][0] in tail
+
+
+def test_a_retried_bundle_is_sent_once(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    quiet_day(e, FD, PM)
+    keys = stale_links(e, 3)
+    [(rkey, lead)] = send.tick(e.settings, e.sessions, NOW)
+    smtp.fail_next = ["451 4.3.0 try again later"] * 3  # every in-process attempt
+    with pytest.raises(send.TransientDeliveryError):
+        send.deliver(e.settings, e.sessions, rkey, lead, now=NOW, final=False,
+                     sleep=lambda _: None)
+    assert [r.status for r in e.rows() if r.window_key in keys] == ["retrying"] * 3
+    assert send.due(e.settings, e.sessions, NOW) == []  # the Celery retry owns them
+
+    # Before the retry runs, the next scan finds one more; the next tick sends it and
+    # takes the waiting three along.
+    later = NOW + timedelta(minutes=5)
+    keys += stale_links(e, 1, first=20, seen=later - timedelta(minutes=1))
+    [(_, new_lead)] = send.tick(e.settings, e.sessions, later)
+    assert new_lead == keys[-1]
+    result = send.deliver(e.settings, e.sessions, rkey, new_lead, now=later)
+    assert (result.status, result.notices) == ("sent", 4)
+    # The Celery retry of the first attempt, and a redelivered task: nothing more.
+    assert send.deliver(e.settings, e.sessions, rkey, lead, now=later).status == "duplicate"
+    assert send.deliver(e.settings, e.sessions, rkey, new_lead, now=later).status == (
+        "duplicate")
+    [(_, msg)] = smtp.messages
+    assert sorted(references(parts(msg)[0])) == sorted(fp_of(k) for k in keys)
+    assert [r.status for r in e.rows() if r.window_key in keys] == ["sent"] * 4
+
+
+def test_the_celery_retry_sends_the_bundle_once(env: Any, smtp: SmtpSink) -> None:
+    e = env()
+    quiet_day(e, FD, PM)
+    keys = stale_links(e, 3)
+    [(rkey, lead)] = send.tick(e.settings, e.sessions, NOW)
+    smtp.fail_next = ["451 4.3.0 try again later"] * 3
+    with pytest.raises(send.TransientDeliveryError):
+        send.deliver(e.settings, e.sessions, rkey, lead, now=NOW, final=False,
+                     sleep=lambda _: None)
+    retry = send.deliver(e.settings, e.sessions, rkey, lead, now=NOW, final=False)
+    again = send.deliver(e.settings, e.sessions, rkey, lead, now=NOW)
+    assert (retry.status, retry.notices, again.status) == ("sent", 3, "duplicate")
+    [(_, msg)] = smtp.messages
+    assert len(references(parts(msg)[0])) == 3
+    assert [r.status for r in e.rows() if r.window_key in keys] == ["sent"] * 3
+
+
+def test_a_lost_connection_marks_every_notice_of_the_bundle_unknown(
+    env: Any, smtp: SmtpSink
+) -> None:
+    e = env()
+    quiet_day(e, FD, PM)
+    keys = stale_links(e, 3)
+    smtp.fail_next = ["DROP"]
+    [result] = e.send_due()
+    assert result.status == "unknown"
+    assert [r.status for r in e.rows() if r.window_key in keys] == ["unknown"] * 3
+    assert send.due(e.settings, e.sessions, NOW) == []  # never resent
+
+
+def _race_pairs(e: Env, pairs: list[tuple[str, str]]) -> list[str]:
+    barrier = threading.Barrier(len(pairs))
+    out: list[str] = []
+
+    def run(rkey: str, window: str) -> None:
+        barrier.wait()
+        out.append(send.deliver(e.settings, e.sessions, rkey, window, now=NOW).status)
+
+    threads = [threading.Thread(target=run, args=p) for p in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return sorted(out)
+
+
+def _check_racing_bundles(e: Env, smtp: SmtpSink) -> None:
+    quiet_day(e, FD, PM)
+    keys = stale_links(e, 6)
+    rkey = b.recipient_key(PM)
+    # The same task twice, and a second tick's task naming another notice of the bundle:
+    # whoever claims first takes all six; the others find them taken.
+    statuses = _race_pairs(e, [(rkey, keys[0]), (rkey, keys[0]), (rkey, keys[3])])
+    assert statuses == ["duplicate", "duplicate", "sent"]
+    [(rcpts, msg)] = smtp.messages
+    assert rcpts == [PM]
+    assert sorted(references(parts(msg)[0])) == sorted(fp_of(k) for k in keys)
+    assert [r.status for r in e.rows() if r.window_key in keys] == ["sent"] * 6
+
+
+def test_racing_workers_send_one_bundle(env: Any, smtp: SmtpSink) -> None:
+    _check_racing_bundles(env(), smtp)
+
+
+@pytest.mark.services
+def test_racing_workers_send_one_bundle_on_postgresql(
+    env: Any, smtp: SmtpSink, pg_database: str
+) -> None:
+    migrate(pg_database)
+    _check_racing_bundles(env(state_db_url=pg_database, practice="bundle-race-pg"), smtp)
+
+
+def test_notices_that_came_due_between_ticks_share_one_message(
+    env: Any, smtp: SmtpSink
+) -> None:
+    """The beat's tick is the send point: what appeared since the last one goes together,
+    what appears after the send waits for the next tick."""
+    e = env()
+    quiet_day(e, FD, PM)
+    tick = datetime(2026, 11, 25, 12, 45, tzinfo=UTC)
+    first = stale_links(e, 2, seen=tick - timedelta(minutes=4))
+    second = stale_links(e, 1, first=5, seen=tick - timedelta(seconds=30))
+    with freeze_time(tick):
+        [pair] = send.tick(e.settings, e.sessions)
+        assert pair[1] == first[0]
+        assert send.deliver(e.settings, e.sessions, *pair).notices == 3
+    late = stale_links(e, 1, first=9, seen=tick + timedelta(minutes=1))
+    with freeze_time(tick + timedelta(minutes=5)):
+        [pair] = send.tick(e.settings, e.sessions)
+        assert pair[1] == late[0]
+        result = send.deliver(e.settings, e.sessions, *pair)
+    assert (result.status, result.notices) == ("sent", 1)
+    texts = [parts(m)[0] for _, m in smtp.messages]
+    assert [len(references(t)) for t in texts] == [3, 1]
+    assert set(references(texts[0])) == {fp_of(k) for k in first + second}
+
+
+def test_webhook_gets_one_post_per_bundle(env: Any, webhook: HookSink, smtp: SmtpSink) -> None:
+    e = env(digest_recipients={}, webhook_url=f"http://127.0.0.1:{webhook.port}/hook")
+    e.mark_sent("webhook", "daily:2026-11-25", created=CLOSE)
+    stale_links(e, 3)
+    [result] = e.send_due()
+    assert (result.status, result.notices) == ("sent", 3)
+    [body] = webhook.bodies
+    assert body["text"].startswith(f"[oprecon] Action needed now: 3 problems ({STALE_TITLE})")
+    assert f"{STALE_TITLE}: 3" in body["text"]

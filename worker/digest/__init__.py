@@ -8,7 +8,8 @@ Modules, each with one job:
 - `render` — Jinja2 templates (`worker/templates/digest.*.j2`) → subject, text, HTML,
   the MIME message and the webhook's JSON body.
 - `send`   — the once-per-(recipient, window) bookkeeping in `digests_sent`, SMTP and
-  webhook delivery with retries, and `due()`, which the Celery tick fans out from.
+  webhook delivery with retries, and `due()`, which the Celery tick fans out from;
+  immediate notices due together are claimed and sent as one bundle.
 - `cli`    — `oprecon digest [--preview] [--html FILE]` and `render_example()`.
 
 Routing (`build.ROUTES`): front desk gets the chart/contact/Welcome work;
@@ -26,6 +27,17 @@ notices (key `immediate:<fingerprint|breaker|guard|deadman>:<when or run>`) go o
 the next tick, at most 5 minutes later, for high-severity findings (once per episode),
 escalations, an open breaker, a staged mass-change batch and an overdue dead-man's
 switch; events older than 24 h are left to the daily digest.
+
+Bundles: staff must get a digest, not a flood, so the tick enqueues one delivery per
+recipient for all of its waiting notices (named after the oldest), and that delivery
+also gathers every other notice of the recipient without a row, plus any an earlier
+attempt left `retrying`. It claims them all in one transaction, keys in sorted order
+(PostgreSQL waits rather than deadlocks); a notice another worker holds is left out,
+as is one whose problem cleared (it is `skipped` if claimed). The message counts the
+problems by check at the top and in its subject, and lists each item as a lone notice
+would; past `immediate_bundle_max_items` it only counts the rest (`build.bundle_immediate`).
+Every notice keeps its own row, so "once per recipient per notice" holds as before; a
+bundle of one renders exactly like a single notice.
 
 Names appear only with `digest_show_names`, on email only: they are read from the OP
 source at send time for the ids the digest mentions (one streamed pass over patients

@@ -83,6 +83,8 @@ def send_due(settings: Settings, sessions: sessionmaker[Session], now: datetime,
         result = deliver(settings, sessions, recipient_key, window_key, now=now, final=True)
         sent += result.status == "sent"
         why = f" ({result.reason})" if result.reason else ""
+        if result.notices > 1:
+            why += f" ({result.notices} notices in one message)"
         out.write(f"{window_key} → {labels.get(recipient_key, recipient_key)}: "
                   f"{result.status}{why}\n")
     if not sent:
