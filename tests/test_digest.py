@@ -1228,3 +1228,20 @@ def test_webhook_gets_one_post_per_bundle(env: Any, webhook: HookSink, smtp: Smt
     [body] = webhook.bodies
     assert body["text"].startswith(f"[oprecon] Action needed now: 3 problems ({STALE_TITLE})")
     assert f"{STALE_TITLE}: 3" in body["text"]
+
+
+def test_a_mass_event_is_one_capped_message(env: Any, smtp: SmtpSink) -> None:
+    """More notices than one lookup query takes: still one message, 50 listed, all sent."""
+    e = env()
+    quiet_day(e, FD, PM)
+    n = send.KEYS_PER_QUERY + 20
+    keys = stale_links(e, n)
+    [result] = e.send_due()
+    assert (result.status, result.items, result.notices) == ("sent", n, n)
+    [(_, msg)] = smtp.messages
+    assert msg["Subject"] == f"[oprecon] Action needed now: {n} problems ({STALE_TITLE})"
+    text, _ = parts(msg)
+    assert len(references(text)) == e.settings.immediate_bundle_max_items == 50
+    assert f"... and {n - 50} more of this kind" in text
+    assert [r.status for r in e.rows() if r.window_key in keys] == ["sent"] * n
+    assert send.due(e.settings, e.sessions, NOW + timedelta(minutes=5)) == []

@@ -281,6 +281,23 @@ def expire_stale(sessions: sessionmaker[Session], practice: str, now: datetime) 
 # -- what is due, and delivering one ---------------------------------------------------
 
 
+KEYS_PER_QUERY = 500  # far below SQLite's and PostgreSQL's bound-parameter limits
+
+
+def _rows_for(session: Session, practice: str, keys: Iterable[str]) -> set[tuple[str, str]]:
+    """(recipient, window key) of every row for these keys, asked in chunks: a mass
+    event can mean thousands of notices."""
+    wanted = sorted(set(keys))
+    found: set[tuple[str, str]] = set()
+    for i in range(0, len(wanted), KEYS_PER_QUERY):
+        found.update(session.execute(
+            select(DigestSent.recipient, DigestSent.window_key).where(
+                DigestSent.practice == practice,
+                DigestSent.window_key.in_(wanted[i:i + KEYS_PER_QUERY]))
+        ).tuples())
+    return found
+
+
 def due(settings: Settings, sessions: sessionmaker[Session],
         now: datetime | None = None) -> list[tuple[str, str]]:
     """(recipient key, window key) pairs to deliver, immediate first.
@@ -296,10 +313,7 @@ def due(settings: Settings, sessions: sessionmaker[Session],
     with sessions() as session:
         notices = b.immediate_notices(session, settings, now)
         keys = {daily.key} | {n.window_key for n in notices}
-        done = set(session.execute(
-            select(DigestSent.recipient, DigestSent.window_key).where(
-                DigestSent.practice == settings.practice, DigestSent.window_key.in_(keys))
-        ).tuples())
+        done = _rows_for(session, settings.practice, keys)
     out: list[tuple[str, str]] = []
     for r in recipients:
         waiting = [n.window_key for n in notices
@@ -382,9 +396,7 @@ def bundle_keys(session: Session, settings: Settings, recipient: b.Recipient, le
     practice = settings.practice
     notices = [n.window_key for n in b.immediate_notices(session, settings, now)
                if n.category in recipient.categories]
-    have = set(session.scalars(select(DigestSent.window_key).where(
-        DigestSent.practice == practice, DigestSent.recipient == recipient.key,
-        DigestSent.window_key.in_(notices))))
+    have = {k for r, k in _rows_for(session, practice, notices) if r == recipient.key}
     retrying = session.scalars(select(DigestSent.window_key).where(
         DigestSent.practice == practice, DigestSent.recipient == recipient.key,
         DigestSent.window_key.like("immediate:%"), DigestSent.status == "retrying"))
