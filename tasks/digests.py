@@ -19,7 +19,8 @@ MAX_RETRIES = 5
 
 @app.task(name="oprecon.digest.tick", soft_time_limit=60, time_limit=90)
 def tick() -> int:
-    """Enqueue a delivery for every (recipient, window) without a digests_sent row.
+    """Enqueue a delivery per recipient and due daily window, and one per recipient for
+    its unsent immediate notices (the delivery bundles them into one message).
 
     Enqueuing the same pair twice (a slow queue, two ticks) is harmless: the row's
     unique constraint lets only one delivery send.
