@@ -207,7 +207,7 @@ def _insert_unless_taken(session: Session) -> Insert:
         return postgresql.insert(DigestSent).on_conflict_do_nothing()
     if dialect == "sqlite":
         return sqlite.insert(DigestSent).on_conflict_do_nothing()
-    raise NotImplementedError(f"digest claims need PostgreSQL or SQLite, not {dialect}")
+    raise RuntimeError(f"the state database must be PostgreSQL or SQLite, not {dialect}")
 
 
 def claim_many(sessions: sessionmaker[Session], practice: str, recipient: str,
