@@ -360,6 +360,44 @@ def staged_world(world: World, **kw: Any) -> tuple[Any, Deps, int]:
     return settings, deps, result.run_id
 
 
+def test_staff_see_what_a_staged_batch_holds_before_approving_it(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`oprecon fixes list` names the held run and why; `fixes show RUN` lists each fix
+    with the ids of its finding (never an address); both have --json."""
+    import json
+
+    from test_statecli import run_cli, use_env
+
+    settings, deps, run_id = staged_world(world)
+    use_env(monkeypatch, settings)
+    monkeypatch.setenv("OPRECON_PRACTICE", "test")
+
+    code, out, _ = run_cli(monkeypatch, capsys, "fixes", "list")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith(str(run_id)))
+    assert " 3 " in row and "mass-change guard" in row, out
+    assert "oprecon fixes show RUN" in out
+
+    code, out, _ = run_cli(monkeypatch, capsys, "fixes", "show", str(run_id))
+    assert code == 0
+    assert f"3 staged fix(es) in run {run_id}" in out
+    assert "@" not in out  # ids only: neither the dummy nor a real address
+    code, out, _ = run_cli(monkeypatch, capsys, "fixes", "show", str(run_id), "--json")
+    fixes = [json.loads(line) for line in out.splitlines()]
+    with deps.sessions() as s:
+        staged = {a.id: a.kind for a in s.scalars(select(ActionRow))}
+    assert {f["action_id"]: f["kind"] for f in fixes} == staged
+    assert all(f["finding_state"] == "open" and f["check"] for f in fixes)
+
+    code, _, err = run_cli(monkeypatch, capsys, "fixes", "show", str(run_id + 99))
+    assert code == 2 and f"run {run_id + 99} has no staged fixes" in err
+    release_staged(settings, run_id, approve=False, by="pm", sessions=deps.sessions,
+                   echo=lambda _: None, now=T0)
+    code, out, _ = run_cli(monkeypatch, capsys, "fixes", "list")
+    assert code == 0 and "no staged fixes" in out
+
+
 def count_actions(sessions: sessionmaker[Session]) -> int:
     with sessions() as s:
         return int(s.scalar(select(func.count()).select_from(ActionRow)) or 0)

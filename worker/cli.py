@@ -257,6 +257,22 @@ def resume() -> None:
     set_paused(_settings(), False, "resumed")
 
 
+@fixes_app.command("list")
+def fixes_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Runs whose fixes the mass-change guard holds, with counts and why."""
+    from worker.statecli import list_staged
+
+    list_staged(_settings(), as_json)
+
+
+@fixes_app.command("show")
+def fixes_show(run: int, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Each staged fix of a run and the finding it is for, before approving it."""
+    from worker.statecli import show_staged
+
+    show_staged(_settings(), run, as_json)
+
+
 @fixes_app.command("approve")
 def fixes_approve(run: int) -> None:
     """Release a staged batch: its fixes are queued on the worker (applied here if the

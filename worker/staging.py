@@ -11,10 +11,10 @@ import getpass
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
@@ -217,3 +217,45 @@ def _apply_here(
         except TransientPortalError:
             outcome["retrying"] += 1
     return outcome
+
+
+# -- what staff look at before deciding ----------------------------------------------------
+
+
+def staged_batches(session: Session, practice: str) -> list[dict[str, Any]]:
+    """Every run with fixes still staged: run id, how many, by kind, since when, and the
+    guard's reason when it is the batch the alert is about."""
+    rows = session.execute(
+        select(ActionRow.run_id, ActionRow.kind, func.count(), func.min(ActionRow.created_at))
+        .where(ActionRow.practice == practice, ActionRow.status == ActionStatus.STAGED)
+        .group_by(ActionRow.run_id, ActionRow.kind)
+    ).all()
+    guard = kv_get(session, practice, "guard") or {}
+    batches: dict[int, dict[str, Any]] = {}
+    for run_id, kind, count, since in rows:
+        batch = batches.setdefault(int(run_id), {
+            "run_id": int(run_id), "staged": 0, "kinds": {}, "since": since,
+            "reason": guard.get("reason") if guard.get("run_id") == run_id else None,
+        })
+        batch["staged"] += count
+        batch["kinds"][str(kind)] = count
+        batch["since"] = min(batch["since"], since)
+    return sorted(batches.values(), key=lambda b: b["run_id"])
+
+
+def staged_fixes(session: Session, practice: str, run_id: int) -> list[dict[str, Any]]:
+    """The staged fixes of one run with their findings: ids only, never an address."""
+    rows = session.execute(
+        select(ActionRow, FindingRow)
+        .join(FindingRow, FindingRow.id == ActionRow.finding_id)
+        .where(ActionRow.practice == practice, ActionRow.run_id == run_id,
+               ActionRow.status == ActionStatus.STAGED)
+        .order_by(ActionRow.id)
+    ).all()
+    return [{
+        "action_id": action.id, "run_id": run_id, "kind": action.kind,
+        "check": finding.check, "fingerprint": finding.fingerprint,
+        "finding_state": finding.state, "patient_id": finding.patient_id,
+        "contact_id": finding.contact_id, "portal_user_id": finding.portal_user_id,
+        "staged_at": action.created_at.isoformat(),
+    } for action, finding in rows]

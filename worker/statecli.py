@@ -196,6 +196,66 @@ def list_findings(
     _print(out, f"{shown}{scope} {what}" + (f" for {check}" if check else ""))
 
 
+# -- staged fix batches --------------------------------------------------------------------
+
+
+def list_staged(
+    settings: Settings, as_json: bool, *, now: datetime | None = None,
+    out: IO[str] | None = None,
+) -> None:
+    """The batches the mass-change guard holds, so staff know which RUN to look at."""
+    from worker.report import table
+    from worker.staging import staged_batches
+
+    out = _out(out)
+    now = now or utcnow()
+    with read_sessions(settings)() as session:
+        batches = staged_batches(session, settings.practice)
+    if as_json:
+        for b in batches:
+            _print(out, json.dumps({**b, "since": _iso(b["since"])}))
+        return
+    if not batches:
+        _print(out, "no staged fixes: nothing waits for approval")
+        return
+    _print(out, table(
+        ["run", "staged", "fixes", "waiting", "why"],
+        [(b["run_id"], b["staged"], ", ".join(f"{k} {n}" for k, n in sorted(b["kinds"].items())),
+          relative(b["since"], now), b["reason"] or "")
+         for b in batches],
+    ))
+    _print(out, "look: oprecon fixes show RUN · release: oprecon fixes approve RUN · "
+                "drop: oprecon fixes reject RUN")
+
+
+def show_staged(
+    settings: Settings, run_id: int, as_json: bool, *, out: IO[str] | None = None,
+) -> None:
+    """Each staged fix of one run and the finding it is for (ids only)."""
+    from worker.report import table
+    from worker.staging import staged_fixes
+
+    out = _out(out)
+    with read_sessions(settings)() as session:
+        fixes = staged_fixes(session, settings.practice, run_id)
+    if not fixes:
+        raise _cannot(f"run {run_id} has no staged fixes (oprecon fixes list shows those "
+                      "that do)")
+    if as_json:
+        for fix in fixes:
+            _print(out, json.dumps(fix))
+        return
+    ids = (("patient", "patient_id"), ("contact", "contact_id"), ("user", "portal_user_id"))
+    _print(out, table(
+        ["action", "fix", "check", "ids", "finding", "fingerprint"],
+        [(f["action_id"], f["kind"], f["check"],
+          " ".join(f"{label}={f[key]}" for label, key in ids if f[key]),
+          f["finding_state"], f["fingerprint"]) for f in fixes],
+    ))
+    _print(out, f"{len(fixes)} staged fix(es) in run {run_id}: oprecon fixes approve {run_id} "
+                f"queues them, oprecon fixes reject {run_id} drops them")
+
+
 # -- silence, pause ------------------------------------------------------------------------
 
 
