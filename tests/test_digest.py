@@ -533,6 +533,7 @@ def test_system_notices_breaker_guard_deadman(env: Any, smtp: SmtpSink) -> None:
                   "FOR APPROVAL", "OPRECON HAS STOPPED CHECKING"):
         assert f"!! {title}" in text
     assert "oprecon fixes approve 42" in text and "3 portal record(s)" in text
+    assert "oprecon fixes show 42" in text
     assert "The guard's reason: 3 fixes exceed the guard." in text
     assert {r.window_key: r.status for r in e.rows() if r.window_key in keys} == dict.fromkeys(
         keys, "sent")

@@ -640,6 +640,7 @@ def guard_note(run_id: int, n: int, guard: Mapping[str, object] | None = None) -
         (
             "Think of anything that could explain many changes at once (a bulk import, a "
             "merge of many contacts, a new export job).",
+            f"See each held fix and the record it is for with `oprecon fixes show {run_id}`.",
             f"If the changes are expected, have whoever runs oprecon approve them with "
             f"`oprecon fixes approve {run_id}`.",
             f"If not, reject them with `oprecon fixes reject {run_id}` and tell whoever "
