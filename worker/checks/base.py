@@ -17,6 +17,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from worker.checks.catalog import BY_ID
 from worker.findings import Action, Finding, Severity
+from worker.records import FamilyContact
 from worker.snapshot import Snapshot
 
 CheckFn = Callable[["CheckContext"], Iterable[Finding]]
@@ -41,6 +42,49 @@ class CheckContext:
             if updated is not None and updated > cutoff:
                 return True
         return False
+
+    # -- indexes several checks share, computed once per run (the snapshot is complete
+    # by the time a context exists) ------------------------------------------------------
+
+    def sorted_links(self) -> list[tuple[str, str]]:
+        """Every portal link, in a stable order (so findings come out in one)."""
+        links = self.memo.get("sorted_links")
+        if links is None:
+            links = self.memo["sorted_links"] = sorted(self.snapshot.links)
+        return links  # type: ignore[return-value]
+
+    def authorized_pairs(self) -> set[tuple[str, str]]:
+        """(patient id, contact id) of every family contact that grants portal access."""
+        pairs = self.memo.get("authorized_pairs")
+        if pairs is None:
+            snap = self.snapshot
+            pairs = self.memo["authorized_pairs"] = {
+                (fc.patient_id, fc.contact_id) for fc in snap.family if snap.is_authorized(fc)
+            }
+        return pairs  # type: ignore[return-value]
+
+    def granting(self) -> list[FamilyContact]:
+        """Family contacts that grant portal access to the chart of an active patient,
+        in the snapshot's order: who needs a working email, an account and links."""
+        fcs = self.memo.get("granting")
+        if fcs is None:
+            snap = self.snapshot
+            fcs = self.memo["granting"] = [
+                fc for fc in snap.family
+                if snap.is_authorized(fc)
+                and (p := snap.patients.get(fc.patient_id)) is not None and p.active
+            ]
+        return fcs  # type: ignore[return-value]
+
+    def charts_of(self, contact_id: str) -> list[FamilyContact]:
+        """`granting()` of one contact."""
+        by_contact = self.memo.get("charts_of")
+        if by_contact is None:
+            index: dict[str, list[FamilyContact]] = {}
+            for fc in self.granting():
+                index.setdefault(fc.contact_id, []).append(fc)
+            by_contact = self.memo["charts_of"] = index
+        return by_contact.get(contact_id, [])  # type: ignore[attr-defined]
 
     def skip_recent(self, *records: object) -> bool:
         if self.recent(*records):

@@ -12,15 +12,10 @@ from worker.findings import Finding, Severity
 def contact_email_invalid(ctx: CheckContext) -> Iterator[Finding]:
     snap = ctx.snapshot
     for cid, contact in snap.contacts.items():
-        charts = sorted(
-            fc.patient_id
-            for fc in snap.fc_by_contact.get(cid, ())
-            if snap.is_authorized(fc)
-            and (p := snap.patients.get(fc.patient_id)) is not None
-            and p.active
-        )
-        if not charts:
+        fcs = ctx.charts_of(cid)
+        if not fcs:
             continue
+        charts = sorted(fc.patient_id for fc in fcs)
         email = contact.email.strip()
         if not email:
             yield finding(

@@ -36,8 +36,11 @@ def invalid_record(ctx: CheckContext) -> Iterator[Finding]:
             portal_user_id=rec.portal_user_id,
             key_extra=_key(rec),
         )
-    for cu, du in sorted(snap.links):
-        missing = [u for u in (cu, du) if u not in snap.users]
+    users = snap.users
+    for cu, du in ctx.sorted_links():
+        if cu in users and du in users:
+            continue
+        missing = [u for u in (cu, du) if u not in users]
         if missing:
             yield finding(
                 "invalid_record",

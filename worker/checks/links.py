@@ -14,12 +14,8 @@ from worker.findings import Finding
 @register("caregiver_link_missing")
 def caregiver_link_missing(ctx: CheckContext) -> Iterator[Finding]:
     snap = ctx.snapshot
-    for fc in snap.family:
-        if not snap.is_authorized(fc):
-            continue
-        patient = snap.patients.get(fc.patient_id)
-        if patient is None or not patient.active:
-            continue
+    for fc in ctx.granting():
+        patient = snap.patients[fc.patient_id]
         caregivers = snap.active_users_for_contact(fc.contact_id)
         dependents = snap.active_users_for_patient(fc.patient_id)
         if not caregivers or not dependents:
@@ -46,7 +42,8 @@ def caregiver_link_missing(ctx: CheckContext) -> Iterator[Finding]:
 @register("caregiver_link_stale")
 def caregiver_link_stale(ctx: CheckContext) -> Iterator[Finding]:
     snap = ctx.snapshot
-    for cu_id, du_id in sorted(snap.links):
+    authorized = ctx.authorized_pairs()
+    for cu_id, du_id in ctx.sorted_links():
         cu = snap.users.get(cu_id)
         du = snap.users.get(du_id)
         if cu is None or du is None or not cu.active or not du.active:
@@ -57,12 +54,12 @@ def caregiver_link_stale(ctx: CheckContext) -> Iterator[Finding]:
         patient = snap.patients.get(du.op_patient_id)
         if contact is None or patient is None or not patient.active:
             continue  # orphans and inactive patients have checks of their own
+        if (patient.patient_id, contact.contact_id) in authorized:
+            continue
         fcs = [
             f for f in snap.fc_by_patient.get(patient.patient_id, ())
             if f.contact_id == contact.contact_id
         ]
-        if any(snap.is_authorized(f) for f in fcs):
-            continue
         if ctx.skip_recent(patient, contact, *fcs):
             continue
         yield finding(

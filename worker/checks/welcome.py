@@ -21,12 +21,7 @@ def welcome_not_sent(ctx: CheckContext) -> Iterator[Finding]:
     for cid, contact in snap.contacts.items():
         if not contact.active:
             continue
-        fcs = [
-            fc for fc in snap.fc_by_contact.get(cid, ())
-            if snap.is_authorized(fc)
-            and (p := snap.patients.get(fc.patient_id)) is not None
-            and p.active
-        ]
+        fcs = ctx.charts_of(cid)
         if not fcs:
             continue
         email = contact.email.strip()
