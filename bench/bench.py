@@ -1,6 +1,6 @@
 """The benchmark of docs/benchmarks.md: `python bench/bench.py --patients 100000 [--json]`.
 
-A thin wrapper of `worker.bench.run_bench` (also `oprecon bench`), for running it from a
+A thin wrapper of `worker.devtools.bench.run_bench` (also `oprecon bench`), for running it from a
 checkout without installing the package.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.bench import run_bench  # noqa: E402
+from worker.devtools.bench import run_bench  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Benchmark of `worker.duplicates`: speed, memory, and pair precision/recall.
+"""Benchmark of `worker.matching.duplicates`: speed, memory, and pair precision/recall.
 
 Run: .venv/bin/python bench/duplicates_bench.py --contacts 100000
 
@@ -9,7 +9,7 @@ odd adult child who has a parent's first name (a negative case; both have a DOB 
 ~20% Spanish-named families with accents, plus placeholder emails, phones and DOBs that
 front desks type when a parent has none. Then `dup_rate` of the records are injected
 duplicates, each with one name perturbation and one shared identifier that the rules of
-`worker.duplicates` allow for it, and the truth is kept. The injector does not consult
+`worker.matching.duplicates` allow for it, and the truth is kept. The injector does not consult
 the detector: a typo that happens to yield another real name (Dean -> Dan) is a miss.
 Faker runs only to build pools once; records are sampled from the pools, so a million
 contacts take about a minute, not hours.
@@ -37,9 +37,9 @@ from faker import Faker  # noqa: E402
 from faker.providers.person.en_US import Provider as EnNames  # noqa: E402
 from faker.providers.person.es_MX import Provider as EsNames  # noqa: E402
 
-from worker import nicknames  # noqa: E402
-from worker.duplicates import DuplicateStats, find_duplicate_groups, name_key  # noqa: E402
-from worker.records import Contact  # noqa: E402
+from worker.matching import nicknames  # noqa: E402
+from worker.matching.duplicates import DuplicateStats, find_duplicate_groups, name_key  # noqa: E402
+from worker.model.records import Contact  # noqa: E402
 
 NAME_KINDS = {  # name perturbation -> weight
     "exact": 8,
@@ -52,7 +52,7 @@ NAME_KINDS = {  # name perturbation -> weight
     "middle": 10,
 }
 LINK_KINDS = {"email": 35, "phone": 25, "dob": 25, "address": 15}
-# The address alone backs only an unchanged (or swapped) name: see worker.duplicates.
+# The address alone backs only an unchanged (or swapped) name: see worker.matching.duplicates.
 ADDRESS_NAME_KINDS = frozenset({"exact", "case_space", "accents", "swapped"})
 TRIPLE_SHARE = 0.12  # of duplicates that are a second copy of the same person
 EMAIL_DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "hotmail.com", "icloud.com",

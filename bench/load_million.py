@@ -16,7 +16,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from worker.snapshot import Snapshot
+from worker.model.snapshot import Snapshot
 from worker.sources.csv_source import CsvOPSource
 from worker.sources.layout import OP_LAYOUT
 

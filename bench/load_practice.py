@@ -16,8 +16,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from worker.engine import read_snapshot
-from worker.generator import generate_practice
+from worker.devtools.generator import generate_practice
+from worker.scan.engine import read_snapshot
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource
 
 

@@ -1,4 +1,4 @@
-"""Benchmark of sharded full scans (`worker.shards`): wall time with N shards run at once.
+"""Benchmark of sharded full scans (`worker.scan.shards`): wall time with N shards run at once.
 
 Run: .venv/bin/python bench/shards_bench.py --patients 100000 --shards 2 [--json]
 
@@ -32,11 +32,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker import bench  # noqa: E402
+from worker.devtools import bench  # noqa: E402
 
 
 def _full(op_url: str, state_url: str) -> dict[str, Any]:
-    from worker.incremental import full_reconcile
+    from worker.scan.incremental import full_reconcile
 
     bench._quiet()
     deps = bench._deps(op_url, "sql", state_url)
@@ -47,7 +47,7 @@ def _full(op_url: str, state_url: str) -> dict[str, Any]:
 
 
 def _shard(op_url: str, state_url: str, parent: int, index: int, count: int) -> dict[str, Any]:
-    from worker import shards
+    from worker.scan import shards
 
     bench._quiet()
     deps = bench._deps(op_url, "sql", state_url)
@@ -76,8 +76,8 @@ def _findings(state_url: str) -> set[tuple[str, str]]:
 def measure(patients: int, count: int, pg_url: str = bench.DEFAULT_PG_URL) -> dict[str, Any]:
     import sqlalchemy as sa
 
-    from worker import shards
-    from worker.generator import generate_practice
+    from worker.devtools.generator import generate_practice
+    from worker.scan import shards
     from worker.state.models import Run
 
     work = Path(tempfile.mkdtemp(prefix="oprecon-shards-"))

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     # -- scheduling -------------------------------------------------------------------
     incremental_scan_minutes: float = Field(5, gt=0)
     full_scan_hour: int = Field(2, ge=0, le=23)
-    # >1: the nightly full scan runs as this many shard tasks (worker.shards).
+    # >1: the nightly full scan runs as this many shard tasks (worker.scan.shards).
     full_scan_shards: int = Field(1, ge=1, le=64)
     scan_soft_limit_seconds: int = Field(1500, gt=0)
     scan_hard_limit_seconds: int = Field(1800, gt=0)

@@ -1,1 +1,1 @@
-"""Thin Celery tasks: parse ids, call worker.service, enqueue follow-ups after commit."""
+"""Thin Celery tasks: parse ids, call worker.runtime.service, enqueue follow-ups after commit."""

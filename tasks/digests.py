@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import get_settings
-from worker.celery_app import app
 from worker.digest import send
-from worker.wiring import state_sessions
+from worker.runtime.celery_app import app
+from worker.scan.wiring import state_sessions
 
 MAX_RETRIES = 5
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import get_settings
-from worker import service
-from worker.celery_app import app
-from worker.fixes import TransientPortalError
+from worker.fixes.apply import TransientPortalError
+from worker.runtime import service
+from worker.runtime.celery_app import app
 
 
 @app.task(

@@ -5,21 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import get_settings
-from worker import health, ondemand
-from worker.celery_app import app
-from worker.engine import utcnow
+from worker.runtime import health
+from worker.runtime.celery_app import app
+from worker.scan import progress
+from worker.scan.engine import utcnow
 
 
 @app.task(name="oprecon.health.deadman", soft_time_limit=30, time_limit=60)
 def deadman() -> dict[str, Any]:
     """Record in kv "deadman" whether scans are overdue; staff notices read it from there.
     Also drops on-call progress records older than a day."""
-    from worker.wiring import state_sessions
+    from worker.scan.wiring import state_sessions
 
     settings = get_settings()
     sessions = state_sessions(settings)
     now = utcnow()
     result = health.run_deadman(settings, sessions, now)
     with sessions.begin() as session:
-        ondemand.prune(session, settings.practice, now)
+        progress.prune(session, settings.practice, now)
     return result

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import group
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
 from config.settings import get_settings
-from worker import service
-from worker.celery_app import app
-from worker.engine import ScopeRequest
+from worker.runtime import service
+from worker.runtime.celery_app import app
+from worker.scan.engine import ScopeRequest
 from worker.sources.base import SourceUnavailable
 
 # A database, Redis or a source that is down now may be back in a minute: retry with
@@ -43,14 +42,9 @@ def full_scan(self: Any) -> dict[str, Any]:
 
 @app.task(name="oprecon.scan.shard", bind=True, **RETRY)
 def shard_scan(self: Any, parent_id: int, index: int, count: int) -> dict[str, Any]:
-    """One shard of a sharded full scan (worker.shards): keys only, never objects."""
+    """One shard of a sharded full scan (worker.scan.shards): keys only, never objects."""
     return _after(service.scan_shard(get_settings(), parent_id, index, count,
                                      task_id=self.request.id))
-
-
-def enqueue_shards(parent_id: int, count: int) -> None:
-    """A group, never a chord (CELERY.md §1 row 8): the shards combine in the state DB."""
-    group(shard_scan.s(parent_id, i, count) for i in range(count)).apply_async()
 
 
 @app.task(name="oprecon.scan.incremental", bind=True, **RETRY)

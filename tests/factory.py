@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any
 
-from worker.records import (
+from worker.model.records import (
     AuditEvent,
     Authority,
     CaregiverLink,
@@ -15,7 +15,7 @@ from worker.records import (
     PortalSource,
     PortalUser,
 )
-from worker.snapshot import Snapshot
+from worker.model.snapshot import Snapshot
 
 OLD = datetime(2026, 1, 1, tzinfo=UTC)
 

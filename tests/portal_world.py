@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from worker.records import WELCOME_ACTION, AuditEvent, CaregiverLink, PortalSource, PortalUser
+from worker.model.records import WELCOME_ACTION, AuditEvent, CaregiverLink, PortalSource, PortalUser
 
 T0 = datetime(2024, 5, 1, 14, 0, tzinfo=UTC)
 

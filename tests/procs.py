@@ -55,7 +55,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
 
 def base_env(**values: str) -> dict[str, str]:
     """The environment of a child process: ours without any OPRECON_* setting, plus
-    `values`; the repository on the path so `-A worker.celery_app` imports."""
+    `values`; the repository on the path so `-A worker.runtime.celery_app` imports."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPRECON_")}
     env.update(values)
     env["PYTHONPATH"] = str(ROOT)
@@ -279,7 +279,7 @@ class TcpProxy:
 
 
 class CeleryWorker:
-    """`celery -A worker.celery_app worker -c 1 -P prefork` as a subprocess.
+    """`celery -A worker.runtime.celery_app worker -c 1 -P prefork` as a subprocess.
 
     The log (JSON lines, our structlog setup) is appended to `<root>/<name>.log` across
     restarts, so a drill can read what every incarnation said.
@@ -299,7 +299,7 @@ class CeleryWorker:
         cwd.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", queues,
+                [str(BIN / "celery"), "-A", "worker.runtime.celery_app", "worker", "-Q", queues,
                  "-c", "1", "-P", "prefork", "-n", f"{self.name}@%h", "--without-mingle",
                  "--without-gossip", "--loglevel", "INFO"],
                 cwd=cwd, env=self.env, stdout=log, stderr=log, start_new_session=True,
@@ -366,7 +366,7 @@ def send_task(broker_url: str, name: str, *args: Any, task_id: str | None = None
     """Queue a task by name on the broker (the way beat and the CLI do), routed by the
     app's own routes; returns the task id."""
     from config.settings import load_settings
-    from worker.celery_app import make_celery_app
+    from worker.runtime.celery_app import make_celery_app
 
     app = make_celery_app(load_settings(broker_url=broker_url, metrics_port=0))
     try:

@@ -21,8 +21,8 @@ from factory import (
 )
 
 from worker.checks import CheckContext, run_checks
-from worker.findings import Action, Severity
-from worker.records import Authority
+from worker.model.findings import Action, Severity
+from worker.model.records import Authority
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 

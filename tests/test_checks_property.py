@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from worker.checks import CheckContext, run_checks
 from worker.checks.catalog import BY_ID
-from worker.records import (
+from worker.model.records import (
     AuditEvent,
     Authority,
     CaregiverLink,
@@ -18,7 +18,7 @@ from worker.records import (
     Patient,
     PortalUser,
 )
-from worker.snapshot import Snapshot
+from worker.model.snapshot import Snapshot
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 pids = st.sampled_from(["P1", "P2", "P3", "P4"])

@@ -33,10 +33,10 @@ from config.settings import Settings, get_settings
 from tests import factory
 from worker.checks.catalog import CHECK_IDS
 from worker.checks.remedies import ESCALATION, REMEDIES
+from worker.cli.digest import digest_command, render_example
 from worker.digest import build as b
 from worker.digest import send
-from worker.digest.cli import digest_command, render_example
-from worker.findings import fingerprint
+from worker.model.findings import fingerprint
 from worker.state.db import kv_get, kv_set, make_engine, migrate, session_factory
 from worker.state.models import ActionRow, DigestSent, FindingRow
 
@@ -502,7 +502,7 @@ def test_system_notices_breaker_guard_deadman(env: Any, smtp: SmtpSink) -> None:
     outage = NOW - timedelta(minutes=1)
     fp = e.add("welcome_not_sent", "open", NOW - timedelta(hours=2), contact="C1")
     with e.sessions.begin() as s:
-        # The shapes worker.safety and worker.health write.
+        # The shapes worker.fixes.rails and worker.runtime.health write.
         kv_set(s, "test", "breaker", {"state": "open", "reason": "5/6 calls failed",
                                       "since": opened.isoformat()}, NOW)
         kv_set(s, "test", "deadman", {"overdue": True, "age_seconds": 7200,

@@ -31,7 +31,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.procs import base_env, oprecon
-from worker.generator import generate_practice
+from worker.devtools.generator import generate_practice
 
 NOW = datetime(2026, 11, 2, 14, 0, tzinfo=UTC)
 FILES = ("op/patients.csv", "op/contacts.csv", "op/family_contacts.csv",
@@ -67,7 +67,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> Callable[..., Outcome]:
     """Copy the clean practice, let the case change it, run the command in-process."""
-    from worker.cli import main
+    from worker.cli.main import main
 
     counter = iter(range(100))
 

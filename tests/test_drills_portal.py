@@ -3,7 +3,7 @@
 The HTTP client's single-call rules (retry on 429/5xx/timeouts/drops, stop on broken
 JSON, idempotent writes) are tested in tests/test_portal_http.py, the breaker's
 arithmetic in tests/test_safety.py. Here the same faults hit a complete scan
-(worker.service.scan, as the task runs it) of a generated practice served by the
+(worker.runtime.service.scan, as the task runs it) of a generated practice served by the
 simulator, and a batch of journaled fixes applied as the fix task applies them.
 
 Shown: transient faults on every paged read leave the scan's findings exactly those of
@@ -31,15 +31,15 @@ from sqlalchemy import select
 
 from config.settings import Settings
 from tests.procs import RedisServer, redis_fixture
-from worker import service
-from worker.fixes import TransientPortalError
-from worker.generator import generate_practice
-from worker.simulator import SimulatorServer, start_simulator
+from worker.devtools.generator import generate_practice
+from worker.devtools.simulator import SimulatorServer, start_simulator
+from worker.fixes.apply import TransientPortalError
+from worker.runtime import service
+from worker.scan.wiring import state_sessions
 from worker.sources.portal_http import PortalProtocolError
 from worker.state.db import kv_get
 from worker.state.models import ActionRow, FindingRow, Run
 from worker.state.models import FindingState as S
-from worker.wiring import state_sessions
 
 pytestmark = pytest.mark.services
 
@@ -154,7 +154,7 @@ def test_a_broken_answer_fails_the_scan_in_one_line_and_resolves_nothing(
 def test_the_cli_reports_a_broken_portal_answer_in_one_line(
     rig: Rig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from worker.cli import main
+    from worker.cli.main import main
 
     settings = rig.settings()
     for name, value in (("STATE_DB_URL", settings.state_db_url), ("PRACTICE", settings.practice),

@@ -46,11 +46,11 @@ from tests.procs import (
     send_task,
     wait_for,
 )
-from worker import engine as engine_module
-from worker import service
-from worker.generator import generate_practice
-from worker.logging import setup_logging
-from worker.simulator import SimulatorServer, start_simulator
+from worker.devtools.generator import generate_practice
+from worker.devtools.simulator import SimulatorServer, start_simulator
+from worker.runtime import service
+from worker.runtime.logging import setup_logging
+from worker.scan import engine as engine_module
 from worker.sources.base import SourceUnavailable
 from worker.state.db import make_engine, migrate, session_factory
 from worker.state.models import FindingRow, Run
@@ -132,7 +132,7 @@ def rig(tmp_path: Path, pg_database: str, make_settings: Any, private_redis: Red
     finally:
         proxy.stop()
         sim.shutdown()
-        from worker.wiring import _sessions_for
+        from worker.scan.wiring import _sessions_for
 
         # The process-wide engine for the proxied URL: closed before the database goes.
         _sessions_for(via_proxy).kw["bind"].dispose()
@@ -165,7 +165,7 @@ def test_scan_tasks_retry_what_may_pass_with_capped_backoff() -> None:
     registered tasks, not from eager calls)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from worker.celery_app import app
+    from worker.runtime.celery_app import app
 
     for task in (tasks.scans.full_scan, tasks.scans.incremental_scan, tasks.scans.adhoc_scan):
         expected = {OperationalError, RedisConnectionError, SourceUnavailable}

@@ -37,14 +37,14 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from tests.procs import RedisServer, free_port
-from worker import metrics, service
-from worker.generator import generate_practice
-from worker.logging import setup_logging
-from worker.simulator import start_simulator
+from worker.devtools.generator import generate_practice
+from worker.devtools.simulator import start_simulator
+from worker.runtime import metrics, service
+from worker.runtime.logging import setup_logging
+from worker.scan.wiring import state_sessions
 from worker.sources.base import SourceError
 from worker.sources.portal_http import PortalProtocolError
 from worker.state.models import Run
-from worker.wiring import state_sessions
 
 PHI_COLUMNS = {
     "op/patients.csv": ("first_name", "last_name", "email", "dob"),
@@ -106,7 +106,7 @@ def logs() -> Iterator[io.StringIO]:
 
 def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
          *args: str) -> tuple[int, str, str]:
-    from worker.cli import main
+    from worker.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["oprecon", *args])
     with pytest.raises(SystemExit) as done:
@@ -199,6 +199,6 @@ def test_nothing_people_read_carries_phi_or_secrets_and_digests_reach_only_staff
     finally:
         sim.shutdown()
         redis_server.stop()
-        from worker.wiring import _sessions_for
+        from worker.scan.wiring import _sessions_for
 
         _sessions_for(db_url).kw["bind"].dispose()  # before the session's database is dropped

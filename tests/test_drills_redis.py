@@ -26,8 +26,8 @@ from sqlalchemy import select
 
 from config.settings import Settings, load_settings
 from tests.procs import CeleryWorker, RedisServer, base_env, send_task, wait_for
-from worker.generator import generate_practice
-from worker.simulator import SimulatorServer, start_simulator
+from worker.devtools.generator import generate_practice
+from worker.devtools.simulator import SimulatorServer, start_simulator
 from worker.state.db import make_engine, migrate, session_factory
 from worker.state.models import ActionRow, Run
 

@@ -44,9 +44,9 @@ from tests.procs import (
     wait_for,
 )
 from tests.test_drills_privacy import phi_of_practice
-from worker.generator import generate_practice
-from worker.locks import ScanBusy, single_flight
-from worker.simulator import SimulatorServer, start_simulator
+from worker.devtools.generator import generate_practice
+from worker.devtools.simulator import SimulatorServer, start_simulator
+from worker.scan.locks import ScanBusy, single_flight
 from worker.state.db import make_engine, migrate, session_factory
 from worker.state.models import FindingRow, Run
 
@@ -274,7 +274,7 @@ def test_a_lock_whose_holder_died_is_taken_over_at_once(
         [sys.executable, "-c",
          "import sys, time\n"
          "from config.settings import load_settings\n"
-         "from worker.locks import single_flight\n"
+         "from worker.scan.locks import single_flight\n"
          f"s = load_settings(redis_url={lock_settings.redis_url!r}, "
          f"practice={lock_settings.practice!r}, metrics_port=0)\n"
          "with single_flight(s):\n"

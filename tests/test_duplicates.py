@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker import duplicates, nicknames
-from worker.duplicates import (
+from worker.matching import duplicates, nicknames
+from worker.matching.duplicates import (
     DuplicateGroup,
     DuplicateStats,
     find_duplicate_groups,
@@ -21,7 +21,7 @@ from worker.duplicates import (
     normalise_phone,
     score_pair,
 )
-from worker.records import Contact
+from worker.model.records import Contact
 
 REASONS = {text for _, text in duplicates._REASONS}
 
@@ -294,7 +294,7 @@ def test_logs_counts_only(caplog: pytest.LogCaptureFixture) -> None:
         contact("c1", "Zelda", "Quorn", email="zq@secret.org", phone="5551234999"),
         contact("c2", "Zelda", "Quorn", email="zq@secret.org", dob=date(1971, 7, 7)),
     ]
-    with caplog.at_level(logging.DEBUG, logger="worker.duplicates"):
+    with caplog.at_level(logging.DEBUG, logger="worker.matching.duplicates"):
         assert find_duplicate_groups(people)
     text = caplog.text.lower()
     assert "duplicates:" in text

@@ -22,12 +22,12 @@ import httpx
 from factory import patient, patient_user
 from sqlalchemy import select
 
-from worker.engine import Deps, pending_intents, reconcile, time_rules
-from worker.fixes import apply_action
-from worker.simulator import SimClock, Simulator, start_simulator
+from worker.devtools.simulator import SimClock, Simulator, start_simulator
+from worker.fixes.apply import apply_action
+from worker.scan.engine import Deps, pending_intents, reconcile, time_rules
+from worker.scan.wiring import state_sessions
 from worker.sources.portal_http import HttpPortal
 from worker.state.models import ActionRow
-from worker.wiring import state_sessions
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -37,9 +37,9 @@ PATCH = "PATCH /users/{user_id}"
 CHILD = textwrap.dedent(
     """
     import sys
-    from worker.engine import pending_intents
-    from worker.fixes import apply_action
-    from worker.lifecycle import TimeRules
+    from worker.scan.engine import pending_intents
+    from worker.fixes.apply import apply_action
+    from worker.scan.lifecycle import TimeRules
     from worker.sources.portal_http import HttpPortal
     from worker.state.db import make_engine, session_factory
 

@@ -21,17 +21,18 @@ from factory import caregiver, contact, fc, link, patient, patient_user, source,
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.engine import Deps, reconcile, time_rules
-from worker.findings import FixKind
-from worker.fixes import TransientPortalError, apply_action
-from worker.planner import Decision
-from worker.safety import portal_guard
-from worker.simulator import SimClock, Simulator, SimulatorServer, start_simulator
+from worker.devtools.simulator import SimClock, Simulator, SimulatorServer, start_simulator
+from worker.fixes.apply import TransientPortalError, apply_action
+from worker.fixes.rails import portal_guard
+from worker.fixes.staging import release_staged
+from worker.model.findings import FixKind
+from worker.runtime.dispatch import send_fixes
+from worker.scan.engine import Deps, reconcile, time_rules
+from worker.scan.planner import Decision
+from worker.scan.wiring import state_sessions
 from worker.sources.portal_http import HttpPortal
-from worker.staging import release_staged
 from worker.state.db import kv_get, kv_set
 from worker.state.models import ActionRow, ActionStatus, FindingEvent, FindingRow
-from worker.wiring import state_sessions
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 TEST_BROKER = "redis://127.0.0.1:6379/13"  # a db of its own: the test counts its queue
@@ -466,7 +467,8 @@ def test_approve_queues_the_fixes_on_the_worker_queue(world: World) -> None:
         settings, deps, run_id = staged_world(world, broker_url=TEST_BROKER)
         lines: list[str] = []
         assert release_staged(settings, run_id, approve=True, mode="queue",
-                              sessions=deps.sessions, echo=lines.append, now=T0) == 3
+                              sessions=deps.sessions, echo=lines.append, now=T0,
+                              enqueue=send_fixes) == 3
         assert "queued on the worker's fix queue" in lines[0]
         assert broker.llen("fix") == 3
         with deps.sessions() as s:
@@ -481,7 +483,7 @@ def test_approve_falls_back_to_applying_here_when_the_broker_is_down(world: Worl
     settings, deps, run_id = staged_world(world, broker_url="redis://127.0.0.1:1/0")
     lines: list[str] = []
     assert release_staged(settings, run_id, approve=True, sessions=deps.sessions,
-                          echo=lines.append, now=T0) == 3
+                          echo=lines.append, now=T0, enqueue=send_fixes) == 3
     assert lines[0].endswith("applied here: 3 applied")
     assert len(world.calls()["writes"]) == 3
 

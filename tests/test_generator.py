@@ -20,8 +20,7 @@ import pytest
 from email_validator import EmailNotValidError, validate_email
 
 from worker.checks.catalog import BY_ID, CHECK_IDS
-from worker.findings import Action, Finding, Severity
-from worker.generator import (
+from worker.devtools.generator import (
     NICKNAMES_F,
     NICKNAMES_M,
     DefectRates,
@@ -32,7 +31,8 @@ from worker.generator import (
     generate_records,
     main,
 )
-from worker.records import WELCOME_ACTION, Contact, FamilyContact, InvalidRecord
+from worker.model.findings import Action, Finding, Severity
+from worker.model.records import WELCOME_ACTION, Contact, FamilyContact, InvalidRecord
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 
@@ -270,7 +270,7 @@ def test_planted_duplicate_groups_are_one_person(practice: PracticeRecords) -> N
 
 
 def test_planted_duplicates_match_the_detector(practice: PracticeRecords) -> None:
-    duplicates = pytest.importorskip("worker.duplicates")
+    duplicates = pytest.importorskip("worker.matching.duplicates")
     found = {tuple(sorted(g.contact_ids))
              for g in duplicates.find_duplicate_groups(practice.records("contacts"))}
     planted = {f.contact_ids for f in practice.findings if f.check == "contact_duplicate"}

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from freezegun import freeze_time
 
-from worker import health, metrics
-from worker.health import Check, Heartbeat
+from worker.runtime import health, metrics
+from worker.runtime.health import Check, Heartbeat
 from worker.state.db import kv_get, kv_set
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -37,7 +37,7 @@ class FakeRedis:
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
             *args: str) -> tuple[int, str, str]:
-    from worker.cli import main
+    from worker.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["oprecon", *args])
     with pytest.raises(SystemExit) as done:
@@ -185,7 +185,7 @@ def test_heartbeat_checks_need_a_ready_worker_and_exactly_one_active_beat(
 
 
 def _sessions(settings: Any) -> Any:
-    from worker.wiring import state_sessions
+    from worker.scan.wiring import state_sessions
 
     return state_sessions(settings)
 

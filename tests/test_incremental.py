@@ -1,4 +1,4 @@
-"""Incremental scans leave the same open findings as full scans (worker.incremental).
+"""Incremental scans leave the same open findings as full scans (worker.scan.incremental).
 
 A generated practice is scanned in full, the state database copied, ~20 random changes
 are made to the sources (planted defects fixed, new ones made, `updated_at` touched), and
@@ -24,16 +24,16 @@ from conftest import PG_ADMIN_URL
 from sqlalchemy import select
 
 from config.settings import Settings
-from worker.engine import Deps, reconcile
-from worker.generator import generate_practice
-from worker.incremental import (
+from worker.devtools.generator import generate_practice
+from worker.model.records import Contact, FamilyContact, PortalUser
+from worker.scan.engine import Deps, reconcile
+from worker.scan.incremental import (
     FULL_SCAN_ONLY,
     WATERMARK,
     full_reconcile,
     incremental_reconcile,
     overlap,
 )
-from worker.records import Contact, FamilyContact, PortalUser
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 from worker.sources.sql_source import (
@@ -161,7 +161,7 @@ def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
     """One random change of the kind staff make: fixing a planted defect or making one.
 
     Not among them: deleting a row or re-pointing a portal user at another OP record,
-    which incremental scans leave to the nightly full scan (worker.incremental).
+    which incremental scans leave to the nightly full scan (worker.scan.incremental).
     """
     pats, cons, fcs = tables["patients"], tables["contacts"], tables["family_contacts"]
     users, audit = tables["portal_users"], tables["portal_audit"]
@@ -323,7 +323,7 @@ def test_watermark_cheap_run_and_first_run(
 def test_full_scan_through_the_service_sets_the_watermark(
     practice: Path, tmp_path: Path, make_settings: Any, redis_client: Any
 ) -> None:
-    from worker.service import scan
+    from worker.runtime.service import scan
 
     settings = make_settings(op_dir=practice / "op", portal_dir=practice / "portal")
     deps = state_deps(tmp_path / "s.sqlite", settings,

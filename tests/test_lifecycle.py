@@ -14,11 +14,11 @@ from factory import MemoryPortal, MemorySource, clean_family, patient
 from freezegun import freeze_time
 from sqlalchemy import select
 
-from worker.engine import Deps, ScopeRequest, reconcile, time_rules
-from worker.fixes import apply_action
-from worker.planner import Decision
+from worker.fixes.apply import apply_action
+from worker.scan.engine import Deps, ScopeRequest, reconcile, time_rules
+from worker.scan.planner import Decision
+from worker.scan.wiring import state_sessions
 from worker.state.models import ActionRow, FindingEvent, FindingRow
-from worker.wiring import state_sessions
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 MISSING_LINK = "caregiver_link_missing"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from worker.demo import PRACTICE, run_demo
-from worker.logging import setup_logging
+from worker.devtools.demo import PRACTICE, run_demo
+from worker.runtime.logging import setup_logging
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_full_demo_run_logs_no_phi(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                    capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     stream = io.StringIO()
-    from worker import demo
+    from worker.devtools import demo
 
     monkeypatch.setattr(demo, "setup_logging",
                         lambda level, fmt: setup_logging("DEBUG", "json", stream=stream))

@@ -15,7 +15,8 @@ import httpx
 import pytest
 from portal_world import T0, portal_records
 
-from worker.records import (
+from worker.devtools.simulator import SimClock, Simulator, SimulatorServer, start_simulator
+from worker.model.records import (
     WELCOME_ACTION,
     AuditEvent,
     CaregiverLink,
@@ -23,7 +24,6 @@ from worker.records import (
     PortalSource,
     PortalUser,
 )
-from worker.simulator import SimClock, Simulator, SimulatorServer, start_simulator
 from worker.sources.base import PortalReader, PortalWriter
 from worker.sources.portal_http import (
     HttpPortal,

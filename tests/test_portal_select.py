@@ -1,5 +1,5 @@
 """Targeted reads over the portal HTTP API (HttpPortal.select_*, the list endpoints' id
-selectors in worker/openapi/portal.yaml, served by the simulator).
+selectors in worker/sources/openapi/portal.yaml, served by the simulator).
 
 They must answer exactly what PortalTables' select_* answer on the same data, so an
 incremental scan over HTTP leaves the findings a full scan leaves, while reading only the
@@ -22,10 +22,10 @@ import httpx
 import pytest
 import test_incremental as inc
 
-from worker.generator import generate_practice
-from worker.incremental import full_reconcile, incremental_reconcile
-from worker.records import CaregiverLink, InvalidRecord, PortalSource, PortalUser
-from worker.simulator import SimClock, Simulator, SimulatorServer, start_simulator
+from worker.devtools.generator import generate_practice
+from worker.devtools.simulator import SimClock, Simulator, SimulatorServer, start_simulator
+from worker.model.records import CaregiverLink, InvalidRecord, PortalSource, PortalUser
+from worker.scan.incremental import full_reconcile, incremental_reconcile
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource
 from worker.sources.portal_http import HttpPortal, PortalRejected
 

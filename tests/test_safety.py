@@ -17,10 +17,8 @@ from conftest import REDIS_URL
 from factory import MemorySource, clean_family, patient_user
 from freezegun import freeze_time
 
-from worker.engine import Deps, reconcile
-from worker.fixes import TransientPortalError
-from worker.planner import Decision
-from worker.safety import (
+from worker.fixes.apply import TransientPortalError
+from worker.fixes.rails import (
     BreakerOpen,
     CircuitBreaker,
     PortalGuard,
@@ -28,8 +26,10 @@ from worker.safety import (
     kv_mirror,
     portal_guard,
 )
+from worker.scan.engine import Deps, reconcile
+from worker.scan.planner import Decision
+from worker.scan.wiring import state_sessions
 from worker.state.db import kv_get
-from worker.wiring import state_sessions
 
 T0 = 1_780_000_000.0  # an arbitrary epoch second for the injected clocks
 

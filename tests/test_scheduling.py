@@ -47,7 +47,7 @@ from tests.factory import (
     patient,
     patient_user,
 )
-from worker.records import (
+from worker.model.records import (
     AuditEvent,
     CaregiverLink,
     Contact,
@@ -83,9 +83,10 @@ def test_time_limits_are_ordered_and_match_the_documented_table() -> None:
     import tasks.health
     import tasks.scans
     from config.schedule import beat_schedule
-    from worker import health, ondemand
-    from worker.celery_app import make_celery_app
-    from worker.locks import scan_lock
+    from worker.cli import ondemand
+    from worker.runtime import health
+    from worker.runtime.celery_app import make_celery_app
+    from worker.scan.locks import scan_lock
 
     settings = load_settings()
     app = make_celery_app(settings)
@@ -144,7 +145,7 @@ def test_settings_refuse_a_lock_that_outlives_the_visibility_timeout() -> None:
 def test_reconcile_with_the_broker_down_is_one_line_exit_2(
     make_settings: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from worker.cli import main
+    from worker.cli.main import main
 
     settings = make_settings()
     monkeypatch.setenv("OPRECON_BROKER_URL", "redis://:pw@127.0.0.1:1/0")
@@ -165,9 +166,9 @@ def _follow(make_settings: Any, monkeypatch: pytest.MonkeyPatch, seed: Callable[
     """enqueue_and_wait with the broker stubbed out and the worker's side seeded."""
     import io
 
-    from worker import ondemand
-    from worker.engine import ScopeRequest
-    from worker.wiring import state_sessions
+    from worker.cli import ondemand
+    from worker.scan.engine import ScopeRequest
+    from worker.scan.wiring import state_sessions
 
     settings = make_settings()
     sessions = state_sessions(settings)
@@ -202,7 +203,7 @@ def test_follow_a_failed_run_exits_1_without_the_error_message(
 def test_follow_a_run_that_never_got_the_lock_exits_2(
     make_settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.ondemand import progress_key
+    from worker.scan.progress import progress_key
     from worker.state.db import kv_set
 
     def seed(sessions: Any, practice: str, task_id: str) -> None:
@@ -223,9 +224,10 @@ def test_follow_times_out_while_queued_with_exit_2(
 
 
 def test_poll_reads_progress_then_the_run_row(make_settings: Any) -> None:
-    from worker.ondemand import poll, progress_key, record
+    from worker.cli.ondemand import poll
+    from worker.scan.progress import progress_key, record
+    from worker.scan.wiring import state_sessions
     from worker.state.db import kv_set
-    from worker.wiring import state_sessions
 
     settings = make_settings()
     sessions = state_sessions(settings)
@@ -284,7 +286,8 @@ class Cluster:
         with (self.root / f"{name}.out").open("ab") as out, \
                 (self.root / f"{name}.log").open("ab") as err:
             proc = subprocess.Popen(
-                [str(BIN / "celery"), "-A", "worker.celery_app", *args, "--loglevel", "INFO"],
+                [str(BIN / "celery"), "-A", "worker.runtime.celery_app", *args,
+                 "--loglevel", "INFO"],
                 cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True,
             )
         self.procs[name] = proc
@@ -314,7 +317,7 @@ class Cluster:
                               capture_output=True, text=True, timeout=timeout)
 
     def sessions(self) -> Any:
-        from worker.wiring import state_sessions
+        from worker.scan.wiring import state_sessions
 
         return state_sessions(self.settings, migrate_first=False)
 
@@ -418,8 +421,8 @@ def test_scheduled_scans_run_on_time_and_are_recorded(cluster: Cluster) -> None:
 
 @pytest.mark.services
 def test_a_scan_that_finds_the_lock_held_is_skipped_and_logged(cluster: Cluster) -> None:
-    from worker.celery_app import make_celery_app
-    from worker.locks import scan_lock
+    from worker.runtime.celery_app import make_celery_app
+    from worker.scan.locks import scan_lock
 
     lock = scan_lock(cluster.settings)
     assert lock.acquire(blocking=True, blocking_timeout=10)  # a scan may be running now
@@ -464,7 +467,7 @@ def test_adhoc_patient_run_completes_while_periodic_work_goes_on(cluster: Cluste
 
 @pytest.mark.services
 def test_adhoc_run_waits_for_the_lock_and_says_so(cluster: Cluster) -> None:
-    from worker.locks import scan_lock
+    from worker.scan.locks import scan_lock
 
     lock = scan_lock(cluster.settings)
     assert lock.acquire(blocking=True, blocking_timeout=10)

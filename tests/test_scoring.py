@@ -12,8 +12,8 @@ import pytest
 
 from worker.checks import CheckContext, run_checks
 from worker.checks.catalog import CHECK_IDS
-from worker.engine import read_snapshot
-from worker.generator import generate_practice
+from worker.devtools.generator import generate_practice
+from worker.scan.engine import read_snapshot
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource
 
 NOW = datetime(2026, 11, 2, 14, 0, tzinfo=UTC)

@@ -62,7 +62,7 @@ def test_toml_file_and_env_precedence(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_cli_stops_with_one_line_and_exit_2(tmp_path: Path) -> None:
     env = {"OPRECON_HOLD_MINUTES": "-5", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "migrate"], env=env,
+    out = subprocess.run([sys.executable, "-m", "worker.cli.main", "migrate"], env=env,
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0

@@ -1,4 +1,4 @@
-"""Sharded full scans (worker.shards) leave exactly the findings a single full scan does.
+"""Sharded full scans (worker.scan.shards) leave exactly the findings a single full scan does.
 
 One generated practice, OP in SQLite (so the shards use targeted reads), portal as CSV
 exports: state DB A gets ordinary full scans, state DB B 3-shard scans whose shards run
@@ -24,12 +24,12 @@ from test_incremental import NOW, Store, change, read_tables, state_deps
 
 from tests.conftest import BROKER_URL, REDIS_URL
 from tests.procs import BIN, _stop, base_env, wait_for
-from worker import shards
-from worker.engine import Deps
-from worker.generator import generate_practice
-from worker.incremental import WATERMARK, full_reconcile
+from worker.devtools.generator import generate_practice
+from worker.fixes.staging import release_staged
+from worker.scan import shards
+from worker.scan.engine import Deps
+from worker.scan.incremental import WATERMARK, full_reconcile
 from worker.sources.csv_source import CsvPortalSource
-from worker.staging import release_staged
 from worker.state.db import kv_get, make_engine, migrate, session_factory
 from worker.state.models import ActionRow, FindingEvent, FindingRow, Run
 
@@ -274,7 +274,7 @@ def test_celery_worker_runs_a_sharded_full_scan(
     engine = make_engine(pg_database)
     log = (tmp_path / "worker.log").open("ab")
     proc = subprocess.Popen(
-        [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "scan,fix",
+        [str(BIN / "celery"), "-A", "worker.runtime.celery_app", "worker", "-Q", "scan,fix",
          "-c", "2", "-P", "prefork", "-n", f"{practice}@%h", "--without-mingle",
          "--without-gossip", "--loglevel", "INFO"],
         cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True,
@@ -288,7 +288,7 @@ def test_celery_worker_runs_a_sharded_full_scan(
 
         wait_for(lambda: alive_and((tmp_path / "hb" / "worker.ready").exists), 40,
                  "the worker to be ready", every=0.1)
-        from worker.celery_app import make_celery_app
+        from worker.runtime.celery_app import make_celery_app
 
         settings = make_settings(state_db_url=pg_database, practice=practice)
         celery = make_celery_app(settings)

@@ -22,9 +22,15 @@ import pytest
 from freezegun import freeze_time
 from portal_world import T0, portal_records
 
-from worker.records import WELCOME_ACTION
-from worker.simulator import PortalStore, SimClock, Simulator, SimulatorServer, start_simulator
-from worker.simulator.server import ROUTES
+from worker.devtools.simulator import (
+    PortalStore,
+    SimClock,
+    Simulator,
+    SimulatorServer,
+    start_simulator,
+)
+from worker.devtools.simulator.server import ROUTES
+from worker.model.records import WELCOME_ACTION
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 
 TOKEN = "sim-test-token"
@@ -415,7 +421,8 @@ def test_state_persists_in_a_db_file(tmp_path: Path) -> None:
 def test_one_command_starts_the_simulator(tmp_path: Path) -> None:
     portal = write_portal_dir(tmp_path / "portal")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.simulator", "--port", "0", "--portal-dir", str(portal),
+        [sys.executable, "-m", "worker.devtools.simulator", "--port", "0",
+         "--portal-dir", str(portal),
          "--token", TOKEN, "--delay-minutes", "1", "--seed", "5"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -443,7 +450,7 @@ def test_shutdown_is_clean_and_idempotent() -> None:
 
 
 def test_openapi_document_lists_exactly_the_served_routes() -> None:
-    text = (ROOT / "worker/openapi/portal.yaml").read_text()
+    text = (ROOT / "worker/sources/openapi/portal.yaml").read_text()
     assert text.startswith("openapi: 3.1")
     documented: set[tuple[str, str]] = set()
     path = None

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.records import (
+from worker.model.records import (
     WELCOME_ACTION,
     AuditEvent,
     Authority,
@@ -25,7 +25,7 @@ from worker.records import (
     PortalSource,
     PortalUser,
 )
-from worker.snapshot import Snapshot
+from worker.model.snapshot import Snapshot
 from worker.sources.base import OPReader, PortalReader, PortalWriter, ReadOnlyPortal, SourceError
 from worker.sources.csv_source import (
     CsvOPSource,

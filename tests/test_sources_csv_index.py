@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from worker.generator import generate_practice
+from worker.devtools.generator import generate_practice
 from worker.sources import csv_source
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource, clear_indexes
 from worker.sources.parsing import SINCE_COLUMN, parse_time

@@ -12,11 +12,11 @@ from typing import Any
 import sqlalchemy as sa
 from conftest import PG_ADMIN_URL
 
-from worker.engine import read_snapshot
-from worker.generator import generate_practice
-from worker.records import InvalidRecord
-from worker.simulator import SimClock, Simulator, start_simulator
-from worker.snapshot import Snapshot
+from worker.devtools.generator import generate_practice
+from worker.devtools.simulator import SimClock, Simulator, start_simulator
+from worker.model.records import InvalidRecord
+from worker.model.snapshot import Snapshot
+from worker.scan.engine import read_snapshot
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource
 from worker.sources.portal_http import HttpPortal
 from worker.sources.sql_source import SqlOPSource, load_op_sql, make_engine

@@ -22,7 +22,7 @@ from tests.test_sources_csv import (
     sample_practice,
     write_practice,
 )
-from worker.records import InvalidRecord, Patient, PortalUser
+from worker.model.records import InvalidRecord, Patient, PortalUser
 from worker.sources.base import OPReader, PortalReader, PortalWriter, ReadOnlyPortal, SourceError
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource
 from worker.sources.sql_source import (

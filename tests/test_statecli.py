@@ -1,6 +1,6 @@
 """On-call commands on a seeded state database: findings, silence, pause, status.
 
-The CLI runs in-process through `worker.cli.main`, so exit codes and the one-line error
+The CLI runs in-process through `worker.cli.main.main`, so exit codes and the one-line error
 contract are the real ones. Silence boundaries are frozen with freezegun and checked
 against the lifecycle the scans apply.
 """
@@ -22,19 +22,19 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import BROKER_URL
 from tests.factory import MemorySource, contact, fc, patient
-from worker.engine import Deps, reconcile
-from worker.planner import Decision
+from worker.scan.engine import Deps, reconcile
+from worker.scan.planner import Decision
+from worker.scan.wiring import state_sessions
 from worker.state.db import kv_get, kv_set
 from worker.state.models import FindingEvent, FindingRow, Run
 from worker.state.models import FindingState as S
-from worker.wiring import state_sessions
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
             *args: str) -> tuple[int, str, str]:
-    from worker.cli import main
+    from worker.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["oprecon", *args])
     with pytest.raises(SystemExit) as done:
@@ -209,7 +209,7 @@ def _child_with_email() -> list[object]:
 def test_silence_holds_until_exactly_its_end_in_listing_and_in_scans(
     make_settings: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from worker.statecli import list_findings, set_silence
+    from worker.cli.state import list_findings, set_silence
 
     settings = make_settings()
     source = MemorySource(_child_with_email())

@@ -14,7 +14,7 @@ from worker.checks import (  # noqa: F401  (imported to register)
 from worker.checks.base import CheckContext, iter_findings
 from worker.checks.catalog import BY_ID, CHECK_IDS, SPECS, CheckSpec
 from worker.checks.remedies import REMEDIES
-from worker.findings import Finding
+from worker.model.findings import Finding
 
 __all__ = ["BY_ID", "CHECK_IDS", "REMEDIES", "SPECS", "CheckContext", "CheckSpec", "run_checks"]
 

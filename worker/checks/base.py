@@ -16,9 +16,9 @@ from functools import lru_cache
 from email_validator import EmailNotValidError, validate_email
 
 from worker.checks.catalog import BY_ID
-from worker.findings import Action, Finding, Severity
-from worker.records import FamilyContact
-from worker.snapshot import Snapshot
+from worker.model.findings import Action, Finding, Severity
+from worker.model.records import FamilyContact
+from worker.model.snapshot import Snapshot
 
 CheckFn = Callable[["CheckContext"], Iterable[Finding]]
 

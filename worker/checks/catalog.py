@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.findings import Action, FixKind, Severity
+from worker.model.findings import Action, FixKind, Severity
 
 
 @dataclass(frozen=True, slots=True)

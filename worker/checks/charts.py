@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from worker.checks.base import CheckContext, email_is_valid, finding, register
-from worker.findings import Finding, Severity
+from worker.model.findings import Finding, Severity
 
 
 @register("contact_email_invalid")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from worker.checks.base import CheckContext, finding, register
-from worker.duplicates import find_duplicate_groups
-from worker.findings import Finding
-from worker.records import Contact
+from worker.matching.duplicates import find_duplicate_groups
+from worker.model.findings import Finding
+from worker.model.records import Contact
 
 
 def duplicate_findings(contacts: Iterable[Contact]) -> Iterator[Finding]:

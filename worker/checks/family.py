@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from worker.checks.base import CheckContext, finding, register
-from worker.findings import Finding
-from worker.snapshot import Snapshot
+from worker.model.findings import Finding
+from worker.model.snapshot import Snapshot
 
 
 @register("authority_invalid")

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from worker.checks.base import CheckContext, finding, register
-from worker.findings import Finding
-from worker.records import InvalidRecord
+from worker.model.findings import Finding
+from worker.model.records import InvalidRecord
 
 
 def _where(rec: InvalidRecord) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from worker.checks.base import CheckContext, finding, register
-from worker.findings import Finding
+from worker.model.findings import Finding
 
 
 @register("caregiver_link_missing")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from worker.checks.base import CheckContext, finding, register
-from worker.findings import Finding
-from worker.records import PATIENT_ROLE
+from worker.model.findings import Finding
+from worker.model.records import PATIENT_ROLE
 
 
 @register(

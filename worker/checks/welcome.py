@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from worker.checks.base import CheckContext, email_is_valid, finding, register
 from worker.checks.family import self_role_contacts
-from worker.findings import Action, Finding
+from worker.model.findings import Action, Finding
 
 
 @register("welcome_not_sent")

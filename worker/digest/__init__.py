@@ -5,7 +5,7 @@ Modules, each with one job:
 - `build`  — routing (check → staff category → recipients), windows (daily at
   `digest_time` in `digest_timezone`, plus immediate notices) and the content of one
   (recipient, window): counts, items grouped by check, remedy steps, repeats.
-- `render` — Jinja2 templates (`worker/templates/digest.*.j2`) → subject, text, HTML,
+- `render` — Jinja2 templates (`worker/digest/templates/digest.*.j2`) → subject, text, HTML,
   the MIME message and the webhook's JSON body.
 - `send`   — the once-per-(recipient, window) bookkeeping in `digests_sent`, SMTP and
   webhook delivery with retries, and `due()`, which the Celery tick fans out from;

@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 from config.settings import Policy, Settings
 from worker.checks.catalog import BY_ID, CHECK_IDS
 from worker.checks.remedies import ESCALATION, REMEDIES
-from worker.logging import scrub_text
-from worker.planner import default_policy
+from worker.model.text import scrub_text
+from worker.scan.planner import default_policy
 from worker.state.db import kv_get, kv_set
 from worker.state.models import ActionRow, ActionStatus, DigestSent, FindingRow
 from worker.state.models import FindingState as S
@@ -299,7 +299,7 @@ def breaker_state(session: Session, practice: str) -> dict[str, object] | None:
 
 
 def deadman_state(session: Session, practice: str) -> dict[str, object] | None:
-    """kv "deadman" (worker.health) while scans are overdue, else None."""
+    """kv "deadman" (worker.runtime.health) while scans are overdue, else None."""
     value = kv_get(session, practice, "deadman") or {}
     return value if value.get("overdue") else None
 
@@ -311,7 +311,8 @@ def deadman_episode(value: Mapping[str, object]) -> str:
 
 
 def mark_deadman_alerted(session: Session, practice: str, episode: str, now: datetime) -> None:
-    """worker.health leaves `alerted` false for a new outage; whoever tells staff sets it."""
+    """worker.runtime.health leaves `alerted` false for a new outage; whoever tells staff
+    sets it."""
     value = kv_get(session, practice, "deadman") or {}
     if value.get("overdue") and not value.get("alerted") and deadman_episode(value) == episode:
         value["alerted"] = True

@@ -1,6 +1,6 @@
 """Turn a `Digest` into what people read: subject, text, HTML, a MIME message, a webhook body.
 
-Templates live in `worker/templates/` (package data). HTML is autoescaped, so a detail
+Templates live in `worker/digest/templates/` (package data). HTML is autoescaped, so a detail
 or a name holding `<` or `&` can never change the markup; the text template is not.
 """
 
@@ -22,7 +22,7 @@ CATEGORY_NAMES = {"front_desk": "front desk", "practice_manager": "practice mana
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("worker", "templates"),
+        loader=jinja2.PackageLoader("worker.digest", "templates"),
         autoescape=lambda name: bool(name and name.endswith(".html.j2")),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

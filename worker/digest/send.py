@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from worker.digest import build as b
 from worker.digest import render
-from worker.logging import scrub_text
+from worker.model.text import scrub_text
 from worker.state.models import DigestSent
 
 log = structlog.get_logger(__name__)
@@ -355,7 +355,7 @@ def names_from_op(op: Any) -> NamesLoader:
 
 
 def _default_names(settings: Settings) -> NamesLoader:
-    from worker.wiring import op_reader
+    from worker.scan.wiring import op_reader
 
     return names_from_op(op_reader(settings))
 

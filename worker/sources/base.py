@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from worker.records import (
+from worker.model.records import (
     AuditEvent,
     CaregiverLink,
     Contact,

@@ -31,7 +31,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, cast
 
-from worker.records import (
+from worker.model.records import (
     Contact,
     InvalidRecord,
     PortalUser,

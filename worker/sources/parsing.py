@@ -19,8 +19,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from typing import Any
 
-from worker.logging import scrub_text
-from worker.records import (
+from worker.model.records import (
     AuditEvent,
     Authority,
     CaregiverLink,
@@ -31,6 +30,7 @@ from worker.records import (
     PortalSource,
     PortalUser,
 )
+from worker.model.text import scrub_text
 
 Row = Mapping[str, str | None]
 

@@ -1,4 +1,4 @@
-"""The portal over its admin HTTP API (`worker/openapi/portal.yaml`).
+"""The portal over its admin HTTP API (`worker/sources/openapi/portal.yaml`).
 
 Failures are sorted by what the caller should do next:
 
@@ -38,7 +38,7 @@ from urllib.parse import quote
 import httpx
 import structlog
 
-from worker.records import (
+from worker.model.records import (
     AuditEvent,
     CaregiverLink,
     InvalidRecord,

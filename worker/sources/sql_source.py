@@ -44,7 +44,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.types import TypeDecorator
 
-from worker.records import (
+from worker.model.records import (
     PortalUser,
 )
 from worker.sources.base import SourceError, SourceUnavailable

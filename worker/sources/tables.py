@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from worker.records import (
+from worker.model.records import (
     AuditEvent,
     CaregiverLink,
     Contact,

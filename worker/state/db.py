@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.state.models import KeyValue
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

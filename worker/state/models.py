@@ -69,7 +69,7 @@ class ActionStatus(enum.StrEnum):
     STAGED = "staged"  # held back by the mass-change guard
     REJECTED = "rejected"  # staff dropped a staged batch
     # Planned by one shard of a sharded full scan: released (or staged) once every shard
-    # has planned, when the mass-change guard can count the whole run (worker.shards).
+    # has planned, when the mass-change guard can count the whole run (worker.scan.shards).
     DEFERRED = "deferred"
     UNAVAILABLE = "unavailable"  # read-only source: cannot be applied
 

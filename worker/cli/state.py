@@ -1,0 +1,574 @@
+"""On-call commands over the state database: findings, silence, pause, status, health.
+
+Reads never migrate or create anything (a missing SQLite file is a one-line error);
+writes (silence, pause) bring the schema up to date first. Output names ids only, and
+connection URLs are printed with their passwords masked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from worker.cli.errors import CannotStart
+from worker.runtime import health
+from worker.runtime.health import fmt_seconds
+from worker.scan.engine import utcnow
+from worker.state.db import kv_get, kv_set
+from worker.state.models import FindingEvent, FindingRow, Run
+from worker.state.models import FindingState as S
+
+SEVERITY_ORDER = {"high": 0, "warning": 1, "info": 2}
+RECENT_RUNS = 10
+# kombu's Redis transport keeps priorities 3, 6 and 9 in sibling lists.
+_PRIORITY_SEP = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+
+
+def _cannot(message: str) -> CannotStart:
+    return CannotStart(message)
+
+
+def _out(out: IO[str] | None) -> IO[str]:
+    return out or sys.stdout
+
+
+def _print(out: IO[str], text: str = "") -> None:
+    out.write(text + "\n")
+
+
+def fmt_duration(seconds: float) -> str:
+    """Run durations: sub-second precision while it matters."""
+    return f"{seconds:.2f}s" if seconds < 10 else fmt_seconds(seconds)
+
+
+def relative(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return ""
+    delta = (when - now).total_seconds()
+    return f"in {fmt_seconds(delta)}" if delta > 0 else f"{fmt_seconds(delta)} ago"
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when else None
+
+
+def _stamp(when: datetime | None) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%SZ") if when else ""
+
+
+def read_sessions(settings: Settings) -> sessionmaker[Session]:
+    """Sessions for reading: no migration, and no SQLite file created by a mere look."""
+    from worker.scan.wiring import state_sessions
+
+    url = make_url(settings.state_db_url)
+    db = url.database
+    sqlite_file = url.get_backend_name() == "sqlite" and db not in (None, "", ":memory:")
+    if sqlite_file and not Path(str(db)).exists():
+        raise _cannot(f"no state database at {db}: nothing has run yet")
+    return state_sessions(settings, migrate_first=False)
+
+
+def write_sessions(settings: Settings) -> sessionmaker[Session]:
+    from worker.scan.wiring import state_sessions
+
+    return state_sessions(settings, migrate_first=True)
+
+
+# -- findings ------------------------------------------------------------------------------
+
+
+def effective_state(row: FindingRow, now: datetime) -> str:
+    """What on-call should read: a silence past its end is over even before the next scan
+    reopens the finding (the lifecycle ends it at `now >= silenced_until`)."""
+    if row.state == S.SILENCED and row.silenced_until is not None and now >= row.silenced_until:
+        return "silence ended"
+    return str(row.state)
+
+
+def next_check(row: FindingRow, now: datetime, settings: Settings) -> str:
+    state = row.state
+    if state == S.SILENCED:
+        if row.silenced_until is None:
+            return "silenced"
+        return ("next scan" if now >= row.silenced_until
+                else f"until {_stamp(row.silenced_until)}")
+    if state in (S.HELD, S.VERIFYING):
+        if row.next_check_at is None:
+            return "next scan"
+        return "verify at next scan" if row.next_check_at <= now else (
+            f"verify {relative(row.next_check_at, now)}")
+    if state == S.PENDING:
+        confirm = row.first_seen_at + settings.propagation_delay
+        return "confirm at next scan" if confirm <= now else f"confirm {relative(confirm, now)}"
+    if state == S.FIX_QUEUED:
+        return "fix queued"
+    if state == S.RESOLVED:
+        return ""
+    return "next scan"
+
+
+def ids_text(row: FindingRow) -> str:
+    parts = [f"{k}={v}" for k, v in (("patient", row.patient_id), ("contact", row.contact_id),
+                                     ("user", row.portal_user_id)) if v]
+    if row.contact_ids:
+        parts.append("contacts=" + ",".join(str(c) for c in row.contact_ids))
+    return " ".join(parts)
+
+
+def finding_json(row: FindingRow, now: datetime) -> dict[str, Any]:
+    return {
+        "fingerprint": row.fingerprint, "check": row.check, "severity": row.severity,
+        "state": row.state, "effective_state": effective_state(row, now),
+        "patient_id": row.patient_id, "contact_id": row.contact_id,
+        "portal_user_id": row.portal_user_id, "contact_ids": row.contact_ids,
+        "detail": row.detail, "first_seen_at": _iso(row.first_seen_at),
+        "last_seen_at": _iso(row.last_seen_at), "state_changed_at": _iso(row.state_changed_at),
+        "age_seconds": round((now - row.first_seen_at).total_seconds(), 3),
+        "next_check_at": _iso(row.next_check_at), "fix_attempts": row.fix_attempts,
+        "silenced_until": _iso(row.silenced_until), "silenced_by": row.silenced_by,
+        "silence_reason": row.silence_reason,
+    }
+
+
+def list_findings(
+    settings: Settings,
+    check: str | None,
+    state: str | None,
+    as_json: bool,
+    limit: int,
+    *,
+    now: datetime | None = None,
+    out: IO[str] | None = None,
+) -> None:
+    """Unresolved findings by default, most severe and oldest first; `--state all` or
+    `--state resolved` to see the rest."""
+    from worker.checks.catalog import CHECK_IDS
+    from worker.scan.report import table
+
+    out = _out(out)
+    now = now or utcnow()
+    if check is not None and check not in CHECK_IDS:
+        raise _cannot(f"--check: unknown check id {check!r}")
+    states = [str(s) for s in S]
+    if state is not None and state != "all" and state not in states:
+        raise _cannot(f"--state: one of {', '.join(states)}, all")
+    if limit < 1:
+        raise _cannot("--limit must be at least 1")
+    where = [FindingRow.practice == settings.practice]
+    if check:
+        where.append(FindingRow.check == check)
+    if state is None:
+        where.append(FindingRow.state != S.RESOLVED)
+    elif state != "all":
+        where.append(FindingRow.state == state)
+    rank = case(SEVERITY_ORDER, value=FindingRow.severity, else_=9)
+    with read_sessions(settings)() as session:
+        total = session.scalar(select(func.count()).select_from(FindingRow).where(*where)) or 0
+        rows = list(session.scalars(
+            select(FindingRow).where(*where)
+            .order_by(rank, FindingRow.first_seen_at, FindingRow.id).limit(limit)
+        ))
+    if as_json:
+        for row in rows:
+            _print(out, json.dumps(finding_json(row, now)))
+        return
+    if rows:
+        _print(out, table(
+            ["fingerprint", "check", "severity", "state", "ids", "age", "next check"],
+            [(r.fingerprint, r.check, r.severity, effective_state(r, now), ids_text(r),
+              fmt_seconds((now - r.first_seen_at).total_seconds()), next_check(r, now, settings))
+             for r in rows],
+        ))
+    what = "finding(s)" if state in (None, "all") else f"{state} finding(s)"
+    scope = "" if state is not None else " unresolved"
+    shown = f"{len(rows)} of {total}" if total > len(rows) else f"{total}"
+    _print(out, f"{shown}{scope} {what}" + (f" for {check}" if check else ""))
+
+
+# -- staged fix batches --------------------------------------------------------------------
+
+
+def list_staged(
+    settings: Settings, as_json: bool, *, now: datetime | None = None,
+    out: IO[str] | None = None,
+) -> None:
+    """The batches the mass-change guard holds, so staff know which RUN to look at."""
+    from worker.fixes.staging import staged_batches
+    from worker.scan.report import table
+
+    out = _out(out)
+    now = now or utcnow()
+    with read_sessions(settings)() as session:
+        batches = staged_batches(session, settings.practice)
+    if as_json:
+        for b in batches:
+            _print(out, json.dumps({**b, "since": _iso(b["since"])}))
+        return
+    if not batches:
+        _print(out, "no staged fixes: nothing waits for approval")
+        return
+    _print(out, table(
+        ["run", "staged", "fixes", "waiting", "why"],
+        [(b["run_id"], b["staged"], ", ".join(f"{k} {n}" for k, n in sorted(b["kinds"].items())),
+          relative(b["since"], now), b["reason"] or "")
+         for b in batches],
+    ))
+    _print(out, "look: oprecon fixes show RUN · release: oprecon fixes approve RUN · "
+                "drop: oprecon fixes reject RUN")
+
+
+def show_staged(
+    settings: Settings, run_id: int, as_json: bool, *, out: IO[str] | None = None,
+) -> None:
+    """Each staged fix of one run and the finding it is for (ids only)."""
+    from worker.fixes.staging import staged_fixes
+    from worker.scan.report import table
+
+    out = _out(out)
+    with read_sessions(settings)() as session:
+        fixes = staged_fixes(session, settings.practice, run_id)
+    if not fixes:
+        raise _cannot(f"run {run_id} has no staged fixes (oprecon fixes list shows those "
+                      "that do)")
+    if as_json:
+        for fix in fixes:
+            _print(out, json.dumps(fix))
+        return
+    ids = (("patient", "patient_id"), ("contact", "contact_id"), ("user", "portal_user_id"))
+    _print(out, table(
+        ["action", "fix", "check", "ids", "finding", "fingerprint"],
+        [(f["action_id"], f["kind"], f["check"],
+          " ".join(f"{label}={f[key]}" for label, key in ids if f[key]),
+          f["finding_state"], f["fingerprint"]) for f in fixes],
+    ))
+    _print(out, f"{len(fixes)} staged fix(es) in run {run_id}: oprecon fixes approve {run_id} "
+                f"queues them, oprecon fixes reject {run_id} drops them")
+
+
+# -- silence, pause ------------------------------------------------------------------------
+
+
+def set_silence(
+    settings: Settings,
+    fingerprint: str,
+    until: datetime | None,
+    reason: str | None,
+    by: str | None,
+    *,
+    now: datetime | None = None,
+    out: IO[str] | None = None,
+) -> None:
+    """Silence one finding until a time (digests skip it, the scans still track it), or
+    with `until=None` end the silence now. Every change is a FindingEvent."""
+    out = _out(out)
+    now = now or utcnow()
+    if until is not None:
+        if until <= now:
+            raise _cannot(f"--until {until.isoformat()} is not in the future")
+        if not (reason or "").strip():
+            raise _cannot("--reason is required: it is shown in digests and status")
+    with write_sessions(settings).begin() as session:
+        row = session.scalar(select(FindingRow).where(
+            FindingRow.practice == settings.practice, FindingRow.fingerprint == fingerprint))
+        if row is None:
+            raise _cannot(f"no finding with fingerprint {fingerprint} (see oprecon findings)")
+        if until is None:
+            _unsilence(session, row, now, out)
+            return
+        if row.state == S.RESOLVED:
+            raise _cannot(f"finding {fingerprint} is resolved: nothing to silence")
+        if row.state in (S.FIX_QUEUED, S.HELD, S.VERIFYING):
+            raise _cannot(f"finding {fingerprint} has a fix in progress ({row.state}): "
+                          "silence it once the fix is verified")
+        by = by or "on-call"
+        cause = f"silenced by {by} until {until.isoformat()}: {reason}"
+        if row.state == S.SILENCED:
+            session.add(FindingEvent(finding_id=row.id, at=now, from_state=S.SILENCED,
+                                     to_state=S.SILENCED, cause=f"silence changed: {cause}"))
+        else:
+            from worker.scan.lifecycle import transition
+
+            transition(session, row, S.SILENCED, now, cause, None)
+        row.silenced_until = until
+        row.silenced_by = by
+        row.silence_reason = reason
+    _print(out, f"silenced {fingerprint} ({row.check}) until {_stamp(until)}")
+
+
+def _unsilence(session: Session, row: FindingRow, now: datetime, out: IO[str]) -> None:
+    if row.state != S.SILENCED:
+        _print(out, f"{row.fingerprint} is not silenced (state {row.state}): nothing to do")
+        return
+    from worker.scan.lifecycle import transition
+
+    transition(session, row, S.OPEN, now, "unsilenced from the CLI", None)
+    row.silenced_until = None
+    row.silenced_by = None
+    row.silence_reason = None
+    _print(out, f"unsilenced {row.fingerprint} ({row.check}): open again")
+
+
+def set_paused(
+    settings: Settings, paused: bool, reason: str, *, now: datetime | None = None,
+    out: IO[str] | None = None,
+) -> None:
+    """The pause switch every run reads before planning fixes (engine.FixGate)."""
+    import structlog
+
+    out = _out(out)
+    now = now or utcnow()
+    with write_sessions(settings).begin() as session:
+        kv_set(session, settings.practice, "paused",
+               {"paused": paused, "reason": reason, "at": now.isoformat()}, now)
+    structlog.get_logger(__name__).info("fixes_paused" if paused else "fixes_resumed")
+    if paused:
+        _print(out, f"fixes paused: {reason} (detection and digests go on; "
+                    "oprecon resume restarts fixes)")
+    else:
+        _print(out, "fixes resumed")
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def _every(schedule: Any) -> str:
+    if isinstance(schedule, timedelta):
+        return "every " + fmt_seconds(schedule.total_seconds())
+    text = repr(schedule)
+    if text.startswith("<crontab: "):
+        return "cron " + text.removeprefix("<crontab: ").split(" (", 1)[0]
+    return text
+
+
+def _schedule(settings: Settings, client: Any, now: datetime) -> list[dict[str, Any]]:
+    """The beat table and, from RedBeat's sorted set, when each entry is next due."""
+    from config.schedule import beat_schedule, redbeat_key_prefix
+
+    prefix = redbeat_key_prefix(settings)
+    due: dict[str, float] = {}
+    if client is not None:
+        for member, score in client.zrange(f"{prefix}:schedule", 0, -1, withscores=True):
+            name = member.decode() if isinstance(member, bytes) else str(member)
+            due[name.removeprefix(prefix)] = float(score)
+    entries = []
+    for name, entry in beat_schedule(settings).items():
+        at = datetime.fromtimestamp(due[name], tz=now.tzinfo) if name in due else None
+        entries.append({
+            "name": name, "task": entry["task"], "every": _every(entry["schedule"]),
+            "next_due_at": _iso(at),
+            "due_in_seconds": round((at - now).total_seconds(), 1) if at else None,
+        })
+    return entries
+
+
+def queue_depths(broker: Any) -> dict[str, int]:
+    """Messages waiting on the broker per queue (LLEN, all priority lists)."""
+    from config.schedule import QUEUES
+
+    depths = {}
+    for q in QUEUES:
+        names = [q] + [f"{q}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS]
+        depths[q] = sum(int(broker.llen(n)) for n in names)
+    return depths
+
+
+def _run_json(run: Run, now: datetime, settings: Settings) -> dict[str, Any]:
+    status = run.status
+    if status == "running" and now - run.started_at > timedelta(
+            seconds=settings.scan_hard_limit_seconds + 60):
+        status = "lost"  # killed at the hard limit, or its worker died
+    end = run.finished_at or now
+    return {
+        "id": run.id, "kind": run.kind, "scope": run.scope, "status": status,
+        "task_id": run.task_id, "started_at": _iso(run.started_at),
+        "duration_seconds": round((end - run.started_at).total_seconds(), 3),
+        "records_read": run.records_read, "findings": run.findings_total,
+        "findings_new": run.findings_new, "findings_resolved": run.findings_resolved,
+        "fixes_queued": run.fixes_queued, "alerts": run.alerts,
+        "error": run.error.split(":", 1)[0] if run.error else None,
+    }
+
+
+def collect_status(settings: Settings, now: datetime | None = None) -> dict[str, Any]:
+    """Everything `oprecon status` shows, as one JSON-able dict; a part that cannot be read
+    is reported under "errors" instead of failing the command."""
+    import redis
+
+    now = now or utcnow()
+    errors: list[str] = []
+    status: dict[str, Any] = {
+        "practice": settings.practice, "now": now.isoformat(),
+        "config": {"broker": health.mask_url(settings.broker_url),
+                   "redis": health.mask_url(settings.redis_url),
+                   "state_db": health.mask_url(settings.state_db_url)},
+    }
+    try:
+        sessions = read_sessions(settings)
+        with sessions() as session:
+            runs = list(session.scalars(
+                select(Run).where(Run.practice == settings.practice)
+                .order_by(Run.started_at.desc(), Run.id.desc()).limit(RECENT_RUNS)))
+            status["runs"] = [_run_json(r, now, settings) for r in runs]
+            kv = {k: kv_get(session, settings.practice, k)
+                  for k in ("paused", "breaker", "last_success", "deadman")}
+            held = session.scalars(select(FindingRow.next_check_at).where(
+                FindingRow.practice == settings.practice, FindingRow.state == S.HELD)).all()
+            by_state: dict[str, int] = {
+                str(state): int(n) for state, n in session.execute(
+                    select(FindingRow.state, func.count()).where(
+                        FindingRow.practice == settings.practice,
+                        FindingRow.state != S.RESOLVED,
+                    ).group_by(FindingRow.state))
+            }
+        status["paused"] = kv["paused"] or {"paused": False}
+        status["breaker"] = kv["breaker"] or {"state": "closed"}
+        last = kv["last_success"]
+        at = health.parse_time((last or {}).get("at"))
+        status["last_success"] = (
+            {**(last or {}), "age_seconds": round(health.age_seconds(at, now), 3)} if at
+            else None)
+        status["deadman"] = health.deadman_check(settings, last, kv["deadman"], now).to_json()
+        upcoming = [t for t in held if t is not None and t > now]
+        status["holds"] = {
+            "held": len(held),
+            "due": sum(1 for t in held if t is None or t <= now),
+            "next_end_at": _iso(min(upcoming)) if upcoming else None,
+        }
+        status["findings"] = {str(k): int(v) for k, v in sorted(by_state.items())}
+    except SQLAlchemyError as err:
+        errors.append(f"state db: {type(err).__name__}")
+    except CannotStart as err:
+        errors.append(f"state db: {err}")
+
+    client = health.redis_for_health(settings.redis_url)
+    try:
+        status["schedule"] = _schedule(settings, client, now)
+    except redis.RedisError as err:
+        errors.append(f"redis: {type(err).__name__}")
+        status["schedule"] = _schedule(settings, None, now)
+    finally:
+        client.close()
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        broker = health.redis_for_health(settings.broker_url)
+        try:
+            status["queues"] = queue_depths(broker)
+        except redis.RedisError as err:
+            errors.append(f"broker: {type(err).__name__}")
+        finally:
+            broker.close()
+    status["errors"] = errors
+    return status
+
+
+def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
+    from worker.scan.report import table
+
+    yield f"oprecon status · practice {st['practice']} · {_stamp(now)}"
+    cfg = st["config"]
+    yield f"broker     {cfg['broker']}"
+    yield f"redis      {cfg['redis']}"
+    yield f"state db   {cfg['state_db']}"
+    if "paused" in st:
+        p = st["paused"]
+        pause = (f"PAUSED since {p.get('at', '?')}: {p.get('reason', '')}" if p.get("paused")
+                 else "running (not paused)")
+        b = st["breaker"]
+        yield f"fixes      {pause} · portal breaker {b.get('state', 'closed')}"
+        last = st["last_success"]
+        dm = st["deadman"]
+        if last:
+            yield (f"last scan  {last.get('kind', 'scan')} run {last.get('run_id')} succeeded "
+                   f"{fmt_seconds(last['age_seconds'])} ago · dead-man's switch "
+                   f"{'ok' if dm['ok'] else 'OVERDUE'} (limit {fmt_seconds(dm['limit_seconds'])})")
+        else:
+            yield "last scan  no successful scan recorded yet"
+        h = st["holds"]
+        nxt = health.parse_time(h["next_end_at"])
+        yield (f"holds      {h['held']} held, {h['due']} due for verification"
+               + (f", next ends {relative(nxt, now)}" if nxt else ""))
+        counts = " · ".join(f"{k} {v}" for k, v in st["findings"].items()) or "none"
+        yield f"findings   {counts} (unresolved, by state)"
+    if "queues" in st:
+        q = st["queues"]
+        yield "queues     " + " · ".join(f"{k} {v}" for k, v in q.items()) + " (waiting)"
+    if st.get("runs") is not None:
+        yield ""
+        yield "Last runs"
+        if st["runs"]:
+            yield table(
+                ["id", "kind", "scope", "status", "started", "duration", "records", "new",
+                 "resolved", "fixes", "alerts"],
+                [(r["id"], r["kind"], r["scope"], r["status"],
+                  _stamp(health.parse_time(r["started_at"])), fmt_duration(r["duration_seconds"]),
+                  r["records_read"], r["findings_new"], r["findings_resolved"],
+                  r["fixes_queued"], r["alerts"]) for r in st["runs"]],
+            )
+        else:
+            yield "(no runs yet)"
+    yield ""
+    yield "Schedule (next due from RedBeat)"
+    yield table(
+        ["entry", "task", "schedule", "next due"],
+        [(e["name"], e["task"], e["every"],
+          relative(health.parse_time(e["next_due_at"]), now) if e["next_due_at"]
+          else "not scheduled yet (no beat has run)") for e in st["schedule"]],
+    )
+    for err in st["errors"]:
+        yield f"could not read {err}"
+
+
+def show_status(
+    settings: Settings, as_json: bool, *, now: datetime | None = None, out: IO[str] | None = None
+) -> None:
+    out = _out(out)
+    now = now or utcnow()
+    st = collect_status(settings, now)
+    if as_json:
+        _print(out, json.dumps(st))
+        return
+    for line in _lines_status(st, now):
+        _print(out, line)
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+def show_health(
+    settings: Settings, as_json: bool, process: str | None = None, *,
+    now: datetime | None = None, out: IO[str] | None = None,
+) -> int:
+    """0 healthy, 1 not. With `process`, only this container's heartbeat file (docker
+    healthcheck); without, the whole practice: Redis, broker, state DB, worker and beat
+    heartbeats, and the dead-man's switch."""
+    out = _out(out)
+    now = now or utcnow()
+    if process is not None:
+        if process not in health.PROCESSES:
+            raise _cannot(f"--process: one of {', '.join(health.PROCESSES)}")
+        checks = [health.process_check(settings, process, now)]
+    else:
+        checks = health.cluster_checks(settings, now)
+    healthy = all(c.ok for c in checks)
+    if as_json:
+        _print(out, json.dumps({"healthy": healthy, "practice": settings.practice,
+                                "now": now.isoformat(), "checks": [c.to_json() for c in checks]}))
+        return 0 if healthy else 1
+    if process is None:
+        _print(out, f"oprecon health · practice {settings.practice} · {_stamp(now)}")
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        _print(out, f"  {'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+    failed = [c.name for c in checks if not c.ok]
+    _print(out, "healthy" if healthy else "unhealthy: " + ", ".join(failed))
+    return 0 if healthy else 1

@@ -1,0 +1,198 @@
+"""Turn findings + their state + policy into a plan: what to fix, alert, hold or leave.
+
+The planner decides; it changes nothing. Every item carries the reason for its
+decision, which is what `--dry-run` and an ad hoc run print for on-call.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from config.settings import Policy, Settings
+from worker.checks.catalog import BY_ID
+from worker.model.findings import Action, Finding, FixKind, Severity
+from worker.state.models import FindingRow
+from worker.state.models import FindingState as S
+
+
+class Decision(enum.StrEnum):
+    FIX = "fix"
+    ALERT = "alert"
+    STAGED = "staged"  # the mass-change guard held the batch back
+    ESCALATED = "escalated"
+    WAIT = "wait"  # cross-system mismatch seen once: confirm after the propagation delay
+    HOLD = "hold"  # fix applied: the portal is catching up
+    QUEUED = "queued"  # a fix is already on its way
+    SILENCED = "silenced"
+    OFF = "off"
+
+    @property
+    def json_action(self) -> str:
+        if self is Decision.FIX:
+            return "fix"
+        if self in (Decision.ALERT, Decision.STAGED, Decision.ESCALATED):
+            return "alert"
+        return "none"
+
+
+@dataclass
+class PlanItem:
+    finding: Finding
+    decision: Decision
+    reason: str
+    state: str
+    immediate: bool = False  # tell staff now, not in the next digest
+    until: datetime | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return self.finding.to_json(action=self.decision.json_action)
+
+
+@dataclass
+class Plan:
+    items: list[PlanItem] = field(default_factory=list)
+    guard_tripped: bool = False
+    guard_reason: str = ""
+
+    def counts(self) -> Counter[str]:
+        return Counter(str(i.decision) for i in self.items)
+
+    def by_check(self) -> Counter[str]:
+        return Counter(i.finding.check for i in self.items)
+
+    @property
+    def fixes(self) -> list[PlanItem]:
+        return [i for i in self.items if i.decision is Decision.FIX]
+
+
+@dataclass(frozen=True)
+class FixGate:
+    """Why fixes may not run right now, if any (checked in this order)."""
+
+    portal_writable: bool = True
+    paused: bool = False
+    breaker_open: bool = False
+
+    def blocked_reason(self, settings: Settings) -> str | None:
+        if settings.dry_run:
+            return "detect-only: OPRECON_DRY_RUN is set"
+        if self.paused:
+            return "fixes are paused (oprecon resume to restart them)"
+        if self.breaker_open:
+            return "the portal is failing; fixes stopped until it recovers"
+        if not self.portal_writable:
+            return "the portal source is read-only (exports): apply this fix by hand"
+        return None
+
+
+def default_policy(check: str) -> Policy:
+    return Policy.FIX if BY_ID[check].action is Action.FIX else Policy.ALERT
+
+
+def make_plan(
+    findings: list[Finding],
+    rows: dict[str, FindingRow],
+    settings: Settings,
+    now: datetime,
+    gate: FixGate,
+    population: int,
+    welcome_recently_resent: frozenset[str] = frozenset(),
+    *,
+    guard: bool = True,
+) -> Plan:
+    """`guard=False` leaves the mass-change guard to the caller: a shard of a sharded
+    scan plans a part of the run, and the guard must count the whole of it."""
+    plan = Plan()
+    blocked = gate.blocked_reason(settings)
+    for f in findings:
+        row = rows.get(f.fingerprint)
+        state = row.state if row is not None else S.OPEN
+        plan.items.append(_decide(f, row, state, settings, now, blocked, welcome_recently_resent))
+    if guard:
+        _guard(plan, settings, population)
+    return plan
+
+
+def _decide(
+    f: Finding,
+    row: FindingRow | None,
+    state: str,
+    settings: Settings,
+    now: datetime,
+    blocked: str | None,
+    resent: frozenset[str],
+) -> PlanItem:
+    policy = settings.policy_for(f.check, default_policy(f.check))
+    high = f.severity is Severity.HIGH
+
+    def item(decision: Decision, reason: str, until: datetime | None = None) -> PlanItem:
+        immediate = high and decision in (Decision.FIX, Decision.ALERT, Decision.STAGED)
+        return PlanItem(f, decision, reason, str(state), immediate, until)
+
+    if policy is Policy.OFF:
+        return item(Decision.OFF, f"check {f.check} is turned off")
+    if state == S.SILENCED and row is not None:
+        until = row.silenced_until
+        reason = f"silenced by {row.silenced_by}: {row.silence_reason}"
+        return item(Decision.SILENCED, reason, until)
+    if state == S.PENDING and row is not None:
+        until = row.first_seen_at + settings.propagation_delay
+        return item(
+            Decision.WAIT,
+            "cross-system mismatch seen once; acting only if still present after the "
+            "propagation delay",
+            until,
+        )
+    if state in (S.HELD, S.VERIFYING) and row is not None:
+        return item(Decision.HOLD, "fix applied; the portal is catching up", row.next_check_at)
+    if state == S.FIX_QUEUED:
+        return item(Decision.QUEUED, "a fix is already queued")
+    if state == S.ESCALATED:
+        return item(Decision.ESCALATED, "fixes did not resolve it: contact OP support")
+    if f.action is not Action.FIX or f.fix is None:
+        return item(Decision.ALERT, "needs a person: oprecon never changes this itself")
+    if policy is Policy.ALERT:
+        return item(Decision.ALERT, f"policy for {f.check} is alert (detect-only)")
+    if blocked:
+        return item(Decision.ALERT, blocked)
+    if f.fix is FixKind.RESEND_WELCOME and f.contact_id in resent:
+        return item(
+            Decision.ALERT,
+            "a Welcome email was already resent within the window; not resending again",
+        )
+    attempt = (row.fix_attempts if row is not None else 0) + 1
+    return item(Decision.FIX, f"{f.fix} (attempt {attempt})")
+
+
+def guard_verdict(fixes: int, settings: Settings, population: int) -> str | None:
+    """Why `fixes` fixes in one run are too many for the mass-change guard, or None."""
+    if not fixes:
+        return None
+    limit_n = settings.mass_change_max_fixes
+    limit_pct = settings.mass_change_max_percent
+    pct = 100.0 * fixes / max(1, population)
+    over_n = limit_n > 0 and fixes > limit_n
+    over_pct = limit_pct > 0 and pct > limit_pct and fixes > settings.mass_change_min_fixes
+    if not (over_n or over_pct):
+        return None
+    return (
+        f"{fixes} fixes ({pct:.1f}% of {population} patients) exceed the mass-change "
+        f"guard ({limit_n} fixes / {limit_pct:g}%): batch staged for approval"
+    )
+
+
+def _guard(plan: Plan, settings: Settings, population: int) -> None:
+    """Stage every fix when a run would change an unusual number of records."""
+    fixes = plan.fixes
+    reason = guard_verdict(len(fixes), settings, population)
+    if reason is None:
+        return
+    plan.guard_tripped = True
+    plan.guard_reason = reason
+    for i in fixes:
+        i.decision = Decision.STAGED
+        i.reason = plan.guard_reason
+        i.immediate = False
