@@ -123,7 +123,7 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         # A lost broker connection does not cancel a running scan: it finishes and keeps
-        # the scan lock, so the redelivered copy is skipped (tests/test_drills_redis.py).
+        # the scan lock, so the redelivered copy is skipped (tests/drills/test_drills_redis.py).
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,

@@ -23,7 +23,7 @@ What it leaves to the nightly full scan (docs/benchmarks.md): `contact_duplicate
 (compares every contact with every other, so the scope excludes it and never resolves
 it), deletions (a deleted row has no `updated_at`), portal links added or removed by
 hand (links carry no change time; our own fixes are verified through their hold), and
-silences that expired. tests/test_incremental.py shows that after random changes an
+silences that expired. tests/scan/test_incremental.py shows that after random changes an
 incremental scan leaves the same open findings as a full scan.
 """
 

@@ -10,8 +10,8 @@ exports, and for every password and token in the configuration. The infrastructu
 carries real secrets: Redis runs with `requirepass`, the portal simulator requires its
 bearer token, the state database URL has a password (PostgreSQL's trust auth ignores it).
 
-tests/test_logging.py already runs the demo under DEBUG logs; worker logs of a live
-worker are searched in tests/test_scheduling.py and tests/test_drills_worker.py.
+tests/runtime/test_logging.py already runs the demo under DEBUG logs; worker logs of a live
+worker are searched in tests/runtime/test_scheduling.py and tests/drills/test_drills_worker.py.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from tests.procs import (
     send_task,
     wait_for,
 )
-from tests.test_drills_privacy import phi_of_practice
+from tests.drills.test_drills_privacy import phi_of_practice
 from worker.devtools.generator import generate_practice
 from worker.devtools.simulator import SimulatorServer, start_simulator
 from worker.scan.locks import ScanBusy, single_flight

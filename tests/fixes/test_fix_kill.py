@@ -29,7 +29,7 @@ from worker.scan.wiring import state_sessions
 from worker.sources.portal_http import HttpPortal
 from worker.state.models import ActionRow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 N = 20
 PATCH = "PATCH /users/{user_id}"

@@ -34,7 +34,7 @@ from worker.model.records import WELCOME_ACTION
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 
 TOKEN = "sim-test-token"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

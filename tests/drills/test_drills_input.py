@@ -1,7 +1,7 @@
 """Drill: malformed exports through the whole command operators run,
 `oprecon reconcile --all --op-dir DIR --portal-dir DIR --json`.
 
-The parsing rules themselves are tested in tests/test_sources_csv.py. Here each defect
+The parsing rules themselves are tested in tests/sources/test_sources_csv.py. Here each defect
 is planted in a copy of a generated practice and the command's exit status and output
 are compared with those of the clean copy. Bad rows are *appended* (or the change keeps
 every line where it was), so each case says exactly which findings it must add.

@@ -59,7 +59,7 @@ from worker.model.records import (
 from worker.state.db import kv_get
 from worker.state.models import Run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 INTERVAL_MINUTES = 0.05
 INTERVAL = INTERVAL_MINUTES * 60  # 3 s between scheduled incremental scans

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from tests.test_sources_csv import (
+from tests.sources.test_sources_csv import (
     T0,
     contents,
     expected_snapshot,

@@ -1,8 +1,8 @@
 """Drill: the portal misbehaving under a whole scan, and under the fixes that follow.
 
 The HTTP client's single-call rules (retry on 429/5xx/timeouts/drops, stop on broken
-JSON, idempotent writes) are tested in tests/test_portal_http.py, the breaker's
-arithmetic in tests/test_safety.py. Here the same faults hit a complete scan
+JSON, idempotent writes) are tested in tests/sources/test_portal_http.py, the breaker's
+arithmetic in tests/fixes/test_safety.py. Here the same faults hit a complete scan
 (worker.runtime.service.scan, as the task runs it) of a generated practice served by the
 simulator, and a batch of journaled fixes applied as the fix task applies them.
 
