@@ -35,6 +35,7 @@ import redis
 from sqlalchemy import func, select
 
 from config.settings import Settings, load_settings
+from tests.drills.test_drills_privacy import phi_of_practice
 from tests.procs import (
     CeleryWorker,
     RedisServer,
@@ -43,7 +44,6 @@ from tests.procs import (
     send_task,
     wait_for,
 )
-from tests.drills.test_drills_privacy import phi_of_practice
 from worker.devtools.generator import generate_practice
 from worker.devtools.simulator import SimulatorServer, start_simulator
 from worker.scan.locks import ScanBusy, single_flight
