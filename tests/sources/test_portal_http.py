@@ -6,7 +6,6 @@ the simulator for the next n requests. `sleep` records the backoff instead of wa
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -15,6 +14,7 @@ import httpx
 import pytest
 from portal_world import T0, portal_records
 
+from tests.procs import wait_for
 from worker.devtools.simulator import SimClock, Simulator, SimulatorServer, start_simulator
 from worker.model.records import (
     WELCOME_ACTION,
@@ -268,8 +268,9 @@ def test_a_timed_out_write_retried_with_its_key_applies_once(
     server.faults.add({"latency_ms": 400, "path": "/users/u-p2"})
     with HttpPortal(url, TOKEN, timeout=0.15, sleep=lambda s: None) as client:
         client.set_user_email("u-p2", "p2@dummy.com", "fix-3")
-    time.sleep(0.5)  # let the slow first attempt finish on the server
-    assert requests_to(server, "PATCH /users/{user_id}") == 2
+    # The client gave up on the slow first attempt; wait until the server has finished it.
+    wait_for(lambda: requests_to(server, "PATCH /users/{user_id}") == 2
+             and server.in_flight() == 0, 5, "both attempts served")
     assert sim.store.write_counts()[0]["applied"] == 1
     assert len(sim.store.pending()) == 1
 

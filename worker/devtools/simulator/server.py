@@ -271,8 +271,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         # The client may have given up (a timeout fault): there is nobody to answer.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._serve()
+        self.server.track(+1)
+        try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._serve()
+        finally:
+            self.server.track(-1)
 
     def _serve(self) -> None:
         srv = self.server
@@ -574,6 +578,7 @@ class SimulatorServer(ThreadingHTTPServer):
         self._owns_simulator = owns_simulator
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
+        self._in_flight = 0
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -584,6 +589,15 @@ class SimulatorServer(ThreadingHTTPServer):
     def count(self, name: str) -> None:
         with self._counts_lock:
             self._counts[name] += 1
+
+    def track(self, delta: int) -> None:
+        with self._counts_lock:
+            self._in_flight += delta
+
+    def in_flight(self) -> int:
+        """Requests being served right now: a test waits for 0 instead of sleeping."""
+        with self._counts_lock:
+            return self._in_flight
 
     def request_counts(self) -> dict[str, int]:
         """Every request received per route, faulted ones included (retries show here)."""
