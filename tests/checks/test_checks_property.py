@@ -4,9 +4,8 @@ formed, and what they find depends on the records, not on the order the rows cam
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import random
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
