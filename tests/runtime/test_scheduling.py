@@ -15,6 +15,7 @@ databases: it must not share them with a concurrently running test session.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -249,6 +250,13 @@ def test_poll_reads_progress_then_the_run_row(make_settings: Any) -> None:
 
 
 # -- the live cluster ----------------------------------------------------------------------------
+#
+# Each live test gets a cluster of its own (`cluster`, function-scoped): a fresh practice
+# id, so its runs, findings, watermark, scan lock, heartbeats and RedBeat keys start empty;
+# an emptied broker; a worker and one beat (`beat-a`) started for it and stopped after it.
+# Only what no test changes is shared: the practice's export files and the migrated
+# database. So any test runs alone or in any order, and a test that kills a beat or
+# starts a second one does so to its own cluster.
 
 
 def _write_practice(root: Path) -> None:
@@ -293,28 +301,51 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+    def stop_all(self) -> None:
+        """SIGTERM every process group at once, then wait (SIGKILL what lingers): the
+        processes shut down in parallel, not one after another."""
+        procs = [p for p in self.procs.values() if p.poll() is None]
+        self.procs.clear()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
 
     def alive(self, name: str) -> None:
         proc = self.procs[name]
         if proc.poll() is not None:
-            tail = (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
-            pytest.fail(f"{name} exited with {proc.returncode}:\n{tail}")
+            pytest.fail(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def log_lines(self, name: str, containing: str) -> list[str]:
+        path = self.root / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return [line for line in text.splitlines() if containing in line]
+
+    def sent_by(self, name: str, entry: str = "") -> int:
+        """Tasks this beat sent (celery.beat logs each: "Sending due task <entry> (...)")."""
+        return len(self.log_lines(name, f"Sending due task {entry}"))
 
     def oprecon(self, *args: str, hb: str = "worker", timeout: float = 60
                 ) -> subprocess.CompletedProcess[str]:
         env = {**self.env, "OPRECON_HEARTBEAT_DIR": str(self.hb_dir(hb))}
         return subprocess.run([str(BIN / "oprecon"), *args], env=env, cwd=self.root,
                               capture_output=True, text=True, timeout=timeout)
+
+    def role(self, hb: str) -> str | None:
+        """A beat's role as its container healthcheck reports it: active, standby or None."""
+        probe = self.oprecon("health", "--process", "beat", "--json", hb=hb)
+        checks = json.loads(probe.stdout)["checks"] if probe.stdout.strip() else []
+        return checks[0].get("role") if checks and probe.returncode == 0 else None
 
     def sessions(self) -> Any:
         from worker.scan.wiring import state_sessions
@@ -330,6 +361,11 @@ class Cluster:
                 q = q.where(Run.started_at >= since)
             return list(s.scalars(q.order_by(Run.started_at)))
 
+    def succeeded(self, n: int, kind: str = "incremental") -> list[Run]:
+        """The first `n` succeeded runs of `kind`, once there are that many (else [])."""
+        done = [r for r in self.runs(kind) if r.status == "succeeded"]
+        return done[:n] if len(done) >= n else []
+
     def log_events(self) -> list[dict[str, Any]]:
         out = []
         for line in self.worker_log.read_text(errors="replace").splitlines():
@@ -337,18 +373,66 @@ class Cluster:
                 out.append(json.loads(line))
         return out
 
+    def skip_a_scan(self) -> tuple[str, dict[str, Any]]:
+        """Hold the scan lock, queue an incremental scan, and wait for the worker to skip
+        it: (its task id, the `scan_skipped` log event)."""
+        from worker.runtime.celery_app import make_celery_app
+        from worker.scan.locks import scan_lock
+
+        lock = scan_lock(self.settings)
+        assert lock.acquire(blocking=True, blocking_timeout=10)  # a scan may be running now
+        task_id = f"overlap-{uuid.uuid4().hex[:8]}"
+        app = make_celery_app(self.settings)
+        try:
+            app.send_task("oprecon.scan.incremental", task_id=task_id)
+            skipped = wait_for(
+                lambda: [e for e in self.log_events()
+                         if e.get("event") == "scan_skipped" and e.get("task_id") == task_id],
+                15, "the skipped scan in the worker log")
+        finally:
+            lock.release()
+            app.close()
+        return task_id, skipped[0]
+
+
+def _flush_test_redis() -> None:
+    for url in (BROKER_URL, REDIS_URL):
+        client = redis.Redis.from_url(url)
+        try:
+            client.flushdb()
+        except redis.ConnectionError as err:
+            pytest.fail(f"Redis is not reachable at {url}: {err}")
+        finally:
+            client.close()
+
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("cluster")
+def practice_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The practice's exports: read by every cluster, changed by none."""
+    root = tmp_path_factory.mktemp("practice")
     _write_practice(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def state_db(pg_database: str) -> str:
+    """The PostgreSQL state database, migrated once; each cluster has its own practice in it."""
+    from worker.state.db import migrate
+
+    migrate(pg_database)
+    return pg_database
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, practice_dir: Path, state_db: str) -> Iterator[Cluster]:
+    root = tmp_path
     practice = f"sched-{uuid.uuid4().hex[:6]}"
     values = {
-        "OPRECON_STATE_DB_URL": pg_database,
+        "OPRECON_STATE_DB_URL": state_db,
         "OPRECON_BROKER_URL": BROKER_URL,
         "OPRECON_REDIS_URL": REDIS_URL,
-        "OPRECON_OP_DIR": str(root / "op"),
-        "OPRECON_PORTAL_DIR": str(root / "portal"),
+        "OPRECON_OP_DIR": str(practice_dir / "op"),
+        "OPRECON_PORTAL_DIR": str(practice_dir / "portal"),
         "OPRECON_PRACTICE": practice,
         "OPRECON_INCREMENTAL_SCAN_MINUTES": str(INTERVAL_MINUTES),
         "OPRECON_HEARTBEAT_INTERVAL_SECONDS": "1",
@@ -361,22 +445,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
     # Celery warns on stderr when run as root (CI containers): not a log line.
     env.update(values, OPRECON_METRICS_PORT=str(port),
                PYTHONWARNINGS="ignore:You're running the worker with superuser privileges")
-    for url in (BROKER_URL, REDIS_URL):
-        client = redis.Redis.from_url(url)
-        try:
-            client.flushdb()
-        except redis.ConnectionError as err:
-            pytest.fail(f"Redis is not reachable at {url}: {err}")
-        finally:
-            client.close()
+    _flush_test_redis()  # no message or lock left by an earlier test's cluster
     settings = load_settings(
-        state_db_url=pg_database, broker_url=BROKER_URL, redis_url=REDIS_URL,
+        state_db_url=state_db, broker_url=BROKER_URL, redis_url=REDIS_URL,
         practice=practice, incremental_scan_minutes=INTERVAL_MINUTES, metrics_port=0,
         heartbeat_dir=root / "hb-worker", heartbeat_interval_seconds=1,
     )
     c = Cluster(root, env, settings, port)
-    migrate = c.oprecon("migrate")
-    assert migrate.returncode == 0, migrate.stderr
     try:
         c.start("worker", "worker", "-c", "2", "-n", "sched@%h", "--without-mingle",
                 "--without-gossip")
@@ -387,25 +462,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
             c.alive("beat-a")
             return (c.hb_dir("worker") / "worker.ready").exists()
 
-        wait_for(ready, 40, "the worker's readiness file")
+        wait_for(ready, 40, "the worker's readiness file", every=0.1)
         yield c
     finally:
-        for name in list(c.procs):
-            c.stop(name)
+        c.stop_all()
         c.sessions().kw["bind"].dispose()  # before the session's database is dropped
-        for url in (BROKER_URL, REDIS_URL):
-            client = redis.Redis.from_url(url)
-            client.flushdb()
-            client.close()
+        _flush_test_redis()
 
 
 @pytest.mark.services
 def test_scheduled_scans_run_on_time_and_are_recorded(cluster: Cluster) -> None:
-    def succeeded() -> list[Run]:
-        done = [r for r in cluster.runs("incremental") if r.status == "succeeded"]
-        return done if len(done) >= 3 else []
-
-    done = wait_for(succeeded, 25, "three scheduled incremental scans")
+    done = wait_for(lambda: cluster.succeeded(3), 25, "three scheduled incremental scans")
     assert not [r for r in cluster.runs() if r.status == "failed"]
     # The first reads everything (no watermark yet); later ones what changed since.
     assert done[0].scope == "all" and done[0].records_read == 11
@@ -421,22 +488,10 @@ def test_scheduled_scans_run_on_time_and_are_recorded(cluster: Cluster) -> None:
 
 @pytest.mark.services
 def test_a_scan_that_finds_the_lock_held_is_skipped_and_logged(cluster: Cluster) -> None:
-    from worker.runtime.celery_app import make_celery_app
-    from worker.scan.locks import scan_lock
-
-    lock = scan_lock(cluster.settings)
-    assert lock.acquire(blocking=True, blocking_timeout=10)  # a scan may be running now
-    task_id = f"overlap-{uuid.uuid4().hex[:8]}"
-    try:
-        make_celery_app(cluster.settings).send_task("oprecon.scan.incremental", task_id=task_id)
-        skipped = wait_for(
-            lambda: [e for e in cluster.log_events()
-                     if e.get("event") == "scan_skipped" and e.get("task_id") == task_id],
-            15, "the skipped scan in the worker log")
-    finally:
-        lock.release()
-    assert skipped[0]["kind"] == "incremental" and "another scan" in skipped[0]["reason"]
-    assert not [r for r in cluster.runs() if r.task_id == task_id]  # no run was started
+    task_id, skipped = cluster.skip_a_scan()
+    assert skipped["kind"] == "incremental" and "another scan" in skipped["reason"]
+    # Nothing ran under that task id: at most a row that records the skip.
+    assert not [r for r in cluster.runs() if r.task_id == task_id and r.status != "skipped"]
 
 
 @pytest.mark.services
@@ -499,37 +554,54 @@ def test_adhoc_run_waits_for_the_lock_and_says_so(cluster: Cluster) -> None:
 
 @pytest.mark.services
 def test_a_second_beat_stands_by_instead_of_doubling_the_schedule(cluster: Cluster) -> None:
-    window = 3 * INTERVAL
+    """RedBeat's lock: while beat-a lives, a second beat started by mistake never holds the
+    lock and sends nothing. Seen in Redis (the lock keeps one owner throughout) and in each
+    beat's own log, over three of beat-a's sends: counted events, not a clock."""
+    from config.schedule import redbeat_key_prefix
 
-    def count(since: datetime) -> int:
-        return len([r for r in cluster.runs("incremental", since=since)
-                    if r.started_at < since + timedelta(seconds=window)])
+    lock_key = f"{redbeat_key_prefix(cluster.settings)}:lock"
+    client = redis.Redis.from_url(REDIS_URL)
+    owners: set[bytes | None] = set()
+    try:
+        wait_for(lambda: cluster.sent_by("beat-a", "incremental-scan"), 20,
+                 "beat-a's first scheduled scan")
+        cluster.start("beat-b", "beat")
+        wait_for(lambda: cluster.role("beat-b") == "standby", 30, "beat-b's standby heartbeat",
+                 every=0.2)
+        owners.add(client.get(lock_key))
+        sent_before = cluster.sent_by("beat-a", "incremental-scan")
 
-    t1 = datetime.now(UTC)
-    time.sleep(window)
-    one_beat = count(t1)
+        def three_more_from_beat_a() -> bool:
+            cluster.alive("beat-a")
+            cluster.alive("beat-b")
+            owners.add(client.get(lock_key))
+            return cluster.sent_by("beat-a", "incremental-scan") >= sent_before + 3
 
-    cluster.start("beat-b", "beat")
-    wait_for(lambda: (cluster.hb_dir("beat-b") / "beat.heartbeat").exists(), 20,
-             "the second beat's heartbeat")
-    t2 = datetime.now(UTC)
-    time.sleep(window)
-    cluster.alive("beat-b")
-    two_beats = count(t2)
-    assert 2 <= one_beat <= 4, one_beat
-    assert two_beats <= one_beat + 1, (one_beat, two_beats)  # doubled would be ~2x
+        wait_for(three_more_from_beat_a, 10 * INTERVAL, "three more scans sent by beat-a",
+                 every=0.2)
+        ttl = client.pttl(lock_key)
+    finally:
+        client.close()
+    assert cluster.sent_by("beat-b") == 0, cluster.log_tail("beat-b")  # not doubled
+    assert not cluster.log_lines("beat-b", "beat: Acquired lock"), cluster.log_tail("beat-b")
+    (owner,) = owners  # one lock token from start to end: beat-a's, never beat-b's
+    assert owner is not None and ttl > 0
+    assert cluster.log_lines("beat-a", "beat: Acquired lock")
 
-    standby = cluster.oprecon("health", "--process", "beat", "--json", hb="beat-b")
-    assert standby.returncode == 0, standby.stdout
-    assert json.loads(standby.stdout)["checks"][0]["role"] == "standby"
+    assert cluster.role("beat-b") == "standby"
     report = json.loads(cluster.oprecon("health", "--json").stdout)
     beat = next(c for c in report["checks"] if c["name"] == "beat")
     assert beat["ok"] and beat["active"] == 1 and beat["standby"] == 1, report
-    cluster.stop("beat-b")
 
 
 @pytest.mark.services
 def test_health_status_and_metrics_against_the_live_processes(cluster: Cluster) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # What the metrics below count happens here: two scheduled scans and a skipped one.
+    wait_for(lambda: cluster.succeeded(2), 25, "two scheduled incremental scans")
+    cluster.skip_a_scan()
+
     health = cluster.oprecon("health")
     assert health.returncode == 0, health.stdout + health.stderr
     assert health.stdout.strip().splitlines()[-1] == "healthy"
@@ -547,16 +619,20 @@ def test_health_status_and_metrics_against_the_live_processes(cluster: Cluster) 
     st = json.loads(cluster.oprecon("status", "--json").stdout)
     assert st["errors"] == [] and st["runs"] and st["last_success"]["age_seconds"] < 2 * INTERVAL
 
-    body = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics",
-                                  timeout=5).read().decode()
-    from prometheus_client.parser import text_string_to_metric_families
+    def scrape() -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+        return body, {(s.name, tuple(sorted(s.labels.items()))): s.value
+                      for fam in text_string_to_metric_families(body) for s in fam.samples}
 
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    skipped = ("oprecon_scans_total", (("kind", "incremental"), ("status", "skipped")))
+    # The skip was logged by the pool child; its counter file may be written a moment later.
+    body, samples = wait_for(lambda: (lambda m: m if m[1].get(skipped) else None)(scrape()),
+                             10, "the skipped scan in the metrics", every=0.2)
     # Counted in the prefork children, served by the main process (multiprocess mode).
+    assert samples[skipped] >= 1
     assert samples[("oprecon_scans_total",
                     (("kind", "incremental"), ("status", "succeeded")))] >= 2
-    assert samples[("oprecon_scans_total", (("kind", "incremental"), ("status", "skipped")))] >= 1
     assert samples[("oprecon_last_success_timestamp_seconds", ())] > time.time() - 3 * INTERVAL
     assert samples[("oprecon_findings",
                     (("check", "patient_email_present"), ("severity", "warning")))] == 1
@@ -565,6 +641,7 @@ def test_health_status_and_metrics_against_the_live_processes(cluster: Cluster) 
 
 @pytest.mark.services
 def test_worker_logs_are_json_with_task_ids_and_no_phi(cluster: Cluster) -> None:
+    wait_for(lambda: cluster.succeeded(2), 25, "two scheduled incremental scans")
     text = cluster.worker_log.read_text(errors="replace")
     lines = [line for line in text.splitlines() if line.strip()]
     assert lines and all(line.startswith("{") for line in lines), [
@@ -578,26 +655,20 @@ def test_worker_logs_are_json_with_task_ids_and_no_phi(cluster: Cluster) -> None
 
 @pytest.mark.services
 def test_a_standby_beat_takes_over_when_the_active_one_is_killed(cluster: Cluster) -> None:
-    """Runs last: it kills beat-a. RedBeat's lock lapses (10 s here, 300 s by default) and
-    the standby becomes the one active beat; scheduled scans go on."""
+    """The test kills its cluster's beat-a. RedBeat's lock lapses (10 s here, 300 s by
+    default) and the standby becomes the one active beat; scheduled scans go on."""
     cluster.start("beat-c", "beat")
-    wait_for(lambda: (cluster.hb_dir("beat-c") / "beat.heartbeat").exists(), 20,
-             "the standby beat's heartbeat")
-
-    def role(hb: str) -> str | None:
-        probe = cluster.oprecon("health", "--process", "beat", "--json", hb=hb)
-        checks = json.loads(probe.stdout)["checks"] if probe.stdout.strip() else []
-        return checks[0].get("role") if checks and probe.returncode == 0 else None
-
-    wait_for(lambda: role("beat-c") == "standby", 20, "beat-c to stand by")
+    wait_for(lambda: cluster.role("beat-c") == "standby", 30, "beat-c to stand by", every=0.2)
     active = cluster.procs.pop("beat-a")
     os.killpg(active.pid, signal.SIGKILL)
     active.wait(timeout=5)
     killed_at = datetime.now(UTC)
-    wait_for(lambda: role("beat-c") == "active", 40, "beat-c to take over the lock")
-    wait_for(lambda: cluster.runs("incremental", since=killed_at), 30,
+    wait_for(lambda: cluster.role("beat-c") == "active", 40, "beat-c to take over the lock",
+             every=0.2)
+    wait_for(lambda: cluster.sent_by("beat-c", "incremental-scan"), 30,
              "a scheduled scan sent by the new beat")
+    wait_for(lambda: cluster.runs("incremental", since=killed_at), 30,
+             "a scheduled scan run after the kill")
     report = json.loads(cluster.oprecon("health", "--json").stdout)
     beat = next(c for c in report["checks"] if c["name"] == "beat")
     assert beat["ok"] and beat["active"] == 1, report
-
