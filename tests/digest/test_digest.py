@@ -8,11 +8,14 @@ import email
 import email.policy
 import io
 import json
+import re
 import shutil
 import socket
 import ssl
 import subprocess
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -29,8 +32,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
-from config.settings import Settings, get_settings
+from config.settings import Settings
 from tests import factory
+from tests.procs import CeleryWorker, RedisServer, base_env, send_task, wait_for
 from worker.checks.catalog import CHECK_IDS
 from worker.checks.remedies import ESCALATION, REMEDIES
 from worker.cli.digest import digest_command, render_example
@@ -59,15 +63,18 @@ def _free_port() -> int:
 
 @dataclass
 class SmtpSink:
-    """Stores every accepted message; `fail_next` replies make it refuse the next DATAs."""
+    """Stores every accepted message; `fail_next` replies make it refuse the next DATAs.
+    `attempts`: when each DATA arrived (monotonic seconds), accepted or not."""
 
     port: int = 0
     messages: list[tuple[list[str], EmailMessage]] = field(default_factory=list)
     fail_next: list[str] = field(default_factory=list)
+    attempts: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self.lock:
+            self.attempts.append(time.monotonic())
             if self.fail_next:
                 reply = self.fail_next.pop(0)
                 if reply == "DROP":  # the message arrived, then the line died
@@ -864,37 +871,122 @@ def test_render_example(tmp_path: Path) -> None:
     assert 'data-note="guard"' in html and "example.invalid" not in html
 
 
-# -- the Celery tasks (thin: keys in, logic in worker.digest) ----------------------------
+# -- the Celery tasks, in a real worker (thin: keys in, logic in worker.digest) -----------
 
 
-def test_tasks_pass_keys_only_and_retry_below_the_visibility_timeout(
-    env: Any, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture(params=["sqlite", "postgresql"])
+def worker_state_db(request: pytest.FixtureRequest, template_db: Path, tmp_path: Path) -> str:
+    """A state database the test and a worker process share: a SQLite file, or the
+    session's PostgreSQL database (each test uses a practice of its own in it)."""
+    if request.param == "sqlite":
+        db = tmp_path / "worker-state.sqlite"
+        shutil.copy(template_db, db)
+        return f"sqlite:///{db}"
+    url: str = request.getfixturevalue("pg_database")
+    migrate(url)
+    return url
+
+
+@pytest.mark.services
+def test_a_deferred_digest_is_retried_by_the_worker_and_arrives_once(
+    worker_state_db: str, smtp: SmtpSink, make_settings: Any, tmp_path: Path
 ) -> None:
+    """The relay defers (451) every SMTP try of the deliver task's first run, so the task
+    gives up in-process and Celery retries it with backoff; the relay accepts the retry.
+    A real `celery worker` runs the tick and the delivery, against a private redis-server:
+    one message, one `sent` row, delivered within the first retry's backoff (seconds), not
+    when the broker would redeliver the message (the visibility timeout, hours)."""
     from config.schedule import beat_schedule
     from tasks import digests
 
-    e = env()
-    e.add("authority_invalid", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
-    monkeypatch.setenv("OPRECON_STATE_DB_URL", e.settings.state_db_url)
-    monkeypatch.setenv("OPRECON_PRACTICE", "test")
-    monkeypatch.setenv("OPRECON_SMTP_PORT", str(smtp.port))
-    monkeypatch.setenv("OPRECON_DIGEST_RECIPIENTS", json.dumps({"front_desk": [FD]}))
-    get_settings.cache_clear()  # importing the Celery app cached the settings
-    enqueued: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(digests.deliver, "delay", lambda *args: enqueued.append(args))
+    practice = f"digest-{uuid.uuid4().hex[:6]}"
+    settings = make_settings(
+        state_db_url=worker_state_db, practice=practice,
+        digest_recipients={"front_desk": [FD]}, digest_time="07:30",
+        digest_timezone="America/New_York", smtp_host="127.0.0.1", smtp_port=smtp.port,
+        smtp_sender="oprecon@practice.example",
+    )
+    engine = make_engine(worker_state_db)
+    e = Env(settings, session_factory(engine))
+    e.add("authority_invalid", "open", datetime.now(UTC) - timedelta(days=2),
+          patient="P1", contact="C1")
 
-    assert beat_schedule(e.settings)["digest-tick"]["task"] == digests.tick.name
-    assert digests.tick() == len(enqueued) >= 1
-    assert all(isinstance(a, str) and "@" not in a for args in enqueued for a in args)
-    assert digests.deliver(*enqueued[-1]) == "sent"
-    assert digests.deliver(*enqueued[-1]) == "duplicate"
-    assert len(smtp.messages) == 1
+    def rows() -> list[DigestSent]:
+        with e.sessions() as s:
+            return list(s.scalars(select(DigestSent).where(DigestSent.practice == practice)))
 
-    assert digests.deliver.autoretry_for == (send.TransientDeliveryError,)
-    worst = sum(min(digests.deliver.retry_backoff * 2**n, digests.deliver.retry_backoff_max)
-                for n in range(digests.deliver.max_retries))
-    worst += (digests.deliver.max_retries + 1) * digests.deliver.time_limit
-    assert worst < send.STALE_AFTER.total_seconds() < e.settings.broker_visibility_timeout_seconds
+    [(key, window)] = send.due(settings, e.sessions)  # one daily digest, nothing else
+    smtp.fail_next = ["451 4.3.0 try again later"] * send.ATTEMPTS  # the whole first run
+    in_process = send.BACKOFF * (2 ** (send.ATTEMPTS - 1) - 1)  # its sleeps: 2 + 4 s
+
+    server = RedisServer(tmp_path / "redis", appendonly=False)
+    worker = CeleryWorker(tmp_path, base_env(
+        OPRECON_STATE_DB_URL=worker_state_db, OPRECON_PRACTICE=practice,
+        OPRECON_BROKER_URL=server.url(0), OPRECON_REDIS_URL=server.url(1),
+        OPRECON_DIGEST_RECIPIENTS=json.dumps({"front_desk": [FD]}),
+        OPRECON_DIGEST_TIME="07:30", OPRECON_DIGEST_TIMEZONE="America/New_York",
+        OPRECON_SMTP_HOST="127.0.0.1", OPRECON_SMTP_PORT=str(smtp.port),
+        OPRECON_SMTP_SENDER="oprecon@practice.example", OPRECON_METRICS_PORT="0",
+        OPRECON_LOG_FORMAT="json", OPRECON_LOG_LEVEL="INFO",
+    ), name="digest")
+    broker: Any = None
+    try:
+        server.start()
+        broker = server.client(0)
+        worker.start(queues="digest").wait_ready()
+        assert beat_schedule(settings)["digest-tick"]["task"] == digests.tick.name
+        send_task(server.url(0), digests.tick.name)  # what beat sends every 5 minutes
+
+        def delivered() -> bool:
+            worker.check_alive()
+            return bool(smtp.messages)
+
+        wait_for(delivered, in_process + digests.deliver.retry_backoff + 30,
+                 "the digest to arrive after a retry", every=0.1)
+
+        def settled() -> bool:
+            """Nothing left to run: the row is final and no message is queued or held."""
+            return (any(r.status not in ("sending", "retrying") for r in rows())
+                    and broker.llen("digest") == 0 and not broker.hlen("unacked"))
+
+        wait_for(settled, 30, "the delivery to be recorded and the queue empty", every=0.1)
+        recorded = rows()
+    finally:
+        worker.stop()
+        if broker is not None:
+            broker.close()
+        server.stop()
+        engine.dispose()
+
+    # Exactly once: one message, one row for (recipient, window), recorded as sent.
+    assert len(smtp.messages) == 1 and smtp.to(FD)
+    [row] = recorded
+    assert (row.recipient, row.window_key, row.status) == (key, window, "sent")
+    assert row.sent_at is not None and row.error is None
+    # After a retry: every try of the first run was deferred, then Celery retried the same
+    # task (not a new one, not a redelivery) after its backoff, and that try was accepted.
+    assert len(smtp.attempts) == send.ATTEMPTS + 1
+    events = worker.events()
+
+    def named(name: str) -> list[dict[str, Any]]:
+        return [ev for ev in events if ev.get("event") == name]
+
+    [retrying], [sent] = named("digest_retrying"), named("digest_sent")
+    assert retrying["task_id"] == sent["task_id"] and events.index(retrying) < events.index(sent)
+    assert retrying["window_key"] == sent["window_key"] == window
+    task_id = sent["task_id"]
+    [retry] = [ev["event"] for ev in events if f"[{task_id}] retry: Retry in" in ev["event"]]
+    countdown = int(re.search(r"Retry in (\d+)s", retry).group(1))  # type: ignore[union-attr]
+    assert smtp.attempts[-1] - smtp.attempts[-2] >= countdown - 0.5
+    # Within the retry's backoff, far below the redelivery the visibility timeout allows.
+    waited = smtp.attempts[-1] - smtp.attempts[0]
+    assert in_process <= waited <= in_process + digests.deliver.retry_backoff + 15
+    assert waited < settings.broker_visibility_timeout_seconds / 100
+    # Keys only in the task messages (as the worker received them) and no address logged.
+    received = [ev["data"]["args"] for ev in events
+                if ev["event"] == f"Task oprecon.digest.deliver[{task_id}] received"]
+    assert len(received) == 2 and all(key in args and "@" not in args for args in received)
+    assert "@" not in key and FD not in worker.log()
 
 
 # -- immediate notices due together: one message per recipient ---------------------------
