@@ -1,5 +1,7 @@
 """Digests end to end: a real SMTP server (aiosmtpd) and a real HTTP server on loopback,
 findings seeded in a SQLite state database, freezegun only around the window functions.
+The Celery tasks run in a real `celery worker` process (tests/procs.py) on a private
+redis-server, its SMTP retry against a relay that defers the first run.
 """
 
 from __future__ import annotations
