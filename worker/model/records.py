@@ -151,7 +151,14 @@ class AuditEvent:
 
 @dataclass(slots=True, frozen=True)
 class InvalidRecord:
-    """A source row we could not parse. It becomes an `invalid_record` finding."""
+    """A source row we could not parse. It becomes an `invalid_record` finding.
+
+    With `table` set (the layout the row belongs to), what the row describes becomes
+    *unknown* for the run (worker.model.snapshot): its absence proves nothing. `rows`
+    counts the rows it stands for (an unterminated quote swallows many), and
+    `recovered` holds the ids found in those swallowed rows, as
+    (patient_id, contact_id, portal_user_id, dependent_user_id).
+    """
 
     source: str  # file or table name, e.g. "patients.csv"
     line: int | None  # 1-based physical line in a file (header is line 1); row number for SQL
@@ -160,6 +167,10 @@ class InvalidRecord:
     contact_id: str | None = None
     portal_user_id: str | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    table: str | None = field(default=None, compare=False, hash=False)
+    rows: int = field(default=1, compare=False, hash=False)
+    recovered: tuple[tuple[str | None, str | None, str | None, str | None], ...] = field(
+        default=(), compare=False, hash=False)
 
 
 OPRecord = Patient | Contact | FamilyContact

@@ -18,6 +18,12 @@ from worker.sources.base import OPReader, PortalReader
 from worker.state.db import alembic_config, make_engine, migrate, session_factory
 
 
+def csv_limits(settings: Settings) -> Any:
+    from worker.sources.csv_source import CsvLimits
+
+    return CsvLimits(settings.csv_max_field_chars, settings.csv_max_line_chars)
+
+
 def op_reader(settings: Settings, op_dir: Path | None = None) -> OPReader:
     if op_dir is not None or settings.op_source == "csv":
         from worker.sources.csv_source import CsvOPSource
@@ -25,7 +31,7 @@ def op_reader(settings: Settings, op_dir: Path | None = None) -> OPReader:
         directory = op_dir or settings.op_dir
         if directory is None:
             raise SettingsError("invalid setting OPRECON_OP_DIR: required when op_source=csv")
-        return CsvOPSource(Path(directory))
+        return CsvOPSource(Path(directory), csv_limits(settings), settings.op_zone)
     from worker.sources.sql_source import SqlOPSource
 
     if not settings.op_db_url:
@@ -37,7 +43,7 @@ def portal_adapter(settings: Settings, portal_dir: Path | None = None) -> Any:
     if portal_dir is not None:
         from worker.sources.csv_source import CsvPortalSource
 
-        return CsvPortalSource(Path(portal_dir))
+        return CsvPortalSource(Path(portal_dir), csv_limits(settings))
     if settings.portal_adapter:
         module, _, name = settings.portal_adapter.rpartition(".")
         try:
@@ -65,7 +71,7 @@ def portal_adapter(settings: Settings, portal_dir: Path | None = None) -> Any:
 
     if settings.portal_dir is None:
         raise SettingsError("invalid setting OPRECON_PORTAL_DIR: required when portal_source=csv")
-    return CsvPortalSource(Path(settings.portal_dir))
+    return CsvPortalSource(Path(settings.portal_dir), csv_limits(settings))
 
 
 @lru_cache(maxsize=8)
