@@ -66,6 +66,9 @@ def portal_adapter(settings: Settings, portal_dir: Path | None = None) -> Any:
             token,
             timeout=settings.portal_timeout_seconds,
             max_retries=settings.portal_max_retries,
+            max_response_bytes=settings.portal_max_response_bytes,
+            request_deadline=settings.portal_request_deadline_seconds,
+            max_pages=settings.portal_max_pages,
         )
     from worker.sources.csv_source import CsvPortalSource
 
