@@ -87,8 +87,7 @@ def invalid_record(ctx: CheckContext) -> Iterator[Finding]:
             "invalid_record",
             f"{source}: {bad} of {total} rows ({100.0 * bad / total:.1f}%) cannot be read, "
             f"over the {ctx.unreadable_percent:g}% limit (unreadable_alert_percent): no "
-            f"fixes are planned this run and nothing is concluded from a missing row of "
-            f"this file. First: {examples}",
+            f"fixes are planned this run and no finding is resolved. First: {examples}",
             severity=Severity.HIGH,
             key_extra=f"file:{table}",
         )

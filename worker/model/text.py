@@ -7,6 +7,7 @@ It lives at the bottom of the flow so sources, digests and the log processor
 from __future__ import annotations
 
 import re
+from typing import Any, TextIO
 
 REDACTED = "[redacted]"
 EMAIL_PATTERN = re.compile(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)+")
@@ -63,3 +64,22 @@ def id_problem(value: str) -> str | None:
     if "/" in value or "\\" in value:
         return "holds a slash"
     return None
+
+
+_TERMINAL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+class TerminalText:
+    """A text stream that drops control characters (escape sequences, CR, NUL) from
+    everything written to it, keeping newlines and tabs: the CLI's stdout and stderr."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if not text.isprintable():
+            text = _TERMINAL.sub("", text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
