@@ -8,6 +8,7 @@ Ids are strings everywhere, because both systems hand them to us as text.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import lru_cache
@@ -41,6 +42,18 @@ SELF_ROLE = "self"
 WELCOME_ACTION = "Profile: Welcome Mail Sent"
 PATIENT_ROLE = "Patient"
 DUMMY_DOMAIN = "dummy.com"
+
+
+# One plain address: a dot-atom local part, "@", the domain. Whatever else an email field
+# holds (a list, a display name, a second address after a space) is not a dummy address.
+_DUMMY = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                    r"@dummy\.com", re.IGNORECASE)
+
+
+def is_dummy_email(email: str) -> bool:
+    """Exactly one address whose domain is dummy.com (any case): the whole value is
+    parsed, so `real@gmail.com,x@dummy.com` or `real@gmail.com x@dummy.com` are not."""
+    return _DUMMY.fullmatch(email.strip()) is not None
 
 
 @lru_cache(maxsize=4096)
@@ -124,7 +137,7 @@ class PortalUser:
 
     @property
     def has_dummy_email(self) -> bool:
-        return self.email.strip().lower().endswith("@" + DUMMY_DOMAIN)
+        return is_dummy_email(self.email)
 
 
 @dataclass(slots=True, frozen=True)

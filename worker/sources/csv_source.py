@@ -138,6 +138,7 @@ class _Tap:
 
     def get(self, first: int, last: int) -> list[str]:
         if self.lines is None or first <= self.at:
+            self.close()
             self.handle = open_regular(self.path)
             self.lines, self.at = iter(_BoundedLines(self.handle, self.limit)), 0
         out: list[str] = []
@@ -152,6 +153,7 @@ class _Tap:
     def close(self) -> None:
         if self.lines is not None:
             self.handle.close()
+            self.lines = None
 
 
 def _salvage(table: str, positions: Mapping[str, int], text: str) -> tuple[
