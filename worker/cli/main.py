@@ -351,10 +351,11 @@ def main() -> None:
     from worker.model.text import TerminalText
     from worker.sources.base import SourceError
 
-    out, err_stream = sys.stdout, sys.stderr
+    out = sys.stdout
     # Every line oprecon prints may carry ids and details read from outside: an escape
-    # sequence or a carriage return there would act on the terminal.
-    sys.stdout, sys.stderr = TerminalText(out), TerminalText(err_stream)
+    # sequence or a carriage return there would act on the terminal. (stderr carries
+    # one-line errors built from checked ids, and the log handler keeps its own stream.)
+    sys.stdout = TerminalText(out)
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -374,7 +375,7 @@ def main() -> None:
         typer.echo(f"oprecon: could not run: {type(err).__name__}: {_one_line(err)}", err=True)
         sys.exit(2)
     finally:
-        sys.stdout, sys.stderr = out, err_stream
+        sys.stdout = out
         get_settings.cache_clear()
 
 

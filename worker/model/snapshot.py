@@ -94,6 +94,16 @@ class Unknowns:
         else:
             self.blind.add(table)
 
+    def touches(self, patient_id: str | None = None, contact_id: str | None = None,
+                user_id: str | None = None) -> bool:
+        """`about`, or any id that is half of an unknown pair: a finding about a contact
+        alone (their email) may rest on the family-contact row that could not be read."""
+        if self.about(patient_id, contact_id, user_id):
+            return True
+        if not self.pairs or not (patient_id or contact_id):
+            return False
+        return any(p == patient_id or c == contact_id for p, c in self.pairs)
+
     def __bool__(self) -> bool:
         return bool(self.patients or self.contacts or self.users or self.pairs or self.blind)
 

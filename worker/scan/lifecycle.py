@@ -234,7 +234,7 @@ def sync(
     for fp, row in known.items():
         if fp in current or row.state == S.RESOLVED:
             continue
-        if row.check != "invalid_record" and (blind or (unknown is not None and unknown.about(
+        if row.check != "invalid_record" and (blind or (unknown is not None and unknown.touches(
                 row.patient_id, row.contact_id, row.portal_user_id))):
             result.kept_unknown += 1
             continue

@@ -28,6 +28,7 @@ import random
 import ssl
 import threading
 import time
+import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -231,6 +232,58 @@ def _batches(
         yield batch
 
 
+def _decoder(response: httpx.Response, method: str, path: str) -> Any:
+    """A zlib decompressor for the body's Content-Encoding (None: identity). Ours, not
+    httpx's, so that no single chunk inflates past the cap (httpx's would unpack a
+    64 KB chunk of a gzip bomb to 64 MB at once)."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    raise PortalProtocolError(
+        f"portal {method} {path}: unsupported Content-Encoding {strip_controls(encoding)[:20]}",
+        method=method, path=path, kind="decoding", status=response.status_code)
+
+
+def _read_capped(response: httpx.Response, cap: int, abandoned: threading.Event,
+                 method: str, path: str) -> bytes | None:
+    """The decoded body, at most `cap` bytes of it (PortalLimitError beyond); None when
+    the caller gave up waiting."""
+    decoder = _decoder(response, method, path)
+    body = bytearray()
+
+    def over() -> PortalLimitError:
+        return PortalLimitError(
+            f"portal {method} {path}: response over {cap} bytes (portal_max_response_bytes)",
+            method=method, path=path, kind="too_large", status=response.status_code)
+
+    try:
+        for raw in response.iter_raw(64 * 1024):
+            if abandoned.is_set():
+                return None
+            if decoder is None:
+                body += raw
+            else:
+                while raw:
+                    body += decoder.decompress(raw, cap - len(body) + 1)
+                    if len(body) > cap:
+                        raise over()
+                    raw = decoder.unconsumed_tail
+            if len(body) > cap:
+                raise over()
+        if decoder is not None:
+            body += decoder.flush()
+    except zlib.error as err:
+        raise httpx.DecodingError(f"bad {response.headers.get('content-encoding')} body"
+                                  ) from err
+    if len(body) > cap:
+        raise over()
+    return bytes(body)
+
+
 class HttpPortal:
     """PortalReader and PortalWriter over the portal admin API."""
 
@@ -279,7 +332,9 @@ class HttpPortal:
         self._rng = rng or random.Random()
         # Connecting should be quick; a slow answer may legitimately take the full timeout.
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))
-        headers = {"Accept": "application/json", "User-Agent": "oprecon"}
+        # Only the encodings _decoder bounds (httpx would also offer br/zstd if installed).
+        headers = {"Accept": "application/json", "User-Agent": "oprecon",
+                   "Accept-Encoding": "gzip, deflate"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.Client(
@@ -438,19 +493,11 @@ class HttpPortal:
                     timeout=self._timeout)
                 response = self._client.send(request, stream=True)
                 try:
-                    body = bytearray()
-                    for chunk in response.iter_bytes():
-                        body += chunk
-                        if len(body) > cap:
-                            raise PortalLimitError(
-                                f"portal {method} {path}: response over {cap} bytes "
-                                "(portal_max_response_bytes)",
-                                method=method, path=path, kind="too_large",
-                                status=response.status_code)
-                        if abandoned.is_set():
-                            return
+                    body = _read_capped(response, cap, abandoned, method, path)
                 finally:
                     response.close()
+                if body is None:
+                    return
                 response._content = bytes(body)
                 outcome["response"] = response
             except BaseException as err:  # handed to the caller's thread
