@@ -180,7 +180,8 @@ def test_an_unterminated_quote_reports_the_rows_it_swallowed_by_line_range(
     invalid = [f.detail for f in found if f.check == "invalid_record"]
     assert len(invalid) == 1
     assert "family_contacts.csv lines 5-31: " in invalid[0]
-    assert "lines 5-31 (27 lines) cannot be read" in invalid[0]
+    assert "; 27 lines cannot be read (a quote left open swallows the rows after it)" in (
+        invalid[0])
     assert "27 row(s) unreadable (27 identified)" in invalid[0]
     # The 27 parents whose rows were swallowed are not "no longer authorized".
     assert not [f for f in found if f.check == "caregiver_link_stale"]

@@ -446,7 +446,7 @@ class _CsvDir:
             found = [ids for text in lines if (ids := _salvage(table, positions, text))]
             return InvalidRecord(
                 name, first,
-                f"{reason}; lines {first}-{last} ({last - first + 1} lines) cannot be read "
+                f"{reason}; {last - first + 1} lines cannot be read "
                 "(a quote left open swallows the rows after it)",
                 extra={"last_line": str(last)}, table=table, rows=last - first + 1,
                 recovered=tuple(found))
