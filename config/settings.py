@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     op_timezone: str | None = None
     # Above this share of unreadable rows a file gets one alert and no fixes are planned.
     unreadable_alert_percent: float = Field(1.0, ge=0, le=100)
+    # Below this many unreadable rows the share does not apply (small files).
+    unreadable_alert_min_rows: int = Field(10, ge=0)
     csv_max_field_chars: int = Field(1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     csv_max_line_chars: int = Field(4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     # Portal HTTP: decompressed bytes per response, seconds per whole request (all

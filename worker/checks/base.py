@@ -36,6 +36,7 @@ class CheckContext:
     # plans no fixes; `whole` is False for a partial snapshot (an incremental scan's
     # neighbourhood), whose shares say nothing about the file.
     unreadable_percent: float = 1.0
+    unreadable_min_rows: int = 10
     whole: bool = True
     # Findings dropped because they would rest on a row that could not be read.
     suppressed_unknown: int = 0
@@ -45,7 +46,8 @@ class CheckContext:
         over = self.memo.get("over_limit")
         if over is None:
             over = self.memo["over_limit"] = (
-                self.snapshot.unreadable_over(self.unreadable_percent) if self.whole else {})
+                self.snapshot.unreadable_over(self.unreadable_percent, self.unreadable_min_rows)
+                if self.whole else {})
         return over  # type: ignore[return-value]
 
     def blind(self, *tables: str) -> bool:

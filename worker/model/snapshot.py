@@ -265,12 +265,13 @@ class Snapshot:
             "portal_audit": self.audit_rows,
         }.get(table, 0)
 
-    def unreadable_over(self, percent: float) -> dict[str, tuple[int, int]]:
-        """Tables whose unreadable rows exceed `percent` of their rows: (bad, total)."""
+    def unreadable_over(self, percent: float, min_rows: int = 0) -> dict[str, tuple[int, int]]:
+        """Tables whose unreadable rows (at least `min_rows` of them) exceed `percent` of
+        their rows: (bad, total)."""
         out: dict[str, tuple[int, int]] = {}
         for table, bad in sorted(self.unknown.unreadable.items()):
             total = bad + self.rows_read(table)
-            if total and bad * 100.0 > percent * total:
+            if total and bad >= min_rows and bad * 100.0 > percent * total:
                 out[table] = (bad, total)
         return out
 

@@ -206,6 +206,7 @@ def reconcile(
             propagation_delay=settings.propagation_delay,
             welcome_window=settings.welcome_window,
             unreadable_percent=settings.unreadable_alert_percent,
+            unreadable_min_rows=settings.unreadable_alert_min_rows,
             whole=whole,
         )
         findings = [f for f in run_checks(ctx) if scope.covers_finding(f)]

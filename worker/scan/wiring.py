@@ -36,7 +36,7 @@ def op_reader(settings: Settings, op_dir: Path | None = None) -> OPReader:
 
     if not settings.op_db_url:
         raise SettingsError("invalid setting OPRECON_OP_DB_URL: required when op_source=sql")
-    return SqlOPSource(settings.op_db_url)
+    return SqlOPSource(settings.op_db_url, settings.op_zone)
 
 
 def portal_adapter(settings: Settings, portal_dir: Path | None = None) -> Any:

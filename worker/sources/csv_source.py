@@ -59,6 +59,9 @@ MAX_LINE_CHARS = 4 * 1024 * 1024
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Of a line over the limit, this much is kept: enough to find the ids at its start.
 _LONG_PREFIX = 4096
+# The id columns a broken row is searched for: every layout leads with its ids (only
+# contacts.patient_id comes later, and a shifted row would put anything there).
+_LEADING = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +169,8 @@ def _salvage(table: str, positions: Mapping[str, int], text: str) -> tuple[
         fields = []
     if len(fields) < len(positions):
         fields = text.split(",")
-    row = {c: fields[i] for c, i in positions.items() if i < len(fields)}
+    # Only the leading columns: past a stray comma or quote the others are shifted.
+    row = {c: fields[i] for c, i in positions.items() if i < min(len(fields), _LEADING)}
     ids = row_ids(table, row)
     return ids if any(ids) else None
 

@@ -252,13 +252,17 @@ def _read_capped(response: httpx.Response, cap: int, abandoned: threading.Event,
                  method: str, path: str) -> bytes | None:
     """The decoded body, at most `cap` bytes of it (PortalLimitError beyond); None when
     the caller gave up waiting."""
-    decoder = _decoder(response, method, path)
-    body = bytearray()
-
     def over() -> PortalLimitError:
         return PortalLimitError(
             f"portal {method} {path}: response over {cap} bytes (portal_max_response_bytes)",
             method=method, path=path, kind="too_large", status=response.status_code)
+
+    if response.is_stream_consumed:  # built in memory (a transport that read it already)
+        if len(response.content) > cap:
+            raise over()
+        return response.content
+    decoder = _decoder(response, method, path)
+    body = bytearray()
 
     try:
         for raw in response.iter_raw(64 * 1024):
