@@ -543,7 +543,7 @@ class HttpPortal:
     def _item(self, table: str, item: Any, line: int) -> Any:
         """One JSON item -> record, or InvalidRecord naming what is wrong (no values)."""
         if not isinstance(item, dict):
-            return InvalidRecord(table, line, "item is not a JSON object")
+            return InvalidRecord(table, line, "item is not a JSON object", table=table)
         row: dict[str, str | None] = {}
         wrong: list[str] = []
         for column in PORTAL_LAYOUT[table]:
