@@ -9,7 +9,8 @@ that names the setting.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+from collections.abc import Mapping
+from datetime import timedelta, tzinfo
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +36,20 @@ class SettingsError(RuntimeError):
 
 
 DEFAULT_VAR = Path("var")
+# OPRECON_* variables read elsewhere than by Settings.
+_OTHER_ENV = frozenset({"OPRECON_CONFIG_FILE"})
+_DEV_ENV = ("OPRECON_TEST_", "OPRECON_BENCH_")  # the test suite's and the benchmark's
+
+
+def _clear_text(url: str) -> bool:
+    """A plain-http URL to another machine (loopback never leaves this one: the
+    simulator, an SSH tunnel or a local TLS-terminating proxy)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    loopback = host == "localhost" or host == "::1" or host.startswith("127.")
+    return parts.scheme.lower() == "http" and not loopback
 
 
 class Settings(BaseSettings):
@@ -70,6 +85,27 @@ class Settings(BaseSettings):
     portal_max_retries: int = Field(3, ge=0, le=10)
     # Dotted path to a class implementing PortalReader/PortalWriter, for another vendor.
     portal_adapter: str | None = None
+
+    # -- input oprecon did not write (docs/reliability.md) ----------------------------
+    # The zone of OP times written without a UTC offset, e.g. "America/New_York";
+    # unset, such a time is an invalid_record (read as UTC it could hide a fresh change).
+    op_timezone: str | None = None
+    # Above this share of unreadable rows a file gets one alert and no fixes are planned.
+    unreadable_alert_percent: float = Field(1.0, ge=0, le=100)
+    # Below this many unreadable rows the share does not apply (small files).
+    unreadable_alert_min_rows: int = Field(10, ge=0)
+    csv_max_field_chars: int = Field(1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    csv_max_line_chars: int = Field(4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # Portal HTTP: decompressed bytes per response, seconds per whole request (all
+    # reads included), pages per listing.
+    portal_max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    portal_request_deadline_seconds: float = Field(60.0, gt=0, le=3600)
+    portal_max_pages: int = Field(10_000, ge=1)
+    # A plain-http portal URL sends the token in clear text: refused unless set.
+    allow_unsafe_plain_http: bool = False
+    # A propagation delay under 15 minutes compares records the portal has not caught
+    # up with (false alarms, fixes on stale data): refused unless set.
+    allow_unsafe_propagation_delay: bool = False
 
     # -- time rules -------------------------------------------------------------------
     propagation_delay_minutes: float = Field(15, ge=0)
@@ -151,6 +187,26 @@ class Settings(BaseSettings):
                 "broker_visibility_timeout_seconds must exceed the scan lock "
                 f"({self.lock_timeout_seconds} s = scan_hard_limit_seconds + 60)"
             )
+        if self.propagation_delay_minutes < 15 and not self.allow_unsafe_propagation_delay:
+            raise ValueError(
+                "propagation_delay_minutes under 15 (the portal takes 15 minutes or more to "
+                "show a change) needs allow_unsafe_propagation_delay=true"
+            )
+        if self.op_timezone is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(self.op_timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(
+                    f"op_timezone {self.op_timezone!r} is not a time zone name "
+                    "(e.g. America/New_York)") from None
+        if (self.portal_source == "http" and self.portal_url and self.portal_token
+                and _clear_text(self.portal_url) and not self.allow_unsafe_plain_http):
+            raise ValueError(
+                "portal_url is plain http: the token would travel in clear text "
+                "(use https, or set allow_unsafe_plain_http=true)"
+            )
         unguarded = self.mass_change_max_fixes == 0 and self.mass_change_max_percent == 0
         fixing = any(p is Policy.FIX for p in self.policies.values())
         if unguarded and fixing and not self.allow_unguarded_fixes:
@@ -185,6 +241,13 @@ class Settings(BaseSettings):
         return timedelta(minutes=self.propagation_delay_minutes)
 
     @property
+    def op_zone(self) -> tzinfo | None:
+        """op_timezone as a zone, or None."""
+        from zoneinfo import ZoneInfo
+
+        return ZoneInfo(self.op_timezone) if self.op_timezone else None
+
+    @property
     def hold(self) -> timedelta:
         return timedelta(minutes=self.hold_minutes)
 
@@ -212,6 +275,24 @@ def _one_line(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"invalid setting {name}: {msg}{more}"
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """OPRECON_* variables no setting reads: typos, like an unknown TOML key (which
+    fails), but reported rather than refused (a shell may export them for scripts)."""
+    environ = os.environ if environ is None else environ
+    known = {f"OPRECON_{name.upper()}" for name in Settings.model_fields}
+    # Read outside Settings: the config file, the tests' services, the console's secret.
+    known |= _OTHER_ENV
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("OPRECON_") or upper in known or upper.startswith(_DEV_ENV):
+            continue
+        if upper.split("__", 1)[0] in known and "__" in upper:
+            continue  # nested: OPRECON_POLICIES__WELCOME_NOT_SENT
+        out.append(name)
+    return out
 
 
 def load_settings(**overrides: Any) -> Settings:

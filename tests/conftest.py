@@ -87,6 +87,10 @@ def make_settings(tmp_path: Path, sqlite_url: str) -> Any:
             "practice": "test",
         }
         values.update(overrides)
+        # Tests of the time rules use short delays on purpose (the refusal has its own
+        # test in tests/config/test_settings.py).
+        if float(values.get("propagation_delay_minutes", 15)) < 15:
+            values.setdefault("allow_unsafe_propagation_delay", True)
         return load_settings(**values)
 
     return factory

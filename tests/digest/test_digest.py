@@ -487,6 +487,28 @@ def test_caregiver_link_stale_is_sent_once_at_once(env: Any, smtp: SmtpSink) -> 
     assert len(smtp.messages) == 1
 
 
+def test_an_id_with_control_characters_cannot_break_a_notice(env: Any, smtp: SmtpSink) -> None:
+    """Issue 13 case 5: a CR/LF in an id made the subject header raise, the notice was
+    stored as `unknown` and the tick's other deliveries were skipped. Ids are checked at
+    every entry now; a row stored before that still goes out, one clean subject line."""
+    e = env()
+    after_yesterday(e)
+    e.mark_sent(FD, "daily:2026-11-25")
+    e.mark_sent(PM, "daily:2026-11-25")
+    seen = NOW - timedelta(minutes=25)
+    e.add("caregiver_link_stale", "held", seen, severity="high",
+          patient="P9\r\nBcc: x@evil.example", contact="C9", user="U9\x1b[2J",
+          changed=NOW - timedelta(minutes=5),
+          detail="portal user U9\x1b[2J can still see patient P9\r\nBcc: x@evil.example")
+    deliveries = e.send_due()
+    assert [d.status for d in deliveries] == ["sent"]
+    [(rcpts, msg)] = smtp.messages
+    assert rcpts == [PM] and msg["Bcc"] is None
+    assert "\r" not in msg["Subject"] and "\n" not in msg["Subject"]
+    text, html = parts(msg)
+    assert "\x1b" not in text and "\x1b" not in html
+
+
 def test_immediate_notice_that_cleared_is_skipped(env: Any, smtp: SmtpSink) -> None:
     e = env()
     fp = e.add("caregiver_link_stale", "held", NOW - timedelta(minutes=20), severity="high",

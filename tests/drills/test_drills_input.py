@@ -173,7 +173,8 @@ def test_quoted_newlines_keep_lines_physical_and_an_impossible_date_is_a_finding
     assert out.code == 0 and out.err == ""
     line = where[0] + 2
     assert out.invalid(baseline) == [
-        f"patients.csv line {line}: bad dob (not a valid YYYY-MM-DD date)"]
+        f"patients.csv line {line}: bad dob (not a valid YYYY-MM-DD date); patient PX2 is "
+        "unknown this run: not compared with the portal"]
     assert out.prints - baseline.prints == {f["fingerprint"] for f in out.findings
                                             if f.get("patient_id") == "PX2"}
     assert baseline.prints <= out.prints
@@ -195,8 +196,10 @@ def test_a_latin1_file_reports_its_undecodable_rows_and_reads_the_rest(
     out = run(change)
     assert out.code == 0
     n = where[0]
-    assert out.invalid(baseline) == [f"patients.csv line {n}: not valid UTF-8",
-                                     f"patients.csv line {n + 1}: not valid UTF-8"]
+    note = "is unknown this run: not compared with the portal"
+    assert out.invalid(baseline) == [
+        f"patients.csv line {n}: not valid UTF-8; patient PX3 {note}",
+        f"patients.csv line {n + 1}: not valid UTF-8; patient PX4 {note}"]
     assert baseline.prints < out.prints  # everything else is still found
     assert "Jos" not in json.dumps(out.findings)  # and the undecodable name is not echoed
 
@@ -214,7 +217,9 @@ def test_a_row_with_a_stray_comma_is_a_finding(
 
     out = run(change)
     assert out.code == 0
-    assert out.invalid(baseline) == [f"contacts.csv line {where[0]}: expected 12 fields, found 13"]
+    assert out.invalid(baseline) == [
+        f"contacts.csv line {where[0]}: expected 12 fields, found 13; contact CX1 is unknown "
+        "this run: not compared with the portal"]
     assert baseline.prints < out.prints
 
 
@@ -265,7 +270,8 @@ def test_a_100_mb_field_is_one_finding_and_the_run_goes_on(
     clean_prints = {json.loads(x)["fingerprint"] for x in clean.stdout.splitlines()}
     added = [f for f in findings if f["fingerprint"] not in clean_prints]
     assert [f["detail"] for f in added] == [
-        f"contacts.csv line {line}: field too large (over 1 MiB)"]
+        f"contacts.csv line {line}: line longer than 4194304 characters (csv_max_line_chars); "
+        "contact CX9 is unknown this run: not compared with the portal"]
     assert clean_prints < {f["fingerprint"] for f in findings}
 
 

@@ -136,6 +136,7 @@ def test_nothing_people_read_carries_phi_or_secrets_and_digests_reach_only_staff
             "broker_url": redis_server.url(0), "practice": f"drill-phi-{uuid.uuid4().hex[:6]}",
             "op_dir": practice / "op", "portal_source": "http", "portal_url": url,
             "portal_token": SECRETS["portal"], "propagation_delay_minutes": 0,
+            "allow_unsafe_propagation_delay": True,
             "smtp_host": "127.0.0.1", "smtp_port": smtp.port, "smtp_password": SECRETS["smtp"],
             "smtp_sender": "oprecon@practice.example",
             "digest_recipients": {"default": [STAFF]}, "log_level": "DEBUG",

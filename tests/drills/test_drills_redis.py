@@ -83,6 +83,7 @@ def rig(tmp_path: Path, pg_database: str) -> Iterator[Rig]:
             "OPRECON_PORTAL_URL": sim_url,
             # Confirm at once, so the first scan journals fixes and queues them.
             "OPRECON_PROPAGATION_DELAY_MINUTES": "0",
+            "OPRECON_ALLOW_UNSAFE_PROPAGATION_DELAY": "true",
             "OPRECON_METRICS_PORT": "0",
             "OPRECON_LOG_FORMAT": "json",
             "OPRECON_SCAN_SOFT_LIMIT_SECONDS": "20",

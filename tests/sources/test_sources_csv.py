@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -36,6 +37,7 @@ from worker.sources.csv_source import (
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 from worker.sources.parsing import (
     PARSERS,
+    NoOffset,
     parse_contact,
     parse_family_contact,
     parse_patient,
@@ -322,7 +324,7 @@ def test_huge_field_is_invalid_and_big_field_is_fine(tmp_path: Path) -> None:
     assert [c.contact_id for c in good] == ["C1", "C3"]
     assert len(good[0].address) == 200_000
     assert [(b.line, b.contact_id, b.reason) for b in bad] == [
-        (3, "C2", "field too large (over 1 MiB)")
+        (3, "C2", "field too large (over 1048576 characters: csv_max_field_chars)")
     ]
 
 
@@ -393,7 +395,9 @@ def test_since_filters_csv(tmp_path: Path) -> None:
 
 
 def test_parse_rules() -> None:
-    assert parse_time("2024-05-01T12:00:00") == T0  # naive is UTC
+    with pytest.raises(NoOffset):  # no offset and no declared zone: not a time
+        parse_time("2024-05-01T12:00:00")
+    assert parse_time("2024-05-01T08:00:00", ZoneInfo("America/New_York")) == T0
     assert parse_time("2024-05-01 14:00:00+02:00") == T0
     assert parse_time("  ") is None
     with pytest.raises(ValueError):

@@ -23,6 +23,13 @@ def run_checks(ctx: CheckContext) -> list[Finding]:
     """Every finding for the snapshot, once per fingerprint (the same bad row repeated
     three times is one problem), in a stable order."""
     seen: dict[str, Finding] = {}
+    unknown = ctx.snapshot.unknown
     for f in iter_findings(ctx):
+        # A comparison with the portal about something a row could not tell us is a
+        # guess: drop it (the invalid_record finding says what is unknown and why).
+        if f.cross_system and unknown and unknown.about(
+                f.patient_id, f.contact_id, f.portal_user_id):
+            ctx.suppressed_unknown += 1
+            continue
         seen.setdefault(f.fingerprint, f)
     return list(seen.values())

@@ -32,6 +32,32 @@ class CheckContext:
     # Cross-system candidates skipped because an OP record changed too recently.
     suppressed_recent: int = 0
     memo: dict[str, object] = field(default_factory=dict)
+    # Above this share of unreadable rows (percent) a file gets one alert and the run
+    # plans no fixes; `whole` is False for a partial snapshot (an incremental scan's
+    # neighbourhood), whose shares say nothing about the file.
+    unreadable_percent: float = 1.0
+    unreadable_min_rows: int = 10
+    whole: bool = True
+    # Findings dropped because they would rest on a row that could not be read.
+    suppressed_unknown: int = 0
+
+    def over_limit(self) -> dict[str, tuple[int, int]]:
+        """Tables with too large a share of unreadable rows: (unreadable, total)."""
+        over = self.memo.get("over_limit")
+        if over is None:
+            over = self.memo["over_limit"] = (
+                self.snapshot.unreadable_over(self.unreadable_percent, self.unreadable_min_rows)
+                if self.whole else {})
+        return over  # type: ignore[return-value]
+
+    def blind(self, *tables: str) -> bool:
+        """Whether the absence of a row from any of `tables` proves nothing this run."""
+        blind = self.snapshot.unknown.blind
+        return any(t in blind for t in tables)
+
+    def unknown(self, patient_id: str | None = None, contact_id: str | None = None,
+                user_id: str | None = None) -> bool:
+        return self.snapshot.unknown.about(patient_id, contact_id, user_id)
 
     def recent(self, *records: object) -> bool:
         """True when any OP record changed within the propagation delay: the portal
@@ -39,7 +65,8 @@ class CheckContext:
         cutoff = self.now - self.propagation_delay
         for record in records:
             updated = getattr(record, "updated_at", None)
-            if updated is not None and updated > cutoff:
+            # A blank time may be a change this minute: the conservative reading.
+            if updated is None or updated > cutoff:
                 return True
         return False
 

@@ -1,6 +1,10 @@
 """invalid_record: rows a source could not parse, and portal links to unknown users.
 
-A bad row is reported and skipped; the rest of the source still reconciles.
+A bad row is reported and skipped; the rest of the source still reconciles. What the
+row describes is *unknown* for the run (worker.model.snapshot.Unknowns), and the finding
+says so, so staff know which family oprecon could not compare this time. A file with
+too large a share of unreadable rows gets one alert instead of one per row, and the run
+plans no fixes (worker.scan.engine).
 """
 
 from __future__ import annotations
@@ -8,12 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from worker.checks.base import CheckContext, finding, register
-from worker.model.findings import Finding
+from worker.model.findings import Finding, Severity
 from worker.model.records import InvalidRecord
 
 
 def _where(rec: InvalidRecord) -> str:
-    return f"{rec.source} line {rec.line}" if rec.line is not None else rec.source
+    if rec.line is None:
+        return rec.source
+    if "last_line" in rec.extra:
+        return f"{rec.source} lines {rec.line}-{rec.extra['last_line']}"
+    return f"{rec.source} line {rec.line}"
 
 
 def _key(rec: InvalidRecord) -> str:
@@ -24,23 +32,72 @@ def _key(rec: InvalidRecord) -> str:
     return f"{rec.source}:{rec.reason}"
 
 
+def unknown_note(rec: InvalidRecord) -> str:
+    """What the run does not know because of this row, in words staff can act on."""
+    if rec.table is None:
+        return ""
+    pid, cid, uid = rec.patient_id, rec.contact_id, rec.portal_user_id
+    dep = rec.extra.get("dependent_user_id")
+    if rec.table == "portal_audit":
+        return "; Welcome emails are not checked this run"
+    if rec.rows > 1:
+        named = len(rec.recovered) + (1 if (pid or cid or uid) else 0)
+        return (f"; {rec.rows} row(s) unreadable ({named} identified): no portal "
+                "comparison for them this run")
+    if rec.table == "family_contacts" and pid and cid:
+        what = f"the family contact of contact {cid} on chart {pid}"
+    else:
+        parts = []
+        if pid:
+            parts.append(f"patient {pid}")
+        if cid:
+            parts.append(f"contact {cid}")
+        if uid:
+            parts.append(f"portal user {uid}")
+        if dep:
+            parts.append(f"portal user {dep}")
+        if not parts:
+            return "; no id could be read: nothing is concluded from a missing row of this file"
+        what = " and ".join(parts)
+    return f"; {what} is unknown this run: not compared with the portal"
+
+
 @register("invalid_record")
 def invalid_record(ctx: CheckContext) -> Iterator[Finding]:
     snap = ctx.snapshot
+    over = ctx.over_limit()
+    firsts: dict[str, list[InvalidRecord]] = {}
     for rec in snap.invalid:
+        if rec.table is not None and rec.table in over:
+            firsts.setdefault(rec.table, []).append(rec)
+            continue
         yield finding(
             "invalid_record",
-            f"{_where(rec)}: {rec.reason}",
+            f"{_where(rec)}: {rec.reason}{unknown_note(rec)}",
             patient_id=rec.patient_id,
             contact_id=rec.contact_id,
             portal_user_id=rec.portal_user_id,
             key_extra=_key(rec),
         )
+    for table, (bad, total) in over.items():
+        recs = firsts.get(table, [])
+        source = recs[0].source if recs else table
+        examples = "; ".join(f"{_where(r)}: {r.reason}" for r in recs[:3])
+        yield finding(
+            "invalid_record",
+            f"{source}: {bad} of {total} rows ({100.0 * bad / total:.1f}%) cannot be read, "
+            f"over the {ctx.unreadable_percent:g}% limit (unreadable_alert_percent): no "
+            f"fixes are planned this run and no finding is resolved. First: {examples}",
+            severity=Severity.HIGH,
+            key_extra=f"file:{table}",
+        )
     users = snap.users
+    if ctx.blind("portal_users"):
+        return
     for cu, du in ctx.sorted_links():
         if cu in users and du in users:
             continue
-        missing = [u for u in (cu, du) if u not in users]
+        missing = [u for u in (cu, du) if u not in users and not ctx.unknown(user_id=u)]
         if missing:
             yield finding(
                 "invalid_record",

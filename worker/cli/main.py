@@ -29,11 +29,30 @@ app.add_typer(fixes_app, name="fixes")
 
 
 def _settings(**overrides: Any) -> Settings:
+    from config.settings import unknown_env
     from worker.runtime.logging import setup_logging
 
     settings = load_settings(**overrides)
     setup_logging(settings.log_level, settings.log_format)
+    unknown = unknown_env()
+    if unknown:  # a typo'd variable silently leaves its setting at the default
+        typer.echo(f"oprecon: warning: unknown environment variable(s) {', '.join(unknown)}: "
+                   "no setting reads them (a typo?)", err=True)
     return settings
+
+
+def _id_option(option: str, value: str | None) -> str | None:
+    """An id given on the command line, held to the sources' rules: it reaches URL
+    paths, mail subjects and terminal lines."""
+    from worker.model.text import id_problem, strip_controls
+
+    if value is None:
+        return None
+    value = value.strip()
+    why = id_problem(value) if value else "is blank"
+    if why is not None:
+        raise CannotStart(f"{option}: not an id ({strip_controls(value)[:64]!r} {why})")
+    return value
 
 
 def _parse_now(value: str | None) -> datetime | None:
@@ -75,6 +94,8 @@ def reconcile(
         min=1, help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Reconcile everything, one patient's family, or one contact."""
+    patient = _id_option("--patient", patient)
+    contact = _id_option("--contact", contact)
     chosen = [x for x in (all_, patient, contact) if x]
     if len(chosen) != 1:
         raise CannotStart("choose exactly one of --all, --patient ID, --contact ID")
@@ -327,8 +348,14 @@ def _one_line(err: BaseException) -> str:
 
 def main() -> None:
     from config.settings import get_settings
+    from worker.model.text import TerminalText
     from worker.sources.base import SourceError
 
+    out = sys.stdout
+    # Every line oprecon prints may carry ids and details read from outside: an escape
+    # sequence or a carriage return there would act on the terminal. (stderr carries
+    # one-line errors built from checked ids, and the log handler keeps its own stream.)
+    sys.stdout = TerminalText(out)
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -348,6 +375,7 @@ def main() -> None:
         typer.echo(f"oprecon: could not run: {type(err).__name__}: {_one_line(err)}", err=True)
         sys.exit(2)
     finally:
+        sys.stdout = out
         get_settings.cache_clear()
 
 

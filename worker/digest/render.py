@@ -15,6 +15,7 @@ from typing import Any
 import jinja2
 
 from worker.digest.build import Digest
+from worker.model.text import clean_multiline, strip_controls
 
 CATEGORY_NAMES = {"front_desk": "front desk", "practice_manager": "practice manager"}
 
@@ -41,7 +42,13 @@ def _audience(digest: Digest) -> str:
 
 
 def subject(digest: Digest) -> str:
-    """Short, id-only subjects: they show in lock screens and notification previews."""
+    """Short, id-only subjects: they show in lock screens and notification previews.
+    One line without control characters, whatever the ids hold: a CR/LF in a header
+    would make the mail library refuse the message (or, worse, add a header)."""
+    return strip_controls(_subject(digest))
+
+
+def _subject(digest: Digest) -> str:
     if digest.kind == "immediate":
         if digest.bundled:
             return _bundle_subject(digest)
@@ -84,11 +91,11 @@ def _context(digest: Digest) -> dict[str, Any]:
 
 
 def render_text(digest: Digest) -> str:
-    return environment().get_template("digest.txt.j2").render(_context(digest))
+    return clean_multiline(environment().get_template("digest.txt.j2").render(_context(digest)))
 
 
 def render_html(digest: Digest) -> str:
-    return environment().get_template("digest.html.j2").render(_context(digest))
+    return clean_multiline(environment().get_template("digest.html.j2").render(_context(digest)))
 
 
 def message_id(recipient_key: str, window_key: str, domain: str) -> str:
@@ -122,6 +129,7 @@ def build_message(digest: Digest, sender: str, to: str, recipient_key: str) -> E
 
 
 def _slack(text: str) -> str:
+    text = clean_multiline(text)
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 

@@ -8,6 +8,7 @@ Ids are strings everywhere, because both systems hand them to us as text.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import lru_cache
@@ -41,6 +42,18 @@ SELF_ROLE = "self"
 WELCOME_ACTION = "Profile: Welcome Mail Sent"
 PATIENT_ROLE = "Patient"
 DUMMY_DOMAIN = "dummy.com"
+
+
+# One plain address: a dot-atom local part, "@", the domain. Whatever else an email field
+# holds (a list, a display name, a second address after a space) is not a dummy address.
+_DUMMY = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                    r"@dummy\.com", re.IGNORECASE)
+
+
+def is_dummy_email(email: str) -> bool:
+    """Exactly one address whose domain is dummy.com (any case): the whole value is
+    parsed, so `real@gmail.com,x@dummy.com` or `real@gmail.com x@dummy.com` are not."""
+    return _DUMMY.fullmatch(email.strip()) is not None
 
 
 @lru_cache(maxsize=4096)
@@ -124,7 +137,7 @@ class PortalUser:
 
     @property
     def has_dummy_email(self) -> bool:
-        return self.email.strip().lower().endswith("@" + DUMMY_DOMAIN)
+        return is_dummy_email(self.email)
 
 
 @dataclass(slots=True, frozen=True)
@@ -151,7 +164,14 @@ class AuditEvent:
 
 @dataclass(slots=True, frozen=True)
 class InvalidRecord:
-    """A source row we could not parse. It becomes an `invalid_record` finding."""
+    """A source row we could not parse. It becomes an `invalid_record` finding.
+
+    With `table` set (the layout the row belongs to), what the row describes becomes
+    *unknown* for the run (worker.model.snapshot): its absence proves nothing. `rows`
+    counts the rows it stands for (an unterminated quote swallows many), and
+    `recovered` holds the ids found in those swallowed rows, as
+    (patient_id, contact_id, portal_user_id, dependent_user_id).
+    """
 
     source: str  # file or table name, e.g. "patients.csv"
     line: int | None  # 1-based physical line in a file (header is line 1); row number for SQL
@@ -160,6 +180,10 @@ class InvalidRecord:
     contact_id: str | None = None
     portal_user_id: str | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    table: str | None = field(default=None, compare=False, hash=False)
+    rows: int = field(default=1, compare=False, hash=False)
+    recovered: tuple[tuple[str | None, str | None, str | None, str | None], ...] = field(
+        default=(), compare=False, hash=False)
 
 
 OPRecord = Patient | Contact | FamilyContact

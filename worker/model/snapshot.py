@@ -27,6 +27,98 @@ from worker.model.records import (
 
 
 @dataclass
+class Unknowns:
+    """What the run cannot know because a row describing it could not be read.
+
+    A row that cannot be read is not an absent row: a family contact with a typo in its
+    authority still says *something* about that patient and contact, and treating it
+    as missing would report a stale portal link (a false privacy alert) and resolve
+    open findings as "no longer found". So the ids an unreadable row names become
+    unknown for the run, and a table with an unreadable row that names no id at all is
+    *blind*: nothing may be concluded from the absence of one of its rows.
+    """
+
+    patients: set[str] = field(default_factory=set)
+    contacts: set[str] = field(default_factory=set)
+    users: set[str] = field(default_factory=set)
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+    blind: set[str] = field(default_factory=set)
+    # Unreadable rows per table (an unterminated quote counts every row it swallowed).
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+    def add(self, rec: InvalidRecord) -> None:
+        table = rec.table
+        assert table is not None
+        self.unreadable[table] = self.unreadable.get(table, 0) + rec.rows
+        own = (rec.patient_id, rec.contact_id, rec.portal_user_id,
+               rec.extra.get("dependent_user_id"))
+        rows = [own] if any(own) else []
+        rows.extend(rec.recovered)
+        if len(rows) < rec.rows:  # some row gave no id at all
+            self.blind.add(table)
+        for patient, contact, user, dep in rows:
+            self._row(table, patient, contact, user, dep)
+
+    def _row(self, table: str, patient: str | None, contact: str | None,
+             user: str | None, dependent: str | None) -> None:
+        if table == "portal_audit":  # Welcome events are keyed by email: unknowable
+            self.blind.add(table)
+        elif table == "family_contacts":
+            if patient and contact:
+                self.pairs.add((patient, contact))
+            elif patient:
+                self.patients.add(patient)
+            elif contact:
+                self.contacts.add(contact)
+            else:
+                self.blind.add(table)
+        elif table == "patients":
+            self._one(table, self.patients, patient)
+        elif table == "contacts":
+            self._one(table, self.contacts, contact)
+        elif table == "portal_users":
+            if not (user or patient or contact):
+                self.blind.add(table)
+            for ids, value in ((self.users, user), (self.patients, patient),
+                               (self.contacts, contact)):
+                if value:
+                    ids.add(value)
+        elif table in ("portal_links", "portal_sources"):
+            if not (user or dependent):
+                self.blind.add(table)
+            self.users.update(v for v in (user, dependent) if v)
+
+    def _one(self, table: str, ids: set[str], value: str | None) -> None:
+        if value:
+            ids.add(value)
+        else:
+            self.blind.add(table)
+
+    def touches(self, patient_id: str | None = None, contact_id: str | None = None,
+                user_id: str | None = None) -> bool:
+        """`about`, or any id that is half of an unknown pair: a finding about a contact
+        alone (their email) may rest on the family-contact row that could not be read."""
+        if self.about(patient_id, contact_id, user_id):
+            return True
+        if not self.pairs or not (patient_id or contact_id):
+            return False
+        return any(p == patient_id or c == contact_id for p, c in self.pairs)
+
+    def __bool__(self) -> bool:
+        return bool(self.patients or self.contacts or self.users or self.pairs or self.blind)
+
+    def about(self, patient_id: str | None = None, contact_id: str | None = None,
+              user_id: str | None = None) -> bool:
+        """Whether a conclusion about these ids rests on something unreadable."""
+        return bool(
+            (patient_id and patient_id in self.patients)
+            or (contact_id and contact_id in self.contacts)
+            or (user_id and user_id in self.users)
+            or (patient_id and contact_id and (patient_id, contact_id) in self.pairs)
+        )
+
+
+@dataclass
 class Snapshot:
     patients: dict[str, Patient] = field(default_factory=dict)
     contacts: dict[str, Contact] = field(default_factory=dict)
@@ -47,6 +139,9 @@ class Snapshot:
     welcome_sent: dict[str, datetime] = field(default_factory=dict)
     invalid: list[InvalidRecord] = field(default_factory=list)
     portal_loaded: bool = True
+    # What unreadable rows describe (see `Unknowns`), and rows read per table.
+    unknown: Unknowns = field(default_factory=lambda: Unknowns())
+    audit_rows: int = 0
 
     # -- building ---------------------------------------------------------------------
 
@@ -86,6 +181,7 @@ class Snapshot:
             case PortalSource():
                 self.sources[record.user_id] = record
             case AuditEvent():
+                self.audit_rows += 1
                 if record.action == WELCOME_ACTION and record.email:
                     email = record.email.strip().lower()
                     seen = self.welcome_sent.get(email)
@@ -93,6 +189,8 @@ class Snapshot:
                         self.welcome_sent[email] = record.at
             case InvalidRecord():
                 self.invalid.append(record)
+                if record.table is not None:
+                    self.unknown.add(record)
             case _:
                 raise TypeError(f"not a source record: {type(record).__name__}")
 
@@ -157,6 +255,25 @@ class Snapshot:
             "portal_sources": len(self.sources),
             "invalid": len(self.invalid),
         }
+
+    def rows_read(self, table: str) -> int:
+        """Readable rows of `table` kept in the snapshot (duplicates not counted)."""
+        return {
+            "patients": len(self.patients), "contacts": len(self.contacts),
+            "family_contacts": len(self.family), "portal_users": len(self.users),
+            "portal_links": len(self.links), "portal_sources": len(self.sources),
+            "portal_audit": self.audit_rows,
+        }.get(table, 0)
+
+    def unreadable_over(self, percent: float, min_rows: int = 0) -> dict[str, tuple[int, int]]:
+        """Tables whose unreadable rows (at least `min_rows` of them) exceed `percent` of
+        their rows: (bad, total)."""
+        out: dict[str, tuple[int, int]] = {}
+        for table, bad in sorted(self.unknown.unreadable.items()):
+            total = bad + self.rows_read(table)
+            if total and bad >= min_rows and bad * 100.0 > percent * total:
+                out[table] = (bad, total)
+        return out
 
     @property
     def records(self) -> int:

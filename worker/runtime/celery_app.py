@@ -157,8 +157,15 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
 
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:
+    from config.settings import unknown_env
+
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)
+    unknown = unknown_env()
+    if unknown:  # a typo'd variable silently leaves its setting at the default
+        structlog.get_logger(__name__).warning(
+            "unknown_environment_variables", names=unknown,
+            hint="no setting reads them: a typo? (docs/operations.md)")
 
 
 @signals.task_prerun.connect

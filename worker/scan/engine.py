@@ -98,6 +98,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# kv key: the tables the last whole read could not conclude absences from.
+BLIND_KEY = "blind_tables"
+
+
 def time_rules(settings: Settings) -> TimeRules:
     return TimeRules(
         propagation_delay=settings.propagation_delay,
@@ -130,10 +134,13 @@ def resolve_scope(snap: Snapshot, req: ScopeRequest) -> Scope:
 def recent_ids(snap: Snapshot, now: datetime, delay: timedelta) -> frozenset[str]:
     """OP patient and contact ids touched within the propagation delay."""
     cutoff = now - delay
-    ids = {p.patient_id for p in snap.patients.values() if p.updated_at and p.updated_at > cutoff}
-    ids |= {c.contact_id for c in snap.contacts.values() if c.updated_at and c.updated_at > cutoff}
+    # A blank time counts as recent (CheckContext.recent).
+    ids = {p.patient_id for p in snap.patients.values()
+           if p.updated_at is None or p.updated_at > cutoff}
+    ids |= {c.contact_id for c in snap.contacts.values()
+            if c.updated_at is None or c.updated_at > cutoff}
     for fc in snap.family:
-        if fc.updated_at and fc.updated_at > cutoff:
+        if fc.updated_at is None or fc.updated_at > cutoff:
             ids.add(fc.patient_id)
             ids.add(fc.contact_id)
     return frozenset(ids)
@@ -184,12 +191,23 @@ def reconcile(
             trace.append(_describe_scope(snap, scope))
             trace.extend(describe(snap, scope.kind, scope.target))
 
+        whole = scope_override is None
+        if not whole:
+            # A neighbourhood holds no row that names no id: what the last whole read
+            # could not conclude from, this one cannot either.
+            with deps.sessions() as early:
+                blind = (kv_get(early, practice, BLIND_KEY) or {}).get("tables", [])
+            snap.unknown.blind.update(blind)
+
         t1 = time.perf_counter()
         ctx = CheckContext(
             snapshot=snap,
             now=now,
             propagation_delay=settings.propagation_delay,
             welcome_window=settings.welcome_window,
+            unreadable_percent=settings.unreadable_alert_percent,
+            unreadable_min_rows=settings.unreadable_alert_min_rows,
+            whole=whole,
         )
         findings = [f for f in run_checks(ctx) if scope.covers_finding(f)]
         t_check = time.perf_counter() - t1
@@ -201,6 +219,12 @@ def reconcile(
                 if ctx.suppressed_recent
                 else ""
             )
+            + (
+                f"; {ctx.suppressed_unknown} comparison(s) not made because a row they "
+                "rest on could not be read"
+                if ctx.suppressed_unknown
+                else ""
+            )
         )
 
         session = deps.sessions()
@@ -209,11 +233,14 @@ def reconcile(
             result_sync = sync(
                 session, practice, findings, scope, now, rules, run_id,
                 recent_ids(snap, now, settings.propagation_delay),
+                unknown=snap.unknown,
+                blind=bool(snap.unknown.blind or ctx.over_limit()),
             )
             gate = FixGate(
                 portal_writable=deps.portal_writable,
                 paused=bool((kv_get(session, practice, "paused") or {}).get("paused")),
                 breaker_open=_breaker_open(session, practice, now),
+                unreadable=_unreadable_reason(ctx),
             )
             plan = make_plan(
                 findings, result_sync.rows, settings, now, gate,
@@ -227,6 +254,9 @@ def reconcile(
             else:
                 action_ids = _journal(session, plan, result_sync, now, run_id,
                                       defer=defer_fixes)
+                if whole:
+                    kv_set(session, practice, BLIND_KEY, {"tables": sorted(
+                        snap.unknown.blind | set(ctx.over_limit()))}, now)
                 elapsed = time.perf_counter() - t0
                 _finish_run(session, run_id, kind, snap, plan, result_sync, now, elapsed)
                 session.commit()
@@ -256,6 +286,14 @@ def reconcile(
     finally:
         if own_freeze:
             gc.unfreeze()
+
+
+def _unreadable_reason(ctx: CheckContext) -> str | None:
+    over = ctx.over_limit()
+    if not over:
+        return None
+    files = ", ".join(f"{t} ({bad} of {total} rows)" for t, (bad, total) in over.items())
+    return f"too much of the input cannot be read ({files}): no fixes this run"
 
 
 def _describe_scope(snap: Snapshot, scope: Scope) -> str:

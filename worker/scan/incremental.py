@@ -249,7 +249,12 @@ class Ids:
             case InvalidRecord():
                 self.patients |= _ids([record.patient_id])
                 self.contacts |= _ids([record.contact_id])
-                self.users |= _ids([record.portal_user_id])
+                self.users |= _ids([record.portal_user_id,
+                                    record.extra.get("dependent_user_id")])
+                for patient, contact, user, dependent in record.recovered:
+                    self.patients |= _ids([patient])
+                    self.contacts |= _ids([contact])
+                    self.users |= _ids([user, dependent])
 
     def update(self, other: Ids) -> None:
         self.patients |= other.patients

@@ -19,6 +19,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from worker.model.findings import Finding, FixKind
 from worker.model.scope import Scope
+from worker.model.snapshot import Unknowns
 from worker.state.models import FindingEvent, FindingRow
 from worker.state.models import FindingState as S
 
@@ -44,6 +45,7 @@ class SyncResult:
     resolved: int = 0
     escalated: int = 0
     kept_waiting: int = 0  # not seen, but an OP record involved changed too recently
+    kept_unknown: int = 0  # not seen, but a row it rests on could not be read
 
 
 # The tables under the ORM classes, for the Core statements that write in bulk.
@@ -163,8 +165,16 @@ def sync(
     rules: TimeRules,
     run_id: int | None,
     recent_ids: frozenset[str] = frozenset(),
+    *,
+    unknown: Unknowns | None = None,
+    blind: bool = False,
 ) -> SyncResult:
-    """Fold the findings of one read into the state database (no commit)."""
+    """Fold the findings of one read into the state database (no commit).
+
+    A finding not seen again is resolved, unless what it is about was unknown this run
+    (`unknown`: a row naming it could not be read; `blind`: a row naming nothing could
+    not be read, so any finding's evidence may be in it): absence is not evidence then.
+    """
     current = {f.fingerprint: f for f in findings}
     known = _load_rows(session, practice, list(current), scope)
     result = SyncResult()
@@ -223,6 +233,10 @@ def sync(
 
     for fp, row in known.items():
         if fp in current or row.state == S.RESOLVED:
+            continue
+        if row.check != "invalid_record" and (blind or (unknown is not None and unknown.touches(
+                row.patient_id, row.contact_id, row.portal_user_id))):
+            result.kept_unknown += 1
             continue
         _not_seen(batch, row, now, run_id, recent_ids, result)
     batch.write()

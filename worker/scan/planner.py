@@ -75,10 +75,14 @@ class FixGate:
     portal_writable: bool = True
     paused: bool = False
     breaker_open: bool = False
+    # Why the input is too damaged to act on (a file over unreadable_alert_percent).
+    unreadable: str | None = None
 
     def blocked_reason(self, settings: Settings) -> str | None:
         if settings.dry_run:
             return "detect-only: OPRECON_DRY_RUN is set"
+        if self.unreadable:
+            return self.unreadable
         if self.paused:
             return "fixes are paused (oprecon resume to restart them)"
         if self.breaker_open:

@@ -18,6 +18,12 @@ from worker.sources.base import OPReader, PortalReader
 from worker.state.db import alembic_config, make_engine, migrate, session_factory
 
 
+def csv_limits(settings: Settings) -> Any:
+    from worker.sources.csv_source import CsvLimits
+
+    return CsvLimits(settings.csv_max_field_chars, settings.csv_max_line_chars)
+
+
 def op_reader(settings: Settings, op_dir: Path | None = None) -> OPReader:
     if op_dir is not None or settings.op_source == "csv":
         from worker.sources.csv_source import CsvOPSource
@@ -25,19 +31,19 @@ def op_reader(settings: Settings, op_dir: Path | None = None) -> OPReader:
         directory = op_dir or settings.op_dir
         if directory is None:
             raise SettingsError("invalid setting OPRECON_OP_DIR: required when op_source=csv")
-        return CsvOPSource(Path(directory))
+        return CsvOPSource(Path(directory), csv_limits(settings), settings.op_zone)
     from worker.sources.sql_source import SqlOPSource
 
     if not settings.op_db_url:
         raise SettingsError("invalid setting OPRECON_OP_DB_URL: required when op_source=sql")
-    return SqlOPSource(settings.op_db_url)
+    return SqlOPSource(settings.op_db_url, settings.op_zone)
 
 
 def portal_adapter(settings: Settings, portal_dir: Path | None = None) -> Any:
     if portal_dir is not None:
         from worker.sources.csv_source import CsvPortalSource
 
-        return CsvPortalSource(Path(portal_dir))
+        return CsvPortalSource(Path(portal_dir), csv_limits(settings))
     if settings.portal_adapter:
         module, _, name = settings.portal_adapter.rpartition(".")
         try:
@@ -60,12 +66,15 @@ def portal_adapter(settings: Settings, portal_dir: Path | None = None) -> Any:
             token,
             timeout=settings.portal_timeout_seconds,
             max_retries=settings.portal_max_retries,
+            max_response_bytes=settings.portal_max_response_bytes,
+            request_deadline=settings.portal_request_deadline_seconds,
+            max_pages=settings.portal_max_pages,
         )
     from worker.sources.csv_source import CsvPortalSource
 
     if settings.portal_dir is None:
         raise SettingsError("invalid setting OPRECON_PORTAL_DIR: required when portal_source=csv")
-    return CsvPortalSource(Path(settings.portal_dir))
+    return CsvPortalSource(Path(settings.portal_dir), csv_limits(settings))
 
 
 @lru_cache(maxsize=8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 import threading
 import time
 from array import array
@@ -25,7 +26,8 @@ from collections.abc import (
     Mapping,
 )
 from contextlib import closing
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
 from itertools import accumulate, compress
 from operator import itemgetter
 from pathlib import Path
@@ -45,25 +47,132 @@ from worker.sources.parsing import (
     format_value,
     invalid,
     parse_time,
+    row_ids,
     table_of,
 )
 from worker.sources.tables import OPTables, ReadOnlyPortalTables
 
 LAYOUT: dict[str, tuple[str, ...]] = {**OP_LAYOUT, **PORTAL_LAYOUT}
 
-# csv's default 128 KiB limit would make one oversized field abort the whole file; we
-# lift it once and reject big fields per row instead.
-CSV_FIELD_LIMIT = 256 * 1024 * 1024
 MAX_FIELD_CHARS = 1024 * 1024
+MAX_LINE_CHARS = 4 * 1024 * 1024
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_limit_raised = False
+# Of a line over the limit, this much is kept: enough to find the ids at its start.
+_LONG_PREFIX = 4096
+# The id columns a broken row is searched for: every layout leads with its ids (only
+# contacts.patient_id comes later, and a shifted row would put anything there).
+_LEADING = 3
 
 
-def _raise_field_limit() -> None:
-    global _limit_raised
-    if not _limit_raised:
-        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
-        _limit_raised = True
+@dataclass(frozen=True, slots=True)
+class CsvLimits:
+    """Bounds on one read (settings csv_max_field_chars, csv_max_line_chars): a field or
+    a physical line over them makes its row unreadable, and memory stays bounded
+    whatever the file holds."""
+
+    max_field_chars: int = MAX_FIELD_CHARS
+    max_line_chars: int = MAX_LINE_CHARS
+
+
+def _raise_field_limit(limits: CsvLimits | None = None) -> None:
+    """csv's limit is process-wide: set it to this read's bound (plus one, so the row
+    check below names the problem of a field exactly at the limit's edge)."""
+    wanted = (limits or CsvLimits()).max_field_chars + 1
+    if csv.field_size_limit() != wanted:
+        csv.field_size_limit(wanted)
+
+
+def open_regular(path: Path) -> Any:
+    """Open an export file for text reading, refusing anything but a regular file: a
+    FIFO would block forever and a device (a link to /dev/zero) never ends. Opened
+    non-blocking so that even a FIFO's open returns, then checked on the descriptor."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode)
+                    or stat.S_ISBLK(mode) else "a directory" if stat.S_ISDIR(mode)
+                    else "not a regular file")
+            raise SourceError(f"{path} is {kind}, not a regular file: refused")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return open(  # noqa: SIM115
+            fd, encoding="utf-8-sig", errors="surrogateescape", newline="", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _BoundedLines:
+    """The physical lines of an open text file, none longer than the limit: a longer
+    line is read through in bounded pieces and handed on as a blank line (csv skips
+    it), its number and first characters kept in `long` for the row that held it."""
+
+    def __init__(self, handle: Any, limit: int) -> None:
+        self.handle, self.limit = handle, limit
+        self.long: dict[int, str] = {}
+        self.count = 0
+
+    def __iter__(self) -> Iterator[str]:
+        readline, limit, ends = self.handle.readline, self.limit, ("\n", "\r")
+        while True:
+            line = readline(limit)
+            if not line:
+                return
+            self.count += 1
+            if len(line) >= limit and not line.endswith(ends):
+                prefix = line[:_LONG_PREFIX]
+                while line and not line.endswith(ends):  # skip the rest, bounded
+                    line = readline(limit)
+                self.long[self.count] = prefix
+                yield "\n"
+                continue
+            yield line
+
+
+class _Tap:
+    """Re-reads physical lines of a file (forward only) to salvage the ids of rows a
+    broken quote swallowed: only the error path pays for it."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path, self.limit = path, limit
+        self.lines: Iterator[str] | None = None
+        self.at = 0  # lines consumed so far
+
+    def get(self, first: int, last: int) -> list[str]:
+        if self.lines is None or first <= self.at:
+            self.close()
+            self.handle = open_regular(self.path)
+            self.lines, self.at = iter(_BoundedLines(self.handle, self.limit)), 0
+        out: list[str] = []
+        for text in self.lines:
+            self.at += 1
+            if self.at >= first:
+                out.append(text)
+            if self.at >= last:
+                break
+        return out
+
+    def close(self) -> None:
+        if self.lines is not None:
+            self.handle.close()
+            self.lines = None
+
+
+def _salvage(table: str, positions: Mapping[str, int], text: str) -> tuple[
+        str | None, str | None, str | None, str | None] | None:
+    """The ids at the start of one raw line, read as csv or, failing that, split on
+    commas: marking a wrong id unknown only withholds a conclusion, never makes one."""
+    try:
+        fields = next(csv.reader([text]), [])
+    except csv.Error:
+        fields = []
+    if len(fields) < len(positions):
+        fields = text.split(",")
+    # Only the leading columns: past a stray comma or quote the others are shifted.
+    row = {c: fields[i] for c, i in positions.items() if i < min(len(fields), _LEADING)}
+    ids = row_ids(table, row)
+    return ids if any(ids) else None
 
 
 def _utc(since: datetime | None) -> datetime | None:
@@ -72,17 +181,13 @@ def _utc(since: datetime | None) -> datetime | None:
     return since
 
 
-def _row_problem(fields: list[str]) -> str | None:
+def _row_problem(fields: list[str], limit: int = MAX_FIELD_CHARS) -> str | None:
     """Undecodable bytes and oversized fields, checked cheaply for the common ASCII row."""
     joined = "".join(fields)
-    if joined.isascii():
-        if len(joined) > MAX_FIELD_CHARS and any(len(f) > MAX_FIELD_CHARS for f in fields):
-            return "field too large (over 1 MiB)"
-        return None
-    if _SURROGATE.search(joined):
+    if not joined.isascii() and _SURROGATE.search(joined):
         return "not valid UTF-8"
-    if len(joined) > MAX_FIELD_CHARS and any(len(f) > MAX_FIELD_CHARS for f in fields):
-        return "field too large (over 1 MiB)"
+    if len(joined) > limit and any(len(f) > limit for f in fields):
+        return f"field too large (over {limit} characters: csv_max_field_chars)"
     return None
 
 
@@ -325,11 +430,50 @@ class _CsvDir:
 
     label = "export"
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, limits: CsvLimits | None = None,
+                 zone: tzinfo | None = None) -> None:
         self.dir = Path(directory)
+        self.limits = limits or CsvLimits()
+        # The zone of times written without an offset (op_timezone); None: such a time
+        # is an invalid_record.
+        self.zone = zone
 
     def _path(self, table: str) -> Path:
         return self.dir / csv_name(table)
+
+    def _broken(self, table: str, name: str, tap: _Tap, positions: Mapping[str, int],
+                first: int, last: int, reason: str,
+                fields: list[str] | None = None) -> InvalidRecord:
+        """An unreadable row or range of lines, with the ids each of its lines names."""
+        if last > first:
+            lines = tap.get(first, last)
+            found = [ids for text in lines if (ids := _salvage(table, positions, text))]
+            return InvalidRecord(
+                name, first,
+                f"{reason}; {last - first + 1} lines cannot be read "
+                "(a quote left open swallows the rows after it)",
+                extra={"last_line": str(last)}, table=table, rows=last - first + 1,
+                recovered=tuple(found))
+        ids = _salvage(table, positions, ",".join(fields)) if fields else None
+        if ids is None and fields is None:
+            texts = tap.get(first, first)
+            ids = _salvage(table, positions, texts[0]) if texts else None
+        patient, contact, user, dependent = ids or (None, None, None, None)
+        return InvalidRecord(name, first, reason, patient, contact, user,
+                             extra={"dependent_user_id": dependent} if dependent else {},
+                             table=table)
+
+    def _swallowed(self, table: str, tap: _Tap, width: int, first: int, last: int) -> bool:
+        """Whether a well-formed row over several lines holds whole rows in a field (a
+        stray quote matched by one further down), not just an address on two lines."""
+        for text in tap.get(first, last)[1:]:
+            try:
+                fields = next(csv.reader([text]), [])
+            except csv.Error:
+                continue
+            if len(fields) == width:
+                return True
+        return False
 
     def _rows(
         self, table: str, test: RowTest | None = None, build: _Builder | None = None
@@ -342,16 +486,15 @@ class _CsvDir:
         other work; rows too broken to test (no ids to match) are skipped. With `build`
         (and `test`), the file is indexed on the way.
         """
-        _raise_field_limit()
+        limits = self.limits
+        _raise_field_limit(limits)
         name = csv_name(table)
         path = self._path(table)
         try:
             # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row
             # is reported and skipped instead of aborting the file.
             # Opened apart from the `with` below only to map open errors to SourceError.
-            handle = open(  # noqa: SIM115
-                path, encoding="utf-8-sig", errors="surrogateescape", newline=""
-            )
+            handle = open_regular(path)
         except FileNotFoundError:
             if not self.dir.is_dir():
                 raise SourceError(
@@ -360,8 +503,10 @@ class _CsvDir:
             raise SourceError(f"{self.label} export directory {self.dir} has no {name}") from None
         except OSError as err:
             raise SourceError(f"cannot open {path}: {err.strerror or err}") from None
-        with handle:
-            reader = csv.reader(handle)
+        lines = _BoundedLines(handle, limits.max_line_chars)
+        tap = _Tap(path, limits.max_line_chars)
+        with handle, closing(tap):
+            reader = csv.reader(lines)
             try:
                 header = next((h for h in reader if h), None)
             except csv.Error as err:
@@ -389,7 +534,11 @@ class _CsvDir:
                 build, times = None, None
             keep = test(positions, times) if test is not None else None
 
+            if lines.long:
+                raise SourceError(f"{path}: header line longer than "
+                                  f"{limits.max_line_chars} characters")
             previous = reader.line_num
+            long = lines.long
             while True:
                 line = previous + 1
                 try:
@@ -401,16 +550,37 @@ class _CsvDir:
                 except csv.Error as err:
                     previous = reader.line_num
                     if keep is None:
-                        yield InvalidRecord(name, line, f"unreadable CSV row ({err})")
+                        reason = (f"field too large (over {limits.max_field_chars} characters:"
+                                  " csv_max_field_chars)" if "field limit" in str(err)
+                                  else f"unreadable CSV row ({err})")
+                        yield self._broken(table, name, tap, positions, line, previous,
+                                           reason)
                     continue
                 previous = reader.line_num
+                if long and any(n in long for n in range(line, previous + 1)):
+                    if keep is None:
+                        n = min(n for n in long if line <= n <= previous)
+                        ids = _salvage(table, positions, long[n]) or (None,) * 4
+                        yield InvalidRecord(
+                            name, n, f"line longer than {limits.max_line_chars} characters "
+                            "(csv_max_line_chars)", ids[0], ids[1], ids[2],
+                            extra={"dependent_user_id": ids[3]} if ids[3] else {},
+                            table=table)
+                    for n in [n for n in long if n <= previous]:
+                        del long[n]
+                    continue
                 if not fields:  # a blank line
                     continue
                 if len(fields) != width:
                     if keep is None:
-                        yield InvalidRecord(
-                            name, line, f"expected {width} fields, found {len(fields)}"
-                        )
+                        yield self._broken(
+                            table, name, tap, positions, line, previous,
+                            f"expected {width} fields, found {len(fields)}", fields)
+                    continue
+                if previous > line and keep is None and self._swallowed(
+                        table, tap, width, line, previous):
+                    yield self._broken(table, name, tap, positions, line, previous,
+                                       "a quoted field holds whole rows")
                     continue
                 if build is not None:
                     starts(line)
@@ -419,7 +589,7 @@ class _CsvDir:
                 if keep is not None and not keep(fields):
                     continue
                 row = dict(zip(wanted, pick(fields), strict=True))
-                problem = _row_problem(fields)
+                problem = _row_problem(fields, self.limits.max_field_chars)
                 if problem is not None:
                     yield invalid(table, row, name, line, problem)
                     continue
@@ -430,7 +600,7 @@ class _CsvDir:
         table: str,
         since: datetime | None = None,
     ) -> Iterator[Any]:
-        parse: Callable[[Row, str, int], Any] = PARSERS[table]
+        parse: Callable[..., Any] = PARSERS[table]
         name = csv_name(table)
         since = _utc(since)
         column = SINCE_COLUMN[table]
@@ -438,7 +608,7 @@ class _CsvDir:
             if isinstance(item, InvalidRecord):
                 yield item
                 continue
-            record = parse(item[1], name, item[0])
+            record = parse(item[1], name, item[0], zone=self.zone)
             if since is not None and column is not None and not isinstance(record, InvalidRecord):
                 changed = getattr(record, column)
                 # A record without a time might have changed: reread it (conservative).
@@ -450,10 +620,11 @@ class _CsvDir:
     def _parsed(
         self, table: str, test: RowTest, build: _Builder | None = None
     ) -> Iterator[Any]:
-        parse: Callable[[Row, str, int], Any] = PARSERS[table]
+        parse: Callable[..., Any] = PARSERS[table]
         name = csv_name(table)
         for item in self._rows(table, test, build):
-            yield item if isinstance(item, InvalidRecord) else parse(item[1], name, item[0])
+            yield (item if isinstance(item, InvalidRecord)
+                   else parse(item[1], name, item[0], zone=self.zone))
 
     def _targeted(
         self, table: str, test: RowTest, sets: Mapping[str, frozenset[str]],
@@ -494,9 +665,9 @@ class _CsvDir:
             if found is None or len(found) * _INDEX_DENSE > index.count:
                 yield from self._parsed(table, test)
                 return
-            _raise_field_limit()
+            _raise_field_limit(self.limits)
             offsets = index.line_offsets(handle)
-            parse: Callable[[Row, str, int], Any] = PARSERS[table]
+            parse: Callable[..., Any] = PARSERS[table]
             name = csv_name(table)
             wanted = LAYOUT[table]
             pick = itemgetter(*(index.positions[c] for c in wanted))
@@ -518,9 +689,9 @@ class _CsvDir:
                 if not keep(fields):
                     continue
                 row = dict(zip(wanted, pick(fields), strict=True))
-                problem = _row_problem(fields)
+                problem = _row_problem(fields, self.limits.max_field_chars)
                 yield (invalid(table, row, name, line, problem) if problem is not None
-                       else parse(row, name, line))
+                       else parse(row, name, line, zone=self.zone))
 
     def read_changed(self, table: str, since: datetime) -> Iterator[Any]:
         """Rows changed at or after `since` (or with no readable time), testing the time

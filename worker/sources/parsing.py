@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 
 from worker.model.records import (
@@ -30,7 +30,7 @@ from worker.model.records import (
     PortalSource,
     PortalUser,
 )
-from worker.model.text import scrub_text
+from worker.model.text import MAX_ID, has_control, id_problem, scrub_text, strip_controls
 
 Row = Mapping[str, str | None]
 
@@ -40,8 +40,6 @@ _FALSE = frozenset({"false", "0", "no"})
 _AUTHORITY = {a.value.lower(): a for a in Authority}
 _STATUS = {"active": "Active", "inactive": "Inactive"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# Longer ids are not ids: keep them out of findings rather than echo a whole bad field.
-_MAX_ID = 200
 _MAX_SHOWN = 40
 
 
@@ -63,7 +61,7 @@ def _shown(value: str) -> str:
     The field is not PHI, but its value may be: a bad value is often another column's
     (an export with columns swapped or shifted puts an email in `status`, a birth date
     in `updated_at`). Emails, phone numbers and dates are masked as in the logs."""
-    value = scrub_text(_SURROGATE.sub("\ufffd", value))
+    value = strip_controls(scrub_text(_SURROGATE.sub("\ufffd", value)))
     if len(value) > _MAX_SHOWN:
         value = value[:_MAX_SHOWN] + "..."
     return f"'{value}'"
@@ -80,19 +78,42 @@ def _interned(row: Row, key: str) -> str:
     return "" if not value else sys.intern(value)
 
 
-def _optional_id(row: Row, key: str) -> str | None:
+def _optional_id(row: Row, key: str, problems: _Problems | None = None) -> str | None:
+    """An id, validated here at the source boundary (worker.model.text.id_problem): ids
+    become URL path segments, mail subjects and 64-character state columns."""
     value = row.get(key)
     if value is None:
         return None
-    return value.strip() or None
+    value = value.strip()
+    if not value:
+        return None
+    why = id_problem(value)
+    if why is not None:
+        if problems is not None:
+            problems.add(f"bad {key} ({why})")
+        return None
+    return value
 
 
 def _required_id(row: Row, key: str, problems: _Problems) -> str:
-    value = _optional_id(row, key)
+    before = len(problems.reasons)
+    value = _optional_id(row, key, problems)
     if value is None:
-        problems.add(f"missing {key}")
+        if len(problems.reasons) == before:
+            problems.add(f"missing {key}")
         return ""
     return value
+
+
+def _controls(row: Row, problems: _Problems) -> None:
+    """Control characters (a NUL, an escape) in any field make the row unreadable:
+    PostgreSQL cannot store a NUL, and an escape in a name would act on a terminal.
+    Tab, CR and LF are allowed (an address may span lines)."""
+    if "".join([v for v in row.values() if v]).isprintable():  # the common row: one test
+        return
+    for key, value in row.items():
+        if value and not value.isprintable() and has_control(value):
+            problems.add(f"control character in {key}")
 
 
 def _date(row: Row, key: str, problems: _Problems, phi: bool) -> date | None:
@@ -110,8 +131,15 @@ def _date(row: Row, key: str, problems: _Problems, phi: bool) -> date | None:
     return None
 
 
-def parse_time(value: str | None) -> datetime | None:
-    """ISO 8601 -> aware datetime; a time without offset is read as UTC.
+class NoOffset(ValueError):
+    """A time written without a UTC offset, from a source that declares no zone."""
+
+
+def parse_time(value: str | None, zone: tzinfo | None = None) -> datetime | None:
+    """ISO 8601 -> aware datetime. A time without an offset is read in `zone` (the
+    source's declared zone, setting op_timezone); without one it is NoOffset: read as
+    UTC, a US export in local time would make a change 10 minutes old look hours old
+    and bypass the propagation delay.
 
     Raises ValueError for text that is not a time; blank is None.
     """
@@ -123,13 +151,20 @@ def parse_time(value: str | None) -> datetime | None:
     except (ValueError, OverflowError) as err:
         raise ValueError(value) from err
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
+        if zone is None:
+            raise NoOffset(value)
+        parsed = parsed.replace(tzinfo=zone)
     return parsed
 
 
-def _time(row: Row, key: str, problems: _Problems) -> datetime | None:
+def _time(row: Row, key: str, problems: _Problems, zone: tzinfo | None = None
+          ) -> datetime | None:
     try:
-        return parse_time(row.get(key))
+        return parse_time(row.get(key), zone)
+    except NoOffset:
+        problems.add(f"bad {key} {_shown((row.get(key) or '').strip())} (no UTC offset, "
+                     "and the source declares no time zone: setting op_timezone)")
+        return None
     except ValueError:
         problems.add(f"bad {key} {_shown((row.get(key) or '').strip())}")
         return None
@@ -173,7 +208,7 @@ def _clean_id(value: str | None) -> str | None:
     if value is None:
         return None
     value = value.strip()
-    if not value or len(value) > _MAX_ID or _SURROGATE.search(value):
+    if not value or len(value) > MAX_ID or id_problem(value) is not None:
         return None
     return value
 
@@ -206,19 +241,30 @@ def invalid(table: str, row: Row, source: str, line: int | None, reason: str) ->
         contact_id=_clean_id(row.get(contact_col)) if contact_col else None,
         portal_user_id=_clean_id(row.get(user_col)) if user_col else None,
         extra=extra,
+        table=table,
     )
+
+
+def row_ids(table: str, row: Row) -> tuple[str | None, str | None, str | None, str | None]:
+    """The ids a (possibly broken) row names: patient, contact, portal user, dependent."""
+    rec = invalid(table, row, "", None, "")
+    return (rec.patient_id, rec.contact_id, rec.portal_user_id,
+            rec.extra.get("dependent_user_id"))
 
 
 def _bad(table: str, row: Row, source: str, line: int, problems: _Problems) -> InvalidRecord:
     return invalid(table, row, source, line, "; ".join(problems.reasons))
 
 
-def parse_patient(row: Row, source: str, line: int) -> Patient | InvalidRecord:
+def parse_patient(
+    row: Row, source: str, line: int, zone: tzinfo | None = None
+) -> Patient | InvalidRecord:
     p = _Problems()
+    _controls(row, p)
     patient_id = _required_id(row, "patient_id", p)
     dob = _date(row, "dob", p, phi=True)
     status = _status(row, p)
-    updated_at = _time(row, "updated_at", p)
+    updated_at = _time(row, "updated_at", p, zone)
     if p.reasons:
         return _bad("patients", row, source, line, p)
     return Patient(
@@ -232,12 +278,16 @@ def parse_patient(row: Row, source: str, line: int) -> Patient | InvalidRecord:
     )
 
 
-def parse_contact(row: Row, source: str, line: int) -> Contact | InvalidRecord:
+def parse_contact(
+    row: Row, source: str, line: int, zone: tzinfo | None = None
+) -> Contact | InvalidRecord:
     p = _Problems()
+    _controls(row, p)
     contact_id = _required_id(row, "contact_id", p)
+    own_patient = _optional_id(row, "patient_id", p)
     dob = _date(row, "dob", p, phi=True)
     active = _bool(row, "active", p)
-    updated_at = _time(row, "updated_at", p)
+    updated_at = _time(row, "updated_at", p, zone)
     if p.reasons:
         return _bad("contacts", row, source, line, p)
     return Contact(
@@ -251,17 +301,20 @@ def parse_contact(row: Row, source: str, line: int) -> Contact | InvalidRecord:
         city=_interned(row, "city"),
         postcode=_text(row, "postcode"),
         active=active,
-        patient_id=_optional_id(row, "patient_id"),
+        patient_id=own_patient,
         updated_at=updated_at,
     )
 
 
-def parse_family_contact(row: Row, source: str, line: int) -> FamilyContact | InvalidRecord:
+def parse_family_contact(
+    row: Row, source: str, line: int, zone: tzinfo | None = None
+) -> FamilyContact | InvalidRecord:
     p = _Problems()
+    _controls(row, p)
     patient_id = _required_id(row, "patient_id", p)
     contact_id = _required_id(row, "contact_id", p)
     authority = _authority(row, p)
-    updated_at = _time(row, "updated_at", p)
+    updated_at = _time(row, "updated_at", p, zone)
     if p.reasons:
         return _bad("family_contacts", row, source, line, p)
     return FamilyContact(
@@ -273,17 +326,22 @@ def parse_family_contact(row: Row, source: str, line: int) -> FamilyContact | In
     )
 
 
-def parse_portal_user(row: Row, source: str, line: int) -> PortalUser | InvalidRecord:
+def parse_portal_user(
+    row: Row, source: str, line: int, zone: tzinfo | None = None
+) -> PortalUser | InvalidRecord:
     p = _Problems()
+    _controls(row, p)
     user_id = _required_id(row, "user_id", p)
+    op_patient = _optional_id(row, "op_patient_id", p)
+    op_contact = _optional_id(row, "op_contact_id", p)
     active = _bool(row, "active", p)
-    updated_at = _time(row, "updated_at", p)
+    updated_at = _time(row, "updated_at", p, zone)
     if p.reasons:
         return _bad("portal_users", row, source, line, p)
     return PortalUser(
         user_id=user_id,
-        op_patient_id=_optional_id(row, "op_patient_id"),
-        op_contact_id=_optional_id(row, "op_contact_id"),
+        op_patient_id=op_patient,
+        op_contact_id=op_contact,
         first_name=_text(row, "first_name"),
         last_name=_text(row, "last_name"),
         email=_text(row, "email"),
@@ -293,11 +351,14 @@ def parse_portal_user(row: Row, source: str, line: int) -> PortalUser | InvalidR
     )
 
 
-def parse_portal_link(row: Row, source: str, line: int) -> CaregiverLink | InvalidRecord:
+def parse_portal_link(
+    row: Row, source: str, line: int, zone: tzinfo | None = None
+) -> CaregiverLink | InvalidRecord:
     p = _Problems()
+    _controls(row, p)
     caregiver = _required_id(row, "caregiver_user_id", p)
     dependent = _required_id(row, "dependent_user_id", p)
-    created_at = _time(row, "created_at", p)
+    created_at = _time(row, "created_at", p, zone)
     if p.reasons:
         return _bad("portal_links", row, source, line, p)
     return CaregiverLink(
@@ -305,10 +366,13 @@ def parse_portal_link(row: Row, source: str, line: int) -> CaregiverLink | Inval
     )
 
 
-def parse_portal_source(row: Row, source: str, line: int) -> PortalSource | InvalidRecord:
+def parse_portal_source(
+    row: Row, source: str, line: int, zone: tzinfo | None = None
+) -> PortalSource | InvalidRecord:
     p = _Problems()
+    _controls(row, p)
     user_id = _required_id(row, "user_id", p)
-    last_sync_at = _time(row, "last_sync_at", p)
+    last_sync_at = _time(row, "last_sync_at", p, zone)
     if p.reasons:
         return _bad("portal_sources", row, source, line, p)
     return PortalSource(
@@ -316,9 +380,13 @@ def parse_portal_source(row: Row, source: str, line: int) -> PortalSource | Inva
     )
 
 
-def parse_portal_audit(row: Row, source: str, line: int) -> AuditEvent | InvalidRecord:
+def parse_portal_audit(
+    row: Row, source: str, line: int, zone: tzinfo | None = None
+) -> AuditEvent | InvalidRecord:
     p = _Problems()
-    at = _time(row, "at", p)
+    _controls(row, p)
+    at = _time(row, "at", p, zone)
+    audit_user = _optional_id(row, "user_id", p)
     if at is None and not p.reasons:
         p.add("missing at")
     if p.reasons or at is None:
@@ -326,7 +394,7 @@ def parse_portal_audit(row: Row, source: str, line: int) -> AuditEvent | Invalid
     return AuditEvent(
         at=at,
         action=_interned(row, "action"),
-        user_id=_optional_id(row, "user_id"),
+        user_id=audit_user,
         email=_text(row, "email"),
     )
 

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import json
 import random
+import ssl
 import threading
 import time
+import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from worker.model.records import (
     PortalSource,
     PortalUser,
 )
+from worker.model.text import id_problem, strip_controls
 from worker.sources.base import SourceError, SourceUnavailable
 from worker.sources.layout import PORTAL_LAYOUT
 from worker.sources.parsing import PARSERS, invalid, parse_portal_user
@@ -99,6 +102,44 @@ class PortalRejected(PortalError):
 
 class PortalProtocolError(PortalError):
     """Terminal for this call: the answer does not follow the API contract."""
+
+
+class PortalTlsError(PortalError):
+    """Terminal: the TLS handshake failed (an untrusted or wrong certificate). Retrying
+    cannot fix a certificate, and calling it a connection problem hides the cause."""
+
+
+class PortalLimitError(PortalProtocolError):
+    """Terminal: an answer over a bound (size, time, pages): a broken or hostile
+    portal must not exhaust memory or hold a scan forever."""
+
+
+def segment(user_id: str) -> str:
+    """One portal id as a URL path segment, fully encoded. `.`/`..` (which a URL
+    resolves to the parent: PATCH /users/.. is PATCH /), slashes and control characters
+    are refused: the sources reject such ids, so one here is a bug or an attack."""
+    why = id_problem(user_id) if user_id else "is blank"
+    if why is not None:
+        raise PortalRejected(
+            f"refusing portal user id {strip_controls(user_id)[:64]!r}: it {why}",
+            method="-", path="-", kind="bad_id")
+    return quote(user_id, safe="")
+
+
+def _tls_failure(err: BaseException) -> str | None:
+    """The TLS reason behind a connection error, if that is what it was."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+            return str(reason or cause).strip() or "handshake failed"
+        cause = cause.__cause__ or cause.__context__
+    text = str(err)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "SSL" in text:
+        return text.splitlines()[0][:120] if text else "handshake failed"
+    return None
 
 
 @dataclass
@@ -191,6 +232,62 @@ def _batches(
         yield batch
 
 
+def _decoder(response: httpx.Response, method: str, path: str) -> Any:
+    """A zlib decompressor for the body's Content-Encoding (None: identity). Ours, not
+    httpx's, so that no single chunk inflates past the cap (httpx's would unpack a
+    64 KB chunk of a gzip bomb to 64 MB at once)."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    raise PortalProtocolError(
+        f"portal {method} {path}: unsupported Content-Encoding {strip_controls(encoding)[:20]}",
+        method=method, path=path, kind="decoding", status=response.status_code)
+
+
+def _read_capped(response: httpx.Response, cap: int, abandoned: threading.Event,
+                 method: str, path: str) -> bytes | None:
+    """The decoded body, at most `cap` bytes of it (PortalLimitError beyond); None when
+    the caller gave up waiting."""
+    def over() -> PortalLimitError:
+        return PortalLimitError(
+            f"portal {method} {path}: response over {cap} bytes (portal_max_response_bytes)",
+            method=method, path=path, kind="too_large", status=response.status_code)
+
+    if response.is_stream_consumed:  # built in memory (a transport that read it already)
+        if len(response.content) > cap:
+            raise over()
+        return response.content
+    decoder = _decoder(response, method, path)
+    body = bytearray()
+
+    try:
+        for raw in response.iter_raw(64 * 1024):
+            if abandoned.is_set():
+                return None
+            if decoder is None:
+                body += raw
+            else:
+                while raw:
+                    body += decoder.decompress(raw, cap - len(body) + 1)
+                    if len(body) > cap:
+                        raise over()
+                    raw = decoder.unconsumed_tail
+            if len(body) > cap:
+                raise over()
+        if decoder is not None:
+            body += decoder.flush()
+    except zlib.error as err:
+        raise httpx.DecodingError(f"bad {response.headers.get('content-encoding')} body"
+                                  ) from err
+    if len(body) > cap:
+        raise over()
+    return bytes(body)
+
+
 class HttpPortal:
     """PortalReader and PortalWriter over the portal admin API."""
 
@@ -213,6 +310,9 @@ class HttpPortal:
         retry_after_cap: float = 20.0,
         rng: random.Random | None = None,
         select_batch: int = SELECT_BATCH,
+        max_response_bytes: int = 64 * 1024 * 1024,
+        request_deadline: float = 60.0,
+        max_pages: int = 10_000,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -224,6 +324,9 @@ class HttpPortal:
         if callable(reveal):
             token = reveal()
         self.max_retries = max_retries
+        self.max_response_bytes = max_response_bytes
+        self.request_deadline = request_deadline
+        self.max_pages = max_pages
         self.page_size = page_size
         self.select_batch = select_batch
         self.on_call = on_call
@@ -233,7 +336,9 @@ class HttpPortal:
         self._rng = rng or random.Random()
         # Connecting should be quick; a slow answer may legitimately take the full timeout.
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))
-        headers = {"Accept": "application/json", "User-Agent": "oprecon"}
+        # Only the encodings _decoder bounds (httpx would also offer br/zstd if installed).
+        headers = {"Accept": "application/json", "User-Agent": "oprecon",
+                   "Accept-Encoding": "gzip, deflate"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.Client(
@@ -254,6 +359,9 @@ class HttpPortal:
             settings.portal_token,
             timeout=settings.portal_timeout_seconds,
             max_retries=settings.portal_max_retries,
+            max_response_bytes=settings.portal_max_response_bytes,
+            request_deadline=settings.portal_request_deadline_seconds,
+            max_pages=settings.portal_max_pages,
             **kwargs,
         )
 
@@ -298,13 +406,22 @@ class HttpPortal:
             status: int | None = None
             retry_after: float | None = None
             try:
-                response = self._client.request(
-                    method, path, params=params, json=json, headers=headers,
-                    timeout=self._timeout,
-                )
+                response = self._bounded(method, path, params, json, headers)
+            except PortalLimitError as err:
+                self._notify(method, route, None, err.kind, time.perf_counter() - started)
+                err.attempts = attempt
+                raise
             except httpx.TimeoutException:
                 kind = "timeout"
-            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError):
+            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as err:
+                tls = _tls_failure(err)
+                if tls is not None:
+                    self._notify(method, route, None, "tls", time.perf_counter() - started)
+                    raise PortalTlsError(
+                        f"portal {method} {path}: TLS failure ({tls}); not retried: check "
+                        "the portal's certificate or the CA bundle",
+                        method=method, path=path, kind="tls", attempts=attempt,
+                    ) from None
                 kind = "connection"  # refused, reset, or closed without an answer
             except httpx.DecodingError as err:
                 self._notify(method, route, None, "decoding", time.perf_counter() - started)
@@ -362,6 +479,47 @@ class HttpPortal:
             self._sleep(delay)
             slept += delay
 
+    def _bounded(self, method: str, path: str, params: Mapping[str, Any] | None,
+                 json: Any, headers: Mapping[str, str] | None) -> httpx.Response:
+        """One exchange within the bounds: at most `max_response_bytes` of body once
+        decompressed (a gzip bomb stops at the cap, not at 1 GB), and all of it within
+        `request_deadline` seconds. Per-read timeouts alone let a server that sends a
+        byte every few seconds hold a scan forever, so the exchange runs in a thread of
+        its own and is abandoned at the deadline (its reads stop at the next chunk)."""
+        outcome: dict[str, Any] = {}
+        abandoned = threading.Event()
+        cap = self.max_response_bytes
+
+        def exchange() -> None:
+            try:
+                request = self._client.build_request(
+                    method, path, params=params, json=json, headers=headers,
+                    timeout=self._timeout)
+                response = self._client.send(request, stream=True)
+                try:
+                    body = _read_capped(response, cap, abandoned, method, path)
+                finally:
+                    response.close()
+                if body is None:
+                    return
+                response._content = bytes(body)
+                outcome["response"] = response
+            except BaseException as err:  # handed to the caller's thread
+                outcome["error"] = err
+
+        worker = threading.Thread(target=exchange, name="portal-request", daemon=True)
+        worker.start()
+        worker.join(self.request_deadline)
+        if worker.is_alive():
+            abandoned.set()
+            raise PortalLimitError(
+                f"portal {method} {path}: no complete answer within "
+                f"{self.request_deadline:g} s (portal_request_deadline_seconds)",
+                method=method, path=path, kind="deadline")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["response"]
+
     @staticmethod
     def _error_code(response: httpx.Response) -> str:
         """The API's stable error code (never its message, which we do not control)."""
@@ -385,7 +543,7 @@ class HttpPortal:
     def _item(self, table: str, item: Any, line: int) -> Any:
         """One JSON item -> record, or InvalidRecord naming what is wrong (no values)."""
         if not isinstance(item, dict):
-            return InvalidRecord(table, line, "item is not a JSON object")
+            return InvalidRecord(table, line, "item is not a JSON object", table=table)
         row: dict[str, str | None] = {}
         wrong: list[str] = []
         for column in PORTAL_LAYOUT[table]:
@@ -405,7 +563,14 @@ class HttpPortal:
         does not mean the last one."""
         cursor: str | None = None
         seen: set[str] = set()
+        pages = 0
         while True:
+            pages += 1
+            if pages > self.max_pages:
+                raise PortalLimitError(
+                    f"portal GET {path}: more than {self.max_pages} pages "
+                    "(portal_max_pages); the listing does not end",
+                    method="GET", path=path, kind="too_many_pages")
             query: dict[str, Any] = {**(params or {}), "limit": self.page_size}
             if cursor:
                 query["cursor"] = cursor
@@ -528,17 +693,17 @@ class HttpPortal:
 
     def caregivers(self, user_id: str) -> Iterator[CaregiverLink | InvalidRecord]:
         """Links in which the user is the dependent."""
-        path = f"/users/{quote(user_id, safe='')}/caregivers"
+        path = f"/users/{segment(user_id)}/caregivers"
         return self._paged("portal_links", "/users/{user_id}/caregivers", path)
 
     def dependents(self, user_id: str) -> Iterator[CaregiverLink | InvalidRecord]:
         """Links in which the user is the caregiver: what a refresh should have fixed."""
-        path = f"/users/{quote(user_id, safe='')}/dependents"
+        path = f"/users/{segment(user_id)}/dependents"
         return self._paged("portal_links", "/users/{user_id}/dependents", path)
 
     def get_user(self, user_id: str) -> PortalUser | None:
         """A fresh read of one user (verification after a hold); None if there is none."""
-        path = f"/users/{quote(user_id, safe='')}"
+        path = f"/users/{segment(user_id)}"
         response = self._request("GET", "/users/{user_id}", path, ok_statuses=frozenset({404}))
         if response.status_code == 404:
             return None
@@ -574,20 +739,20 @@ class HttpPortal:
         return answer if isinstance(answer, dict) else {}
 
     def set_user_email(self, user_id: str, email: str, idempotency_key: str) -> None:
-        path = f"/users/{quote(user_id, safe='')}"
+        path = f"/users/{segment(user_id)}"
         self._write("PATCH", "/users/{user_id}", path, idempotency_key, {"email": email})
 
     def refresh_source(self, user_id: str, idempotency_key: str) -> None:
         """Disconnect + connect in one call; the links follow OP after 10-20 minutes."""
-        path = f"/users/{quote(user_id, safe='')}/source/refresh"
+        path = f"/users/{segment(user_id)}/source/refresh"
         self._write("POST", "/users/{user_id}/source/refresh", path, idempotency_key)
 
     def disconnect_source(self, user_id: str, idempotency_key: str | None = None) -> None:
-        path = f"/users/{quote(user_id, safe='')}/source/disconnect"
+        path = f"/users/{segment(user_id)}/source/disconnect"
         self._write("POST", "/users/{user_id}/source/disconnect", path, idempotency_key)
 
     def connect_source(self, user_id: str, idempotency_key: str | None = None) -> None:
-        path = f"/users/{quote(user_id, safe='')}/source/connect"
+        path = f"/users/{segment(user_id)}/source/connect"
         self._write("POST", "/users/{user_id}/source/connect", path, idempotency_key)
 
     def resend_welcome(self, contact_id: str, email: str, idempotency_key: str) -> None:

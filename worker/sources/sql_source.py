@@ -12,7 +12,7 @@ keeps no offset, so a time stored there with any other offset would compare wron
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, tzinfo
 from types import TracebackType
 from typing import Any
 
@@ -184,9 +184,12 @@ def _one_line(err: SQLAlchemyError) -> str:
 class _SqlDb:
     label = "database"
 
-    def __init__(self, url: str | URL | Engine) -> None:
+    def __init__(self, url: str | URL | Engine, zone: tzinfo | None = None) -> None:
         self._owned = not isinstance(url, Engine)
         self.engine = make_engine(url)
+        # The zone of times stored as text without an offset (op_timezone); typed
+        # timestamp columns are UTC by the schema.
+        self.zone = zone
 
     def close(self) -> None:
         """Release pooled connections (only for an engine this adapter created)."""
@@ -239,7 +242,7 @@ class _SqlDb:
                 for number, row in enumerate(result, 1):
                     text = {c: _to_text(v) for c, v in zip(columns, row, strict=True)}
                     if keep is None or keep(text):
-                        yield parse(text, table, number)
+                        yield parse(text, table, number, zone=self.zone)
         except SQLAlchemyError as err:
             raise _source_error(err)(
                 f"cannot read {table} from {self._where()}: {_one_line(err)}"

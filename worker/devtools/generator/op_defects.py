@@ -115,13 +115,15 @@ class _OpDefects(_Duplicates):
         first, last = self.first_name(g), self.last_name()
         when = self.old().isoformat()
         if v in (0, 1):
+            # A row naming no id at all would make every absence from patients.csv
+            # unknown (no orphan could be reported): the typo keeps the id readable.
             pid = self.pid()
-            row = {"patient_id": pid if v == 0 else "", "first_name": first, "last_name": last,
+            row = {"patient_id": pid, "first_name": first, "last_name": last,
                    "dob": "2019-02-30" if v == 0 else self.kid_dob().isoformat(),
-                   "email": "", "status": "Active", "updated_at": when}
+                   "email": "", "status": "Active" if v == 0 else "Actve", "updated_at": when}
             line = self.emit("patients", RawRow(row))
-            self.expect("invalid_record", "bad dob" if v == 0 else "missing patient_id",
-                        patient_id=pid if v == 0 else None, key_extra=f"patients.csv:{line}")
+            self.expect("invalid_record", "bad dob" if v == 0 else "bad status",
+                        patient_id=pid, key_extra=f"patients.csv:{line}")
         elif v == 2:
             cid = self.cid()
             home = self.home()
