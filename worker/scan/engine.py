@@ -19,14 +19,15 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import Policy, Settings
 from worker.checks import CheckContext, run_checks
+from worker.checks.rootcause import BLOCKERS
 from worker.model.findings import FixKind
 from worker.model.scope import ALL, Scope, for_contact, for_patient
 from worker.model.snapshot import Snapshot
 from worker.scan.explain import describe
 from worker.scan.lifecycle import SyncResult, TimeRules, sync, transition
-from worker.scan.planner import Decision, FixGate, Plan, make_plan
+from worker.scan.planner import Decision, FixGate, Plan, default_policy, make_plan
 from worker.sources.base import OPReader, PortalReader
 from worker.state.db import kv_get, kv_set
 from worker.state.models import ActionRow, ActionStatus, FindingRow, Run
@@ -220,6 +221,7 @@ def reconcile(
                 population=population or len(snap.patients),
                 welcome_recently_resent=_recent_resends(session, practice, now, settings),
                 guard=not defer_fixes,
+                other_blockers=_blockers_out_of_scope(session, practice, scope, settings),
             )
             action_ids: list[int] = []
             if dry_run:
@@ -422,9 +424,30 @@ def _breaker_open(session: Session, practice: str, now: datetime) -> bool:
     return until is None or now < datetime.fromisoformat(until)
 
 
+def _blockers_out_of_scope(
+    session: Session, practice: str, scope: Scope, settings: Settings
+) -> list[FindingRow]:
+    """Open blocker rows of checks this run's scope leaves out (duplicate groups in an
+    incremental scan): they still hold back the portal fixes of their family."""
+    checks = [c for c in BLOCKERS if not scope.covers_check(c)
+              and settings.policy_for(c, default_policy(c)) is not Policy.OFF]
+    if not checks:
+        return []
+    return list(session.scalars(select(FindingRow).where(
+        FindingRow.practice == practice,
+        FindingRow.check.in_(checks),
+        FindingRow.state.not_in([S.RESOLVED, S.SILENCED]),
+    )))
+
+
 def _recent_resends(
     session: Session, practice: str, now: datetime, settings: Settings
-) -> frozenset[str]:
+) -> frozenset[tuple[str, str]]:
+    """(contact id, lower-cased email) of every Welcome email resent within the window.
+
+    Keyed by the address too: the guide recommends a resend especially when the parent
+    has a new email address, so a resend to the old one does not hold back the new one.
+    """
     since = now - settings.welcome_window
     rows = session.scalars(
         select(ActionRow).where(
@@ -434,7 +457,10 @@ def _recent_resends(
             ActionRow.applied_at >= since,
         )
     )
-    return frozenset(str(r.params["contact_id"]) for r in rows if r.params.get("contact_id"))
+    return frozenset(
+        (str(r.params["contact_id"]), str(r.params.get("email") or "").strip().lower())
+        for r in rows if r.params.get("contact_id")
+    )
 
 
 def pending_intents(sessions: sessionmaker[Session], practice: str) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from worker.checks.catalog import BY_ID
 from worker.checks.remedies import REMEDIES
+from worker.checks.rootcause import wait_steps
 from worker.scan.engine import RunResult
 from worker.scan.planner import Decision
 
@@ -90,7 +91,10 @@ def render_plan(result: RunResult, *, verbose: bool = False) -> str:
         out.append(f"  {SYMBOL[item.decision]:>2} {item.decision:<9} {f.check:<30} {ids}")
         out.append(f"       {f.detail}")
         out.append(f"       why: {item.reason}")
-        if verbose and item.decision in (Decision.ALERT, Decision.ESCALATED, Decision.STAGED):
+        if verbose and item.blocked_by is not None:
+            for n, step in enumerate(wait_steps(f, item.blocked_by), 1):
+                out.append(f"       {n}. {step}")
+        elif verbose and item.decision in (Decision.ALERT, Decision.ESCALATED, Decision.STAGED):
             for n, step in enumerate(REMEDIES[f.check], 1):
                 out.append(f"       {n}. {step}")
     if result.plan.items:
