@@ -52,7 +52,12 @@ from worker.state.models import FindingState as S
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 PATIENTS = 1200
 LAYOUT = {**OP_LAYOUT, **PORTAL_LAYOUT}
-Tables = dict[str, list[dict[str, str]]]
+Tables = dict[str, list[dict[str, Any]]]
+DELETED = "_deleted"
+
+
+def live(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if not r.get(DELETED)]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +98,8 @@ class Store:
             create_portal_tables(self.engine)
 
     def write(self, tables: Tables) -> None:
+        """A deleted row (marked `DELETED`) leaves a blank line in a CSV file, so the
+        lines after it keep their numbers, and is left out of a SQL table."""
         if self.engine is None:
             for table, rows in tables.items():
                 sub = self.root / ("op" if table in OP_LAYOUT else "portal")
@@ -100,12 +107,16 @@ class Store:
                 with open(sub / f"{table}.csv", "w", encoding="utf-8", newline="") as handle:
                     writer = csv.DictWriter(handle, LAYOUT[table], lineterminator="\n")
                     writer.writeheader()
-                    writer.writerows(rows)
+                    for row in rows:
+                        if row.get(DELETED):
+                            handle.write("\n")
+                        else:
+                            writer.writerow(row)
             return
         for table, rows in tables.items():
             with self.engine.begin() as conn:
                 conn.execute(sa.text(f"DELETE FROM {table}"))
-            load_table_sql(self.engine, table, rows)
+            load_table_sql(self.engine, table, [r for r in rows if not r.get(DELETED)])
 
     def readers(self) -> tuple[Any, Any]:
         if self.engine is None:
@@ -157,21 +168,46 @@ def _stamp(rng: random.Random, base: datetime) -> str:
     return (base + timedelta(minutes=rng.uniform(1, 28))).isoformat()
 
 
-def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
-    """One random change of the kind staff make: fixing a planted defect or making one.
+def delete(tables: Tables, rng: random.Random, kind: str) -> str:
+    """Delete OP rows as staff do: a family-contact row, or a contact with all of theirs
+    (a merge leaves the other record). Preferably one whose portal account still sees a
+    child, so the link must be reported at once (caregiver_link_stale)."""
+    cons, fcs = live(tables["contacts"]), live(tables["family_contacts"])
+    linked = {u["op_contact_id"] for u in tables["portal_users"]
+              if u["op_contact_id"] and u["active"] == "true"}
+    if kind == "delete_fc":
+        candidates = [f for f in fcs if f["contact_id"] in linked] or fcs
+        rng.choice(candidates)[DELETED] = True
+    else:
+        with_fc = {f["contact_id"] for f in fcs}
+        candidates = [c for c in cons if c["contact_id"] in linked & with_fc] or cons
+        gone = rng.choice(candidates)
+        gone[DELETED] = True
+        for f in fcs:
+            if f["contact_id"] == gone["contact_id"]:
+                f[DELETED] = True
+    return kind
 
-    Not among them: deleting a row or re-pointing a portal user at another OP record,
-    which incremental scans leave to the nightly full scan (worker.scan.incremental).
+
+def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
+    """One random change of the kind staff make: fixing a planted defect or making one,
+    or deleting a family-contact row or a contact.
+
+    Not among them: re-pointing a portal user at another OP record, which incremental
+    scans leave to the nightly full scan (worker.scan.incremental).
     """
-    pats, cons, fcs = tables["patients"], tables["contacts"], tables["family_contacts"]
+    pats, cons = live(tables["patients"]), live(tables["contacts"])
+    fcs = live(tables["family_contacts"])
     users, audit = tables["portal_users"], tables["portal_audit"]
     good = [r for r in pats if r["patient_id"].startswith("P") and r["dob"] != "2019-02-30"]
     kind = rng.choice([
         "patient_status", "patient_email", "contact_email", "contact_active", "authority",
         "self_role", "new_fc", "user_email", "user_role", "user_active", "welcome",
-        "new_contact_for_orphan", "new_caregiver",
+        "new_contact_for_orphan", "new_caregiver", "delete_fc", "delete_contact",
     ])
     when = _stamp(rng, base)
+    if kind in ("delete_fc", "delete_contact"):
+        return delete(tables, rng, kind)
     if kind == "patient_status":
         row = rng.choice(good)
         row["status"] = "Inactive" if row["status"] == "Active" else "Active"
@@ -198,7 +234,7 @@ def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
         row["role_reason"] = "Self"
         row["updated_at"] = when
     elif kind == "new_fc":
-        fcs.append({"patient_id": rng.choice(good)["patient_id"],
+        tables["family_contacts"].append({"patient_id": rng.choice(good)["patient_id"],
                     "contact_id": rng.choice(cons)["contact_id"], "role_reason": "Father",
                     "authority": "Joint", "updated_at": when})
     elif kind == "new_caregiver":  # a parent registers: their portal account appears
@@ -227,10 +263,11 @@ def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
         if not dangling:
             return change(tables, rng, base)
         cid = rng.choice(dangling)["op_contact_id"]
-        cons.append({"contact_id": cid, "first_name": "New", "last_name": "Contact",
-                     "email": f"{cid.lower()}@example.org", "dob": "", "phone": "",
-                     "address": "", "city": "", "postcode": "", "active": "true",
-                     "patient_id": "", "updated_at": when})
+        tables["contacts"].append({
+            "contact_id": cid, "first_name": "New", "last_name": "Contact",
+            "email": f"{cid.lower()}@example.org", "dob": "", "phone": "", "address": "",
+            "city": "", "postcode": "", "active": "true", "patient_id": "", "updated_at": when,
+        })
     return kind
 
 
@@ -258,12 +295,14 @@ def test_incremental_matches_full_after_random_changes(
 
         rng = random.Random(f"changes-{backend}")
         kinds = [change(tables, rng) for _ in range(20)]
+        kinds += [delete(tables, rng, k) for k in ("delete_fc", "delete_contact") * 2]
         store.write(tables)
 
         later = NOW + timedelta(minutes=30)
         result = incremental_reconcile(inc, later)
         full_reconcile(full, later)
         assert result.kind == "incremental" and not result.scope.is_all, kinds
+        assert any("deleted since the last scan" in line for line in result.trace)
         assert open_findings(inc) == open_findings(full), kinds
         # A much smaller read than the full one.
         assert result.counts["patients"] < PATIENTS // 2

@@ -114,10 +114,17 @@ def record_scan(deps: Deps, now: datetime, result: RunResult, patients: int | No
 def full_reconcile(
     deps: Deps, now: datetime | None = None, *, task_id: str | None = None, kind: str = "full"
 ) -> RunResult:
-    """A full-scope scan that also sets the watermark incremental scans start from."""
+    """A full-scope scan that also sets the watermark incremental scans start from, and
+    keeps the OP row ids the next incremental scan compares with to see deletions (read
+    first: a row deleted meanwhile is then seen as deleted, never missed)."""
     now = now or utcnow()
+    with deps.sessions() as session:
+        before = RowIds.from_kv(kv_get(session, deps.settings.practice, OP_IDS))
+    row_ids = read_row_ids(Reads(deps.op, deps.portal))
     result = reconcile(deps, ScopeRequest(), kind=kind, now=now, task_id=task_id)
     record_scan(deps, now, result, result.counts.get("patients"))
+    if not result.dry_run:
+        keep_row_ids(deps, now, before, row_ids)
     return result
 
 
@@ -531,13 +538,10 @@ def incremental_reconcile(
         mark = read_watermark(session, practice)
         due = due_ids(session, practice, now, settings.propagation_delay)
         before = RowIds.from_kv(kv_get(session, practice, OP_IDS))
-    reads = Reads(deps.op, deps.portal)
     if mark is None or not mark.get("at"):
         log.info("incremental_scan_without_watermark", practice=practice)
-        row_ids = read_row_ids(reads)
-        result = full_reconcile(deps, now, task_id=task_id, kind="incremental")
-        keep_row_ids(deps, now, before, row_ids)
-        return result
+        return full_reconcile(deps, now, task_id=task_id, kind="incremental")
+    reads = Reads(deps.op, deps.portal)
 
     since = datetime.fromisoformat(mark["at"]) - overlap(settings)
     row_ids = read_row_ids(reads)
