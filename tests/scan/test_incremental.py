@@ -34,6 +34,7 @@ from worker.scan.incremental import (
     incremental_reconcile,
     overlap,
 )
+from worker.scan.planner import Decision
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 from worker.sources.sql_source import (
@@ -447,3 +448,51 @@ def test_contact_duplicate_is_never_resolved_by_an_incremental_scan(
     reconcile(deps, kind="full", now=NOW + timedelta(minutes=40))
     with deps.sessions() as session:
         assert session.get(FindingRow, group.id).state == S.RESOLVED
+
+
+# -- deletions ----------------------------------------------------------------------------
+
+
+def test_a_deleted_contact_still_linked_is_caught_by_the_next_incremental_scan(
+    tmp_path: Path, make_settings: Any
+) -> None:
+    """Staff delete a parent's contact record (and with it the family-contact row) while
+    the portal still shows the child to that parent's account. That is the privacy
+    problem of a stale link: the next incremental scans, not the nightly full one, raise
+    caregiver_link_stale (high, an immediate notice) once the portal had its delay."""
+    from factory import caregiver, contact, fc, link, patient, patient_user, source
+
+    from worker.digest.build import immediate_notices
+    from worker.sources.csv_source import write_op_csv, write_portal_csv
+
+    def write(contacts: list[Any], fcs: list[Any]) -> None:
+        write_op_csv(tmp_path / "op", [patient("P1"), patient("P2")], contacts, fcs)
+
+    write([contact("C1"), contact("C2")], [fc("P1", "C1"), fc("P1", "C2"), fc("P2", "C2")])
+    write_portal_csv(tmp_path / "portal",
+                     [caregiver("U1", "C1"), caregiver("U3", "C2"), patient_user("U2", "P1"),
+                      patient_user("U4", "P2")],
+                     [link("U1", "U2"), link("U3", "U2"), link("U3", "U4")],
+                     [source("U1"), source("U3")], [])
+    deps = state_deps(tmp_path / "s.sqlite", make_settings(),
+                      CsvOPSource(tmp_path / "op"), CsvPortalSource(tmp_path / "portal"))
+    assert not full_reconcile(deps, NOW).plan.items
+
+    write([contact("C2")], [fc("P1", "C2"), fc("P2", "C2")])  # C1 deleted in OP
+    first = incremental_reconcile(deps, NOW + timedelta(minutes=1))
+    assert "C1" in first.scope.contact_ids
+    stale = {i.finding.fingerprint: i for i in first.plan.items
+             if i.finding.check == "caregiver_link_stale"}
+    [item] = stale.values()
+    f = item.finding
+    assert (f.patient_id, f.contact_id, f.portal_user_id) == ("P1", "C1", "U1")
+    assert str(f.severity) == "high" and "no longer exists" in f.detail
+    assert item.decision is Decision.WAIT  # cross-system: confirmed by a later read
+
+    confirm = NOW + timedelta(minutes=17)
+    second = incremental_reconcile(deps, confirm)
+    [again] = [i for i in second.plan.items if i.finding.check == "caregiver_link_stale"]
+    assert again.immediate and again.decision in (Decision.FIX, Decision.ALERT)
+    with deps.sessions() as session:
+        notices = immediate_notices(session, deps.settings, confirm)
+    assert any(n.window_key.startswith(f"immediate:{f.fingerprint}:") for n in notices)
