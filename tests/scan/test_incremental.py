@@ -496,3 +496,38 @@ def test_a_deleted_contact_still_linked_is_caught_by_the_next_incremental_scan(
     with deps.sessions() as session:
         notices = immediate_notices(session, deps.settings, confirm)
     assert any(n.window_key.startswith(f"immediate:{f.fingerprint}:") for n in notices)
+
+
+def test_an_incremental_scan_holds_back_a_fix_for_a_blocker_outside_its_scope(
+    tmp_path: Path, make_settings: Any
+) -> None:
+    """Root cause first must not depend on what a run happened to read: a parent's portal
+    account changes, so their missing link is re-decided; the chart's other contact is
+    inactive (a blocker on the same chart, outside this run's scope). The incremental
+    scan waits for it exactly as a full scan does."""
+    from factory import caregiver, contact, fc, patient, patient_user, source
+
+    from worker.sources.csv_source import write_op_csv, write_portal_csv
+
+    write_op_csv(tmp_path / "op", [patient("P1")], [contact("C1"), contact("C9", active=False)],
+                 [fc("P1", "C1"), fc("P1", "C9", role="Father")])
+
+    def portal(email: str, at: datetime) -> None:
+        write_portal_csv(tmp_path / "portal",
+                         [caregiver("U1", "C1", email=email, updated_at=at),
+                          patient_user("U2", "P1")], [], [source("U1")], [])
+
+    portal("c1@example.org", datetime(2026, 1, 1, tzinfo=UTC))
+    deps = state_deps(tmp_path / "s.sqlite", make_settings(),
+                      CsvOPSource(tmp_path / "op"), CsvPortalSource(tmp_path / "portal"))
+    full_reconcile(deps, NOW)
+    full = full_reconcile(deps, NOW + timedelta(minutes=20))
+    want = {i.finding.check: i.decision for i in full.plan.items}
+    assert want["caregiver_link_missing"] is Decision.WAIT
+
+    portal("c1.new@example.org", NOW + timedelta(minutes=21))
+    inc = incremental_reconcile(deps, NOW + timedelta(minutes=40))
+    assert "U1" in inc.scope.user_ids and "P1" not in inc.scope.patient_ids
+    [link] = [i for i in inc.plan.items if i.finding.check == "caregiver_link_missing"]
+    assert link.decision is Decision.WAIT
+    assert "root cause first: contact_inactive (chart P1, contact C9)" in link.reason

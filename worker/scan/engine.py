@@ -192,7 +192,12 @@ def reconcile(
             propagation_delay=settings.propagation_delay,
             welcome_window=settings.welcome_window,
         )
-        findings = [f for f in run_checks(ctx) if scope.covers_finding(f)]
+        every = run_checks(ctx)
+        findings = [f for f in every if scope.covers_finding(f)]
+        # OP-side problems just outside the scope still hold back the portal fixes of
+        # their family (root cause first): a narrow run must plan as a full one would.
+        outside = [f for f in every if f.check in BLOCKERS and scope.covers_check(f.check)
+                   and not scope.covers_finding(f)]
         t_check = time.perf_counter() - t1
         trace.append(
             f"ran the checks in {t_check:.2f}s: {len(findings)} finding(s) in scope"
@@ -221,7 +226,10 @@ def reconcile(
                 population=population or len(snap.patients),
                 welcome_recently_resent=_recent_resends(session, practice, now, settings),
                 guard=not defer_fixes,
-                other_blockers=_blockers_out_of_scope(session, practice, scope, settings),
+                other_blockers=[
+                    *_blockers_out_of_scope(session, practice, scope, settings),
+                    *_unsilenced(session, practice, outside, settings),
+                ],
             )
             action_ids: list[int] = []
             if dry_run:
@@ -438,6 +446,23 @@ def _blockers_out_of_scope(
         FindingRow.check.in_(checks),
         FindingRow.state.not_in([S.RESOLVED, S.SILENCED]),
     )))
+
+
+def _unsilenced(
+    session: Session, practice: str, found: list[Any], settings: Settings
+) -> list[Any]:
+    """The findings among `found` that staff have neither silenced nor turned off."""
+    found = [f for f in found
+             if settings.policy_for(f.check, default_policy(f.check)) is not Policy.OFF]
+    if not found:
+        return []
+    silenced: set[str] = set()
+    fps = [f.fingerprint for f in found]
+    for i in range(0, len(fps), 500):
+        silenced.update(session.scalars(select(FindingRow.fingerprint).where(
+            FindingRow.practice == practice, FindingRow.fingerprint.in_(fps[i:i + 500]),
+            FindingRow.state == S.SILENCED)))
+    return [f for f in found if f.fingerprint not in silenced]
 
 
 def _recent_resends(

@@ -472,13 +472,20 @@ def neighbourhood(
     take_contacts(reads.contacts(ids=seed_c, patient_ids=seed_p))
     first_hop = set(contacts) | seed_c
     family: list[Any] = list(reads.family_contacts(patient_ids=seed_p, contact_ids=first_hop))
+    # The whole family of every chart a first-hop contact is on: a portal fix for such a
+    # chart waits for any OP-side problem on it (worker.checks.rootcause), e.g. another
+    # contact's row there. Rows of first-hop contacts were read above.
+    family_charts = _ids(f.patient_id for f in family) - seed_p
+    family.extend(f for f in reads.family_contacts(patient_ids=family_charts)
+                  if isinstance(f, FamilyContact) and f.contact_id not in first_hop)
     second_hop = _ids(f.contact_id for f in family) - first_hop
     # Later reads keep only good rows: a bad row of a neighbour is no finding of this
     # scope's, and one read twice would be reported twice.
     take_contacts(r for r in reads.contacts(ids=second_hop) if isinstance(r, Contact))
     for f in reads.family_contacts(contact_ids=second_hop):
         # Rows on a seed chart or of a first-hop contact were read above.
-        if f.patient_id not in seed_p and f.contact_id not in first_hop:
+        if (f.patient_id not in seed_p and f.patient_id not in family_charts
+                and f.contact_id not in first_hop):
             family.append(f)
     records.extend(family)
     charts = seed_p | _ids(f.patient_id for f in family)
