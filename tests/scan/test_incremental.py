@@ -303,7 +303,7 @@ def test_incremental_matches_full_after_random_changes(
         result = incremental_reconcile(inc, later)
         full_reconcile(full, later)
         assert result.kind == "incremental" and not result.scope.is_all, kinds
-        assert any("deleted since the last scan" in line for line in result.trace)
+        assert any("rows deleted since name" in line for line in result.trace)
         assert open_findings(inc) == open_findings(full), kinds
         # A much smaller read than the full one.
         assert result.counts["patients"] < PATIENTS // 2
@@ -478,8 +478,17 @@ def test_a_deleted_contact_still_linked_is_caught_by_the_next_incremental_scan(
                       CsvOPSource(tmp_path / "op"), CsvPortalSource(tmp_path / "portal"))
     assert not full_reconcile(deps, NOW).plan.items
 
-    write([contact("C2")], [fc("P1", "C2"), fc("P2", "C2")])  # C1 deleted in OP
+    # A new contact and family-contact row: the counts agree, no id column is read.
+    write([contact("C1"), contact("C2"), contact("C3", updated_at=NOW)],
+          [fc("P1", "C1"), fc("P1", "C2"), fc("P2", "C2"), fc("P2", "C3", updated_at=NOW)])
+    quiet = incremental_reconcile(deps, NOW + timedelta(seconds=30))
+    assert not any("id columns were read" in line for line in quiet.trace)
+
+    write([contact("C2"), contact("C3", updated_at=NOW)],  # C1 deleted in OP, with its row
+          [fc("P1", "C2"), fc("P2", "C2"), fc("P2", "C3", updated_at=NOW)])
     first = incremental_reconcile(deps, NOW + timedelta(minutes=1))
+    assert any("id columns were read" in line and "1 contact(s)" in line
+               for line in first.trace)
     assert "C1" in first.scope.contact_ids
     stale = {i.finding.fingerprint: i for i in first.plan.items
              if i.finding.check == "caregiver_link_stale"}

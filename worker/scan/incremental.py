@@ -7,9 +7,9 @@ full scans almost nothing changes, so an incremental scan:
    or incremental scan *started*) minus an overlap of the propagation delay + 5 min, so
    a record that was too recent to compare last time is compared now, and a change
    committed while the last scan was reading is not missed; and the rows deleted since
-   the last incremental scan: the id columns of patients, contacts and family contacts
-   (cheap: no other column, nothing parsed) compared with the ids that scan kept (kv
-   "op_ids"), every removed id counting as a change;
+   the last scan (worker.scan.deletions: row counts first, the id columns of patients,
+   contacts and family contacts only when a count says a row went), every id of a
+   removed row counting as a change;
 2. adds the findings that are due a fresh read whatever changed: `pending` ones past the
    propagation delay (their confirming read) and `held` ones whose hold has ended;
 3. widens those ids by one hop to every id whose findings can depend on a changed record
@@ -25,17 +25,14 @@ full scans almost nothing changes, so an incremental scan:
 What it leaves to the nightly full scan (docs/benchmarks.md): `contact_duplicate`
 (compares every contact with every other, so the scope excludes it and never resolves
 it), portal links added or removed by hand (links carry no change time; our own fixes
-are verified through their hold), and silences that expired. Deleted OP rows are caught
-from the second incremental scan on (the first keeps the ids to compare with).
+are verified through their hold), and silences that expired.
 tests/scan/test_incremental.py shows that after random changes, deletions among them,
 an incremental scan leaves the same open findings as a full scan.
 """
 
 from __future__ import annotations
 
-import base64
 import time
-import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -58,6 +55,7 @@ from worker.model.records import (
 )
 from worker.model.scope import Scope
 from worker.model.snapshot import Snapshot
+from worker.scan.deletions import TABLES, DeletionWatch, Removed
 from worker.scan.engine import Deps, RunResult, ScopeRequest, reconcile, utcnow
 from worker.scan.lifecycle import SyncResult
 from worker.scan.planner import Plan
@@ -69,7 +67,6 @@ from worker.state.models import FindingState as S
 log = structlog.get_logger(__name__)
 
 WATERMARK = "watermark"
-OP_IDS = "op_ids"
 OVERLAP_SLACK = timedelta(minutes=5)
 # Checks that need the whole practice, not a neighbourhood: left to the full scan.
 FULL_SCAN_ONLY = frozenset({"contact_duplicate"})
@@ -119,12 +116,13 @@ def full_reconcile(
     first: a row deleted meanwhile is then seen as deleted, never missed)."""
     now = now or utcnow()
     with deps.sessions() as session:
-        before = RowIds.from_kv(kv_get(session, deps.settings.practice, OP_IDS))
-    row_ids = read_row_ids(Reads(deps.op, deps.portal))
+        watch = DeletionWatch(session, deps.settings.practice)
+    reads = Reads(deps.op, deps.portal)
+    watch.full(reads, {t: reads.count(t) for t in TABLES})
     result = reconcile(deps, ScopeRequest(), kind=kind, now=now, task_id=task_id)
     record_scan(deps, now, result, result.counts.get("patients"))
     if not result.dry_run:
-        keep_row_ids(deps, now, before, row_ids)
+        watch.keep(deps.sessions, now)
     return result
 
 
@@ -180,6 +178,13 @@ class Reads:
             if not isinstance(record, InvalidRecord):
                 out.add(ID_SEP.join(getattr(record, c) for c in columns))
         return out
+
+    def count(self, table: str) -> int:
+        """Rows in an OP table (`count_rows`; a full stream for adapters without)."""
+        fast = getattr(self.op, "count_rows", None)
+        if fast is not None:
+            return int(fast(table))
+        return sum(1 for _ in self._count(getattr(self.op, table)()))
 
     def patients(self, ids: Collection[str]) -> Iterator[Any]:
         return self._select(self.op, "select_patients", self.op.patients,
@@ -298,24 +303,29 @@ class Changes:
     # Audit rows inside the window (Welcome events and unreadable rows), kept to build
     # the snapshot: the only audit rows a check can use.
     audit: list[Any] = field(default_factory=list)
-    # OP rows deleted since the last incremental scan (their ids are among `ids`).
-    removed: Ids = field(default_factory=Ids)
+    # OP rows deleted since the last scan (their ids are among `ids`).
+    removed: Removed = field(default_factory=Removed)
 
 
 def read_changes(
     reads: Reads, since: datetime, now: datetime, window: timedelta,
-    removed: Ids | None = None,
+    deleted: Callable[[dict[str, list[Any]]], Removed] | None = None,
 ) -> Changes:
-    """What changed since `since`; `removed` (`deleted_rows`) counts as changed OP rows,
-    so the portal users pointing at a deleted patient or contact are read with them."""
+    """What changed since `since`. `deleted`, given the changed OP rows per table, says
+    which ids rows deleted since the last scan named (worker.scan.deletions): they
+    count as changed OP rows, so the portal users pointing at a deleted patient or
+    contact are read with the others."""
     out = Changes()
+    changed: dict[str, list[Any]] = {}
     for table, method in (("patients", "patients"), ("contacts", "contacts"),
                           ("family_contacts", "family_contacts")):
-        for record in reads.changed(reads.op, table, method, since):
+        rows = changed[table] = list(reads.changed(reads.op, table, method, since))
+        for record in rows:
             out.ids.add_record(record)
-    if removed:
-        out.removed = removed
-        out.ids.update(removed)
+    if deleted is not None:
+        out.removed = deleted(changed)
+        out.ids.patients |= out.removed.patients
+        out.ids.contacts |= out.removed.contacts
     # Changed portal users, and in the same read the users of changed OP records
     # (a new OP contact settles portal_orphan_user of the user pointing at it).
     out.op_patients, out.op_contacts = set(out.ids.patients), set(out.ids.contacts)
@@ -343,56 +353,6 @@ def read_changes(
             out.emails.add(event.email.strip().lower())
         if event.at >= horizon:
             out.audit.append(event)
-    return out
-
-
-def _pack(ids: set[str]) -> str:
-    return base64.b64encode(zlib.compress("\n".join(sorted(ids)).encode(), 6)).decode()
-
-
-def _unpack(text: str) -> set[str]:
-    raw = zlib.decompress(base64.b64decode(text)).decode()
-    return set(raw.split("\n")) if raw else set()
-
-
-@dataclass
-class RowIds:
-    """The ids of every OP row at one scan (kept compressed in kv "op_ids": some 1.5 MB
-    at 100,000 patients, written only when a row came or went)."""
-
-    tables: dict[str, set[str]]
-
-    def to_kv(self) -> dict[str, Any]:
-        return {"tables": {t: _pack(ids) for t, ids in self.tables.items()}}
-
-    @classmethod
-    def from_kv(cls, value: dict[str, Any] | None) -> RowIds | None:
-        if not value or not isinstance(value.get("tables"), dict):
-            return None
-        try:
-            return cls({t: _unpack(v) for t, v in value["tables"].items()})
-        except (ValueError, zlib.error, UnicodeDecodeError):
-            log.warning("op_ids_unreadable")  # compared afresh from the next scan on
-            return None
-
-
-def read_row_ids(reads: Reads) -> RowIds:
-    return RowIds({table: reads.ids(table) for table in ID_COLUMNS})
-
-
-def deleted_rows(before: RowIds | None, now: RowIds) -> Ids:
-    """The ids named by rows present at the last scan and gone now."""
-    out = Ids()
-    if before is None:
-        return out
-    for key in before.tables.get("patients", set()) - now.tables["patients"]:
-        out.patients.add(key)
-    for key in before.tables.get("contacts", set()) - now.tables["contacts"]:
-        out.contacts.add(key)
-    for key in before.tables.get("family_contacts", set()) - now.tables["family_contacts"]:
-        patient_id, _, contact_id = key.partition(ID_SEP)
-        out.patients.add(patient_id)
-        out.contacts.add(contact_id)
     return out
 
 
@@ -544,20 +504,26 @@ def incremental_reconcile(
     with deps.sessions() as session:
         mark = read_watermark(session, practice)
         due = due_ids(session, practice, now, settings.propagation_delay)
-        before = RowIds.from_kv(kv_get(session, practice, OP_IDS))
+        watch = DeletionWatch(session, practice)
     if mark is None or not mark.get("at"):
         log.info("incremental_scan_without_watermark", practice=practice)
         return full_reconcile(deps, now, task_id=task_id, kind="incremental")
-    reads = Reads(deps.op, deps.portal)
 
     since = datetime.fromisoformat(mark["at"]) - overlap(settings)
-    row_ids = read_row_ids(reads)
-    removed = deleted_rows(before, row_ids)
-    changes = read_changes(reads, since, now, settings.welcome_window, removed)
+    reads = Reads(deps.op, deps.portal)
+
+    def deleted(changed: dict[str, list[Any]]) -> Removed:
+        # Counted after the changed rows were read: a row added meanwhile makes the
+        # counts disagree, which costs an id read, never a missed deletion.
+        counts = {t: reads.count(t) for t in TABLES}
+        return watch.check(reads, deps.sessions, changed, counts)
+
+    changes = read_changes(reads, since, now, settings.welcome_window, deleted)
+    removed = changes.removed
     if not changes.ids and not changes.emails and not due:
         result = _nothing_changed(deps, now, since, reads.rows, time.perf_counter() - t0,
                                   task_id)
-        keep_row_ids(deps, now, before, row_ids)
+        watch.keep(deps.sessions, now)
         return result
 
     scope_ids = affected(reads, changes)
@@ -580,27 +546,18 @@ def incremental_reconcile(
     result.trace.insert(0, f"incremental: {reads.rows} row(s) read in {t_read:.2f}s for "
                            f"{len(scope_ids.patients)} patient(s), {len(scope_ids.contacts)} "
                            f"contact(s) and {len(scope_ids.users)} portal user(s) affected")
-    if removed:
-        result.trace.insert(1, f"incremental: OP rows deleted since the last scan name "
+    if watch.read_ids:
+        result.trace.insert(1, "incremental: the row counts disagreed with the last scan's, "
+                               "so the OP id columns were read; rows deleted since name "
                                f"{len(removed.patients)} patient(s) and "
                                f"{len(removed.contacts)} contact(s)")
     record_scan(deps, now, result, None)
-    keep_row_ids(deps, now, before, row_ids)
+    watch.keep(deps.sessions, now)
     log.info("incremental_scan", run_id=result.run_id, rows_read=reads.rows,
              snapshot_records=snap.records, affected_patients=len(scope_ids.patients),
              affected_contacts=len(scope_ids.contacts), affected_users=len(scope_ids.users),
              seconds=round(time.perf_counter() - t0, 3))
     return result
-
-
-def keep_row_ids(deps: Deps, now: datetime, before: RowIds | None, row_ids: RowIds) -> None:
-    """After a successful scan, keep its row ids for the next one to compare with (only
-    when a row came or went). A scan that fails keeps the old ones, so the next scan
-    still sees the deletions this one missed."""
-    if before is not None and before.tables == row_ids.tables:
-        return
-    with deps.sessions() as session, session.begin():
-        kv_set(session, deps.settings.practice, OP_IDS, row_ids.to_kv(), now)
 
 
 def _nothing_changed(

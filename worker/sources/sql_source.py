@@ -245,6 +245,16 @@ class _SqlDb:
                 f"cannot read {table} from {self._where()}: {_one_line(err)}"
             ) from None
 
+    def _count_rows(self, table: str) -> int:
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(select(func.count()).select_from(TABLES[table]))
+                           .scalar_one())
+        except SQLAlchemyError as err:
+            raise _source_error(err)(
+                f"cannot count {table} in {self._where()}: {_one_line(err)}"
+            ) from None
+
     def _ids(self, table: str) -> Iterator[str]:
         """Only the id columns of every row: one narrow query."""
         t = TABLES[table]

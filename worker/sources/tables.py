@@ -38,6 +38,7 @@ class _Tables:
         _read: Callable[..., Iterator[Any]]
         _select: Callable[..., Iterator[Any]]
         _ids: Callable[[str], Iterator[str]]
+        _count_rows: Callable[[str], int]
 
 
 class OPTables(_Tables):
@@ -64,6 +65,13 @@ class OPTables(_Tables):
         if table not in ID_COLUMNS:
             raise ValueError(f"no ids to read for {table}")
         return self._ids(table)
+
+    def count_rows(self, table: str) -> int:
+        """How many rows an OP table holds (well-formed ones, for an export): compared
+        from scan to scan, it says whether any may have been deleted."""
+        if table not in ID_COLUMNS:
+            raise ValueError(f"no row count for {table}")
+        return self._count_rows(table)
 
     # -- targeted reads (incremental scans): rows matching any of the given ids ----------
 
