@@ -44,7 +44,9 @@ _cache: dict[str, tuple[str, dict[str, frozenset[str]]]] = {}  # practice -> (to
 
 
 def _pack(ids: Iterable[str]) -> str:
-    return base64.b64encode(zlib.compress("\n".join(sorted(ids)).encode(), 6)).decode()
+    # Fast over small: level 1, unsorted (0.25 s and 2.7 MB at 100,000 patients, against
+    # 1 s and 1.2 MB sorted at level 6); written after a full scan or a deletion only.
+    return base64.b64encode(zlib.compress("\n".join(ids).encode(), 1)).decode()
 
 
 def _unpack(text: str) -> frozenset[str]:
@@ -117,13 +119,28 @@ class DeletionWatch:
             _cache[self.practice] = (token, ids)
         return ids
 
+    def read(self, ids: dict[str, set[str]], counts: dict[str, int] | None = None) -> None:
+        """Keep `ids` (with each table's row count) for the next scan to compare with."""
+        self._new_ids = ids
+        self._new_meta = {"token": uuid.uuid4().hex, "rows": counts or {},
+                          "added": {t: [] for t in TABLES}}
+
+    def from_snapshot(self, session_factory: Any, ids: dict[str, set[str]]) -> None:
+        """A full scan's ids, taken from its snapshot (no read). It knows no row counts,
+        so the next incremental scan reads the ids once and compares with these; when
+        they are what is kept already, nothing changes."""
+        kept = self._kept(session_factory)
+        if kept is not None:
+            added = (self.meta.get("added") or {})
+            if all(kept[t] | set(added.get(t) or ()) == ids[t] for t in TABLES):
+                return
+        self.read(ids)
+
     def full(self, reads: Any, counts: dict[str, int]) -> dict[str, set[str]]:
         """Read every id now; the next scan compares with them."""
         self.read_ids = True
         now = {t: reads.ids(t) for t in TABLES}
-        self._new_ids = now
-        self._new_meta = {"token": uuid.uuid4().hex, "rows": counts,
-                          "added": {t: [] for t in TABLES}}
+        self.read(now, counts)
         return now
 
     def check(self, reads: Any, session_factory: Any, changed: dict[str, list[Any]],

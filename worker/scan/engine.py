@@ -29,6 +29,7 @@ from worker.scan.explain import describe
 from worker.scan.lifecycle import SyncResult, TimeRules, sync, transition
 from worker.scan.planner import Decision, FixGate, Plan, default_policy, make_plan
 from worker.sources.base import OPReader, PortalReader
+from worker.sources.tables import ID_SEP
 from worker.state.db import kv_get, kv_set
 from worker.state.models import ActionRow, ActionStatus, FindingRow, Run
 from worker.state.models import FindingState as S
@@ -72,6 +73,8 @@ class RunResult:
     suppressed_recent: int
     action_ids: list[int] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
+    # With `keep_op_ids`: the ids of the OP rows read (worker.scan.deletions).
+    op_ids: dict[str, set[str]] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -120,6 +123,26 @@ def read_snapshot(op: OPReader, portal: PortalReader) -> Snapshot:
     )
 
 
+def op_row_ids(snap: Snapshot) -> dict[str, set[str]]:
+    """The ids of every OP row the snapshot was read from, as `read_ids` gives them
+    (rows that could not be parsed but name their ids included)."""
+    sep = ID_SEP
+    out: dict[str, set[str]] = {
+        "patients": set(snap.patients),
+        "contacts": set(snap.contacts),
+        "family_contacts": {f"{f.patient_id}{sep}{f.contact_id}" for f in snap.family},
+    }
+    for rec in snap.invalid:
+        table = rec.source.split(".")[0]
+        if table == "patients" and rec.patient_id:
+            out["patients"].add(rec.patient_id)
+        elif table == "contacts" and rec.contact_id:
+            out["contacts"].add(rec.contact_id)
+        elif table == "family_contacts" and rec.patient_id and rec.contact_id:
+            out["family_contacts"].add(f"{rec.patient_id}{sep}{rec.contact_id}")
+    return out
+
+
 def resolve_scope(snap: Snapshot, req: ScopeRequest) -> Scope:
     if req.kind == "patient" and req.target:
         return for_patient(snap, req.target)
@@ -152,6 +175,7 @@ def reconcile(
     scope_override: Scope | None = None,
     population: int | None = None,
     defer_fixes: bool = False,
+    keep_op_ids: bool = False,
 ) -> RunResult:
     """Run every check on a fresh read and fold the result into the state database.
 
@@ -253,6 +277,7 @@ def reconcile(
             sync=result_sync, dry_run=dry_run, read_seconds=t_read, check_seconds=t_check,
             total_seconds=total, suppressed_recent=ctx.suppressed_recent,
             action_ids=action_ids, trace=trace,
+            op_ids=op_row_ids(snap) if keep_op_ids else None,
         )
         bound.info("run_finished", run_id=run_id, **{
             k: v for k, v in result.summary().items() if k in ("records", "findings", "new",

@@ -112,17 +112,18 @@ def full_reconcile(
     deps: Deps, now: datetime | None = None, *, task_id: str | None = None, kind: str = "full"
 ) -> RunResult:
     """A full-scope scan that also sets the watermark incremental scans start from, and
-    keeps the OP row ids the next incremental scan compares with to see deletions (read
-    first: a row deleted meanwhile is then seen as deleted, never missed)."""
+    keeps the ids of the OP rows it read for the next incremental scan to compare with
+    (worker.scan.deletions)."""
     now = now or utcnow()
     with deps.sessions() as session:
         watch = DeletionWatch(session, deps.settings.practice)
-    reads = Reads(deps.op, deps.portal)
-    watch.full(reads, {t: reads.count(t) for t in TABLES})
-    result = reconcile(deps, ScopeRequest(), kind=kind, now=now, task_id=task_id)
+    result = reconcile(deps, ScopeRequest(), kind=kind, now=now, task_id=task_id,
+                       keep_op_ids=True)
     record_scan(deps, now, result, result.counts.get("patients"))
-    if not result.dry_run:
+    if not result.dry_run and result.op_ids is not None:
+        watch.from_snapshot(deps.sessions, result.op_ids)
         watch.keep(deps.sessions, now)
+    result.op_ids = None
     return result
 
 
@@ -523,6 +524,8 @@ def incremental_reconcile(
     if not changes.ids and not changes.emails and not due:
         result = _nothing_changed(deps, now, since, reads.rows, time.perf_counter() - t0,
                                   task_id)
+        if watch.read_ids:
+            result.trace.append(_ids_read(removed))
         watch.keep(deps.sessions, now)
         return result
 
@@ -547,10 +550,7 @@ def incremental_reconcile(
                            f"{len(scope_ids.patients)} patient(s), {len(scope_ids.contacts)} "
                            f"contact(s) and {len(scope_ids.users)} portal user(s) affected")
     if watch.read_ids:
-        result.trace.insert(1, "incremental: the row counts disagreed with the last scan's, "
-                               "so the OP id columns were read; rows deleted since name "
-                               f"{len(removed.patients)} patient(s) and "
-                               f"{len(removed.contacts)} contact(s)")
+        result.trace.insert(1, _ids_read(removed))
     record_scan(deps, now, result, None)
     watch.keep(deps.sessions, now)
     log.info("incremental_scan", run_id=result.run_id, rows_read=reads.rows,
@@ -558,6 +558,12 @@ def incremental_reconcile(
              affected_contacts=len(scope_ids.contacts), affected_users=len(scope_ids.users),
              seconds=round(time.perf_counter() - t0, 3))
     return result
+
+
+def _ids_read(removed: Removed) -> str:
+    return ("incremental: the OP id columns were read (the row counts did not match the "
+            "last scan's, or it kept none to compare with); rows deleted since name "
+            f"{len(removed.patients)} patient(s) and {len(removed.contacts)} contact(s)")
 
 
 def _nothing_changed(
