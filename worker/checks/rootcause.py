@@ -118,8 +118,8 @@ def wait_reason(fix: Any, blocker: Any) -> str:
 def wait_steps(fix: Any, blocker: Any) -> tuple[str, ...]:
     """The digest's steps for a fix that waits: the blocker's, named as the step to take."""
     return (
-        f"Fix the root cause first: {title(blocker.check)} ({where(blocker)}), also listed "
-        "in this digest. Until it is fixed in OP, changing the portal cannot help.",
+        f"Fix the root cause first: {title(blocker.check)} ({where(blocker)}), reported "
+        "as an item of its own. Until it is fixed in OP, changing the portal cannot help.",
         *REMEDIES.get(blocker.check, ()),
         f"Nothing else is needed for this item: once that is fixed, oprecon "
         f"{WAITS.get(fix.check, 'fixes this')} by itself and checks the result.",

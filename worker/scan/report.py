@@ -41,11 +41,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def summary_line(result: RunResult) -> str:
     c = result.plan.counts()
     verb = "Plan" if result.dry_run else "Run"
+    root = sum(1 for i in result.plan.items if i.blocked_by is not None)
     parts = [
         f"{c.get(Decision.FIX, 0)} to fix",
         f"{c.get(Decision.ALERT, 0) + c.get(Decision.ESCALATED, 0)} to alert",
         f"{c.get(Decision.STAGED, 0)} staged",
-        f"{c.get(Decision.WAIT, 0)} waiting on the portal delay",
+        f"{c.get(Decision.WAIT, 0) - root} waiting on the portal delay",
+        f"{root} waiting for a root cause in OP",
         f"{c.get(Decision.HOLD, 0) + c.get(Decision.QUEUED, 0)} on hold",
         f"{c.get(Decision.SILENCED, 0) + c.get(Decision.OFF, 0)} silenced/off",
     ]
