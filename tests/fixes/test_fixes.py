@@ -564,12 +564,17 @@ def test_welcome_is_resent_at_most_once_per_window(world: World) -> None:
     assert len(again.action_ids) == 1
 
 
-def test_a_new_email_address_gets_its_own_resend_within_the_window(world: World) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_new_email_address_gets_its_own_resend_within_the_window(
+    world: World, backend: str, request: pytest.FixtureRequest
+) -> None:
     """The guide: a resend "is especially helpful if they have a new email address". The
     once-per-window rule is per contact *and* address: a parent who gave a new address
     after the first resend gets one more, at the new address; the same address does not."""
     settings = world.settings_for(welcome_window_days=7, hold_minutes=15)
     deps = world.deps(settings)
+    if backend == "postgresql":
+        deps.sessions = request.getfixturevalue("pg_sessions")
     world.op.records = [patient("P3"), contact("C3"), fc("P3", "C3")]
     first = reconcile(deps, kind="full", now=T0)
     (action_id,) = first.action_ids
