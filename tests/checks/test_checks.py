@@ -22,7 +22,7 @@ from factory import (
 
 from worker.checks import CheckContext, run_checks
 from worker.model.findings import Action, Severity
-from worker.model.records import Authority
+from worker.model.records import Authority, InvalidRecord
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -74,6 +74,45 @@ def test_self_role_and_self_dependent_missing() -> None:
     assert checks_of(*fixed) == []
     no_authority = [*records, fc("M1", "C1", role="Other Relative", authority=Authority.NONE)]
     assert ("self_dependent_missing", "M1", "C1", "") in checks_of(*no_authority)
+
+
+def test_a_self_row_means_the_contact_is_that_patient_whatever_the_contact_says() -> None:
+    """The guide: a parent who is also a patient and "already has an entry in their own
+    Family Contacts with the Role/Reason listed as Self" gets no Welcome email. The
+    Self row is what says the chart is theirs; `contacts.patient_id` may be blank or
+    name another chart."""
+    base = clean_family()  # C1: Joint mother of P1, with a portal account
+    blank = [*base, patient("M1", email=""), fc("M1", "C1", role="Self")]
+    assert ("self_role", "M1", "C1", "") in checks_of(*blank)
+    # The contact record names chart M2 (where she is rightly Other Relative + Joint),
+    # but chart M1 lists her as Self too: that row still blocks her Welcome email.
+    other = [*without(base, base[1]), contact("C1", patient_id="M2"), patient("M2"),
+             fc("M2", "C1", role="Other Relative"), patient("M1"), fc("M1", "C1", role="Self")]
+    found = checks_of(*other)
+    assert ("self_role", "M1", "C1", "") in found
+    assert not any(c == "self_dependent_missing" for c, *_ in found)
+    # Without an account, the Welcome email cannot go out: an alert, never a resend.
+    no_account = [patient("P8"), contact("C8"), fc("P8", "C8"), patient("M8"),
+                  fc("M8", "C8", role="self")]
+    by_check = {x.check: x for x in run_checks(CheckContext(snap(*no_account), NOW))}
+    assert by_check["self_role"].patient_id == "M8"
+    assert by_check["welcome_not_sent"].action is Action.ALERT
+
+
+def test_a_link_to_a_deleted_contact_is_a_stale_link() -> None:
+    """OP no longer has the caregiver's contact (deleted or merged away) but the portal
+    still shows them the child: the privacy problem of a stale link, high severity."""
+    base = clean_family()
+    gone = without(base, base[1], base[2])  # contact C1 and its family-contact row
+    found = {x.check: x for x in run_checks(CheckContext(snap(*gone), NOW))}
+    stale = found["caregiver_link_stale"]
+    assert (stale.patient_id, stale.contact_id, stale.portal_user_id) == ("P1", "C1", "U1")
+    assert stale.severity is Severity.HIGH and stale.action is Action.FIX
+    assert "portal_orphan_user" in found  # the account itself still needs removing
+    # A contacts row that could not be read is unknown, not deleted: no conclusion.
+    unreadable = InvalidRecord("contacts.csv", 3, "bad dob 1984-13-07", contact_id="C1")
+    assert not any(x.check == "caregiver_link_stale"
+                   for x in run_checks(CheckContext(snap(*gone, unreadable), NOW)))
 
 
 def test_contact_email_invalid_blank_is_info_malformed_is_warning() -> None:

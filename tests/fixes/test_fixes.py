@@ -564,6 +564,49 @@ def test_welcome_is_resent_at_most_once_per_window(world: World) -> None:
     assert len(again.action_ids) == 1
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_new_email_address_gets_its_own_resend_within_the_window(
+    world: World, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The guide: a resend "is especially helpful if they have a new email address". The
+    once-per-window rule is per contact *and* address: a parent who gave a new address
+    after the first resend gets one more, at the new address; the same address does not."""
+    settings = world.settings_for(welcome_window_days=7, hold_minutes=15)
+    deps = world.deps(settings)
+    if backend == "postgresql":
+        deps.sessions = request.getfixturevalue("pg_sessions")
+    world.op.records = [patient("P3"), contact("C3"), fc("P3", "C3")]
+    first = reconcile(deps, kind="full", now=T0)
+    (action_id,) = first.action_ids
+    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+                        now=at(T0)) == "applied"
+
+    # The parent calls: the Welcome email never arrived, they use another address now.
+    # The front desk corrects it in OP (not yet registered: still no portal account).
+    moved = T0 + timedelta(minutes=16)
+    world.op.records = [patient("P3"), contact("C3", email="new.c3@example.net",
+                                               updated_at=T0 + timedelta(minutes=1)),
+                        fc("P3", "C3")]
+    second = reconcile(deps, kind="full", now=moved)
+    decision, reason = fixable_decisions(second)["welcome_not_sent"]
+    assert decision is Decision.FIX, reason
+    (resend,) = second.action_ids
+    assert apply_action(deps.sessions, deps.portal, resend, time_rules(settings),
+                        now=at(moved)) == "applied"
+    assert world.requests("POST /welcome") == 2
+
+    # The new address now had its resend too: within the window (and before the portal
+    # shows it), no third one.
+    third = reconcile(deps, kind="full", now=moved + timedelta(minutes=31))
+    decision, reason = fixable_decisions(third)["welcome_not_sent"]
+    assert decision is Decision.ALERT and "already resent to this address" in reason
+    assert third.action_ids == []
+    assert world.requests("POST /welcome") == 2
+    world.sim.clock.advance(timedelta(minutes=20))
+    assert world.welcomes().count("new.c3@example.net") == 1
+    assert world.welcomes().count("c3@example.org") == 1
+
+
 def test_no_resend_to_an_address_that_failed_validation(world: World) -> None:
     deps = world.deps(world.settings_for())
     world.op.records = [patient("P3"), contact("C3", email="c3@@example"), fc("P3", "C3")]

@@ -34,6 +34,7 @@ from worker.scan.incremental import (
     incremental_reconcile,
     overlap,
 )
+from worker.scan.planner import Decision
 from worker.sources.csv_source import CsvOPSource, CsvPortalSource
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 from worker.sources.sql_source import (
@@ -52,7 +53,12 @@ from worker.state.models import FindingState as S
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 PATIENTS = 1200
 LAYOUT = {**OP_LAYOUT, **PORTAL_LAYOUT}
-Tables = dict[str, list[dict[str, str]]]
+Tables = dict[str, list[dict[str, Any]]]
+DELETED = "_deleted"
+
+
+def live(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if not r.get(DELETED)]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +99,8 @@ class Store:
             create_portal_tables(self.engine)
 
     def write(self, tables: Tables) -> None:
+        """A deleted row (marked `DELETED`) leaves a blank line in a CSV file, so the
+        lines after it keep their numbers, and is left out of a SQL table."""
         if self.engine is None:
             for table, rows in tables.items():
                 sub = self.root / ("op" if table in OP_LAYOUT else "portal")
@@ -100,12 +108,16 @@ class Store:
                 with open(sub / f"{table}.csv", "w", encoding="utf-8", newline="") as handle:
                     writer = csv.DictWriter(handle, LAYOUT[table], lineterminator="\n")
                     writer.writeheader()
-                    writer.writerows(rows)
+                    for row in rows:
+                        if row.get(DELETED):
+                            handle.write("\n")
+                        else:
+                            writer.writerow(row)
             return
         for table, rows in tables.items():
             with self.engine.begin() as conn:
                 conn.execute(sa.text(f"DELETE FROM {table}"))
-            load_table_sql(self.engine, table, rows)
+            load_table_sql(self.engine, table, [r for r in rows if not r.get(DELETED)])
 
     def readers(self) -> tuple[Any, Any]:
         if self.engine is None:
@@ -157,21 +169,46 @@ def _stamp(rng: random.Random, base: datetime) -> str:
     return (base + timedelta(minutes=rng.uniform(1, 28))).isoformat()
 
 
-def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
-    """One random change of the kind staff make: fixing a planted defect or making one.
+def delete(tables: Tables, rng: random.Random, kind: str) -> str:
+    """Delete OP rows as staff do: a family-contact row, or a contact with all of theirs
+    (a merge leaves the other record). Preferably one whose portal account still sees a
+    child, so the link must be reported at once (caregiver_link_stale)."""
+    cons, fcs = live(tables["contacts"]), live(tables["family_contacts"])
+    linked = {u["op_contact_id"] for u in tables["portal_users"]
+              if u["op_contact_id"] and u["active"] == "true"}
+    if kind == "delete_fc":
+        candidates = [f for f in fcs if f["contact_id"] in linked] or fcs
+        rng.choice(candidates)[DELETED] = True
+    else:
+        with_fc = {f["contact_id"] for f in fcs}
+        candidates = [c for c in cons if c["contact_id"] in linked & with_fc] or cons
+        gone = rng.choice(candidates)
+        gone[DELETED] = True
+        for f in fcs:
+            if f["contact_id"] == gone["contact_id"]:
+                f[DELETED] = True
+    return kind
 
-    Not among them: deleting a row or re-pointing a portal user at another OP record,
-    which incremental scans leave to the nightly full scan (worker.scan.incremental).
+
+def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
+    """One random change of the kind staff make: fixing a planted defect or making one,
+    or deleting a family-contact row or a contact.
+
+    Not among them: re-pointing a portal user at another OP record, which incremental
+    scans leave to the nightly full scan (worker.scan.incremental).
     """
-    pats, cons, fcs = tables["patients"], tables["contacts"], tables["family_contacts"]
+    pats, cons = live(tables["patients"]), live(tables["contacts"])
+    fcs = live(tables["family_contacts"])
     users, audit = tables["portal_users"], tables["portal_audit"]
     good = [r for r in pats if r["patient_id"].startswith("P") and r["dob"] != "2019-02-30"]
     kind = rng.choice([
         "patient_status", "patient_email", "contact_email", "contact_active", "authority",
         "self_role", "new_fc", "user_email", "user_role", "user_active", "welcome",
-        "new_contact_for_orphan", "new_caregiver",
+        "new_contact_for_orphan", "new_caregiver", "delete_fc", "delete_contact",
     ])
     when = _stamp(rng, base)
+    if kind in ("delete_fc", "delete_contact"):
+        return delete(tables, rng, kind)
     if kind == "patient_status":
         row = rng.choice(good)
         row["status"] = "Inactive" if row["status"] == "Active" else "Active"
@@ -198,7 +235,7 @@ def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
         row["role_reason"] = "Self"
         row["updated_at"] = when
     elif kind == "new_fc":
-        fcs.append({"patient_id": rng.choice(good)["patient_id"],
+        tables["family_contacts"].append({"patient_id": rng.choice(good)["patient_id"],
                     "contact_id": rng.choice(cons)["contact_id"], "role_reason": "Father",
                     "authority": "Joint", "updated_at": when})
     elif kind == "new_caregiver":  # a parent registers: their portal account appears
@@ -227,10 +264,11 @@ def change(tables: Tables, rng: random.Random, base: datetime = NOW) -> str:
         if not dangling:
             return change(tables, rng, base)
         cid = rng.choice(dangling)["op_contact_id"]
-        cons.append({"contact_id": cid, "first_name": "New", "last_name": "Contact",
-                     "email": f"{cid.lower()}@example.org", "dob": "", "phone": "",
-                     "address": "", "city": "", "postcode": "", "active": "true",
-                     "patient_id": "", "updated_at": when})
+        tables["contacts"].append({
+            "contact_id": cid, "first_name": "New", "last_name": "Contact",
+            "email": f"{cid.lower()}@example.org", "dob": "", "phone": "", "address": "",
+            "city": "", "postcode": "", "active": "true", "patient_id": "", "updated_at": when,
+        })
     return kind
 
 
@@ -258,21 +296,27 @@ def test_incremental_matches_full_after_random_changes(
 
         rng = random.Random(f"changes-{backend}")
         kinds = [change(tables, rng) for _ in range(20)]
+        kinds += [delete(tables, rng, k) for k in ("delete_fc", "delete_contact") * 2]
         store.write(tables)
 
         later = NOW + timedelta(minutes=30)
         result = incremental_reconcile(inc, later)
         full_reconcile(full, later)
         assert result.kind == "incremental" and not result.scope.is_all, kinds
+        assert any("rows deleted since name" in line for line in result.trace)
         assert open_findings(inc) == open_findings(full), kinds
         # A much smaller read than the full one.
         assert result.counts["patients"] < PATIENTS // 2
 
-        # Nothing new changes; the pending findings of the last run come due.
+        # Only deletions now (found by the row counts this time); the pending findings
+        # of the last run come due.
+        kinds = [delete(tables, rng, k) for k in ("delete_fc", "delete_contact")]
+        store.write(tables)
         latest = later + timedelta(minutes=20)
-        incremental_reconcile(inc, latest)
+        again = incremental_reconcile(inc, latest)
         full_reconcile(full, latest)
-        assert open_findings(inc) == open_findings(full)
+        assert any("rows deleted since name" in line for line in again.trace)
+        assert open_findings(inc) == open_findings(full), kinds
 
         # Duplicate groups are left to the full scan: still open, never resolved here.
         with inc.sessions() as session:
@@ -408,3 +452,99 @@ def test_contact_duplicate_is_never_resolved_by_an_incremental_scan(
     reconcile(deps, kind="full", now=NOW + timedelta(minutes=40))
     with deps.sessions() as session:
         assert session.get(FindingRow, group.id).state == S.RESOLVED
+
+
+# -- deletions ----------------------------------------------------------------------------
+
+
+def test_a_deleted_contact_still_linked_is_caught_by_the_next_incremental_scan(
+    tmp_path: Path, make_settings: Any
+) -> None:
+    """Staff delete a parent's contact record (and with it the family-contact row) while
+    the portal still shows the child to that parent's account. That is the privacy
+    problem of a stale link: the next incremental scans, not the nightly full one, raise
+    caregiver_link_stale (high, an immediate notice) once the portal had its delay."""
+    from factory import caregiver, contact, fc, link, patient, patient_user, source
+
+    from worker.digest.build import immediate_notices
+    from worker.sources.csv_source import write_op_csv, write_portal_csv
+
+    def write(contacts: list[Any], fcs: list[Any]) -> None:
+        write_op_csv(tmp_path / "op", [patient("P1"), patient("P2")], contacts, fcs)
+
+    write([contact("C1"), contact("C2")], [fc("P1", "C1"), fc("P1", "C2"), fc("P2", "C2")])
+    write_portal_csv(tmp_path / "portal",
+                     [caregiver("U1", "C1"), caregiver("U3", "C2"), patient_user("U2", "P1"),
+                      patient_user("U4", "P2")],
+                     [link("U1", "U2"), link("U3", "U2"), link("U3", "U4")],
+                     [source("U1"), source("U3")], [])
+    deps = state_deps(tmp_path / "s.sqlite", make_settings(),
+                      CsvOPSource(tmp_path / "op"), CsvPortalSource(tmp_path / "portal"))
+    assert not full_reconcile(deps, NOW).plan.items
+
+    # The first incremental scan after a full one reads the ids once (a full scan keeps
+    # its snapshot's ids but knows no row counts); later ones only count rows.
+    settle = incremental_reconcile(deps, NOW + timedelta(seconds=10))
+    assert any("id columns were read" in line for line in settle.trace)
+    # A new contact and family-contact row: the counts agree, no id column is read.
+    write([contact("C1"), contact("C2"), contact("C3", updated_at=NOW)],
+          [fc("P1", "C1"), fc("P1", "C2"), fc("P2", "C2"), fc("P2", "C3", updated_at=NOW)])
+    quiet = incremental_reconcile(deps, NOW + timedelta(seconds=30))
+    assert not any("id columns were read" in line for line in quiet.trace)
+
+    write([contact("C2"), contact("C3", updated_at=NOW)],  # C1 deleted in OP, with its row
+          [fc("P1", "C2"), fc("P2", "C2"), fc("P2", "C3", updated_at=NOW)])
+    first = incremental_reconcile(deps, NOW + timedelta(minutes=1))
+    assert any("id columns were read" in line and "1 contact(s)" in line
+               for line in first.trace)
+    assert "C1" in first.scope.contact_ids
+    stale = {i.finding.fingerprint: i for i in first.plan.items
+             if i.finding.check == "caregiver_link_stale"}
+    [item] = stale.values()
+    f = item.finding
+    assert (f.patient_id, f.contact_id, f.portal_user_id) == ("P1", "C1", "U1")
+    assert str(f.severity) == "high" and "no longer exists" in f.detail
+    assert item.decision is Decision.WAIT  # cross-system: confirmed by a later read
+
+    confirm = NOW + timedelta(minutes=17)
+    second = incremental_reconcile(deps, confirm)
+    [again] = [i for i in second.plan.items if i.finding.check == "caregiver_link_stale"]
+    assert again.immediate and again.decision in (Decision.FIX, Decision.ALERT)
+    with deps.sessions() as session:
+        notices = immediate_notices(session, deps.settings, confirm)
+    assert any(n.window_key.startswith(f"immediate:{f.fingerprint}:") for n in notices)
+
+
+def test_an_incremental_scan_holds_back_a_fix_for_a_blocker_outside_its_scope(
+    tmp_path: Path, make_settings: Any
+) -> None:
+    """Root cause first must not depend on what a run happened to read: a parent's portal
+    account changes, so their missing link is re-decided; the chart's other contact is
+    inactive (a blocker on the same chart, outside this run's scope). The incremental
+    scan waits for it exactly as a full scan does."""
+    from factory import caregiver, contact, fc, patient, patient_user, source
+
+    from worker.sources.csv_source import write_op_csv, write_portal_csv
+
+    write_op_csv(tmp_path / "op", [patient("P1")], [contact("C1"), contact("C9", active=False)],
+                 [fc("P1", "C1"), fc("P1", "C9", role="Father")])
+
+    def portal(email: str, at: datetime) -> None:
+        write_portal_csv(tmp_path / "portal",
+                         [caregiver("U1", "C1", email=email, updated_at=at),
+                          patient_user("U2", "P1")], [], [source("U1")], [])
+
+    portal("c1@example.org", datetime(2026, 1, 1, tzinfo=UTC))
+    deps = state_deps(tmp_path / "s.sqlite", make_settings(),
+                      CsvOPSource(tmp_path / "op"), CsvPortalSource(tmp_path / "portal"))
+    full_reconcile(deps, NOW)
+    full = full_reconcile(deps, NOW + timedelta(minutes=20))
+    want = {i.finding.check: i.decision for i in full.plan.items}
+    assert want["caregiver_link_missing"] is Decision.WAIT
+
+    portal("c1.new@example.org", NOW + timedelta(minutes=21))
+    inc = incremental_reconcile(deps, NOW + timedelta(minutes=40))
+    assert "U1" in inc.scope.user_ids and "P1" not in inc.scope.patient_ids
+    [link] = [i for i in inc.plan.items if i.finding.check == "caregiver_link_missing"]
+    assert link.decision is Decision.WAIT
+    assert "root cause first: contact_inactive (chart P1, contact C9)" in link.reason

@@ -113,6 +113,17 @@ class CheckContext:
             by_contact = self.memo["charts_of"] = index
         return by_contact.get(contact_id, [])  # type: ignore[attr-defined]
 
+    def unreadable_contacts(self) -> frozenset[str]:
+        """Contact ids named by a contacts row that could not be read: unknown this run,
+        so their absence from the snapshot proves nothing."""
+        ids = self.memo.get("unreadable_contacts")
+        if ids is None:
+            ids = self.memo["unreadable_contacts"] = frozenset(
+                rec.contact_id for rec in self.snapshot.invalid
+                if rec.contact_id and rec.source.split(".")[0] == "contacts"
+            )
+        return ids  # type: ignore[return-value]
+
     def skip_recent(self, *records: object) -> bool:
         if self.recent(*records):
             self.suppressed_recent += 1

@@ -53,31 +53,61 @@ def contact_inactive(ctx: CheckContext) -> Iterator[Finding]:
         )
 
 
-def parent_patients(snap: Snapshot) -> Iterator[tuple[str, str]]:
-    """(contact_id, own patient_id) of contacts who are patients themselves and are
-    authorized on someone else's chart: the parents who should see themselves too."""
+def own_charts(snap: Snapshot) -> Iterator[tuple[str, str]]:
+    """(contact_id, patient_id) of every contact who *is* that patient.
+
+    Two things say so: `contacts.patient_id`, and a family-contact row with Role/Reason
+    Self on the patient's chart. The guide reads a Self row as "this contact is this
+    patient" whatever the contact record says, so either one counts. Only charts that
+    exist are returned; each pair once, in the snapshot's order.
+    """
+    seen: set[tuple[str, str]] = set()
     for own_pid, contacts in snap.contacts_by_patient_id.items():
         if own_pid not in snap.patients:
             continue
         for contact in contacts:
-            for fc in snap.fc_by_contact.get(contact.contact_id, ()):
-                if fc.patient_id != own_pid and snap.is_authorized(fc):
-                    yield contact.contact_id, own_pid
-                    break
+            pair = (contact.contact_id, own_pid)
+            if pair not in seen:
+                seen.add(pair)
+                yield pair
+    for fc in snap.family:
+        if not fc.is_self or fc.patient_id not in snap.patients:
+            continue
+        pair = (fc.contact_id, fc.patient_id)
+        if pair not in seen and fc.contact_id in snap.contacts:
+            seen.add(pair)
+            yield pair
+
+
+def parent_patients(snap: Snapshot) -> Iterator[tuple[str, str]]:
+    """(contact_id, own patient_id) of contacts who are patients themselves (see
+    `own_charts`) and are authorized on someone else's chart: the parents who need the
+    Welcome email and should see themselves too."""
+    for cid, own_pid in own_charts(snap):
+        for fc in snap.fc_by_contact.get(cid, ()):
+            if fc.patient_id != own_pid and snap.is_authorized(fc):
+                yield cid, own_pid
+                break
+
+
+def self_role_pairs(ctx: CheckContext) -> list[tuple[str, str]]:
+    """(contact, own chart) of parents whose own chart lists them as Self: the Welcome
+    email is never sent to them (memoised: welcome_not_sent needs it too)."""
+    cached = ctx.memo.get("self_role_pairs")
+    if cached is None:
+        snap = ctx.snapshot
+        cached = [
+            (cid, own)
+            for cid, own in parent_patients(snap)
+            if any(f.contact_id == cid and f.is_self for f in snap.fc_by_patient.get(own, ()))
+        ]
+        ctx.memo["self_role_pairs"] = cached
+    return cached  # type: ignore[return-value]
 
 
 def self_role_contacts(ctx: CheckContext) -> set[str]:
-    """Contacts whose own chart lists them as Self (memoised: welcome_not_sent needs it)."""
-    cached = ctx.memo.get("self_role_contacts")
-    if cached is None:
-        snap = ctx.snapshot
-        cached = {
-            cid
-            for cid, own in parent_patients(snap)
-            if any(f.contact_id == cid and f.is_self for f in snap.fc_by_patient.get(own, ()))
-        }
-        ctx.memo["self_role_contacts"] = cached
-    return cached  # type: ignore[return-value]
+    """Contacts with a `self_role_pairs` entry: a Welcome resend cannot reach them."""
+    return {cid for cid, _ in self_role_pairs(ctx)}
 
 
 @register("self_role", "self_dependent_missing")

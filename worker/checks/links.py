@@ -43,10 +43,15 @@ def caregiver_link_missing(ctx: CheckContext) -> Iterator[Finding]:
 
 @register("caregiver_link_stale")
 def caregiver_link_stale(ctx: CheckContext) -> Iterator[Finding]:
+    """Also a link whose caregiver's OP contact is gone (deleted, or merged away): OP
+    authorizes nobody through a contact it no longer has, so the portal shows the child
+    to someone it should not, which is the same privacy problem as withdrawn authority.
+    A contact whose row could not be read is unknown, not gone: no conclusion then."""
     snap = ctx.snapshot
     if ctx.blind("family_contacts"):
         return  # an unreadable row may be the very authorization that looks absent
     authorized = ctx.authorized_pairs()
+    unreadable = ctx.unreadable_contacts()
     for cu_id, du_id in ctx.sorted_links():
         cu = snap.users.get(cu_id)
         du = snap.users.get(du_id)
@@ -56,8 +61,20 @@ def caregiver_link_stale(ctx: CheckContext) -> Iterator[Finding]:
             continue
         contact = snap.contacts.get(cu.op_contact_id)
         patient = snap.patients.get(du.op_patient_id)
-        if contact is None or patient is None or not patient.active:
+        if patient is None or not patient.active:
             continue  # orphans and inactive patients have checks of their own
+        if contact is None:
+            if cu.op_contact_id in unreadable or ctx.skip_recent(patient):
+                continue
+            yield finding(
+                "caregiver_link_stale",
+                f"portal user {cu_id} can still see patient {patient.patient_id}, but their "
+                f"OP contact {cu.op_contact_id} no longer exists (deleted or merged)",
+                patient_id=patient.patient_id,
+                contact_id=cu.op_contact_id,
+                portal_user_id=cu_id,
+            )
+            continue
         if (patient.patient_id, contact.contact_id) in authorized:
             continue
         if ctx.unknown(patient.patient_id, contact.contact_id, du_id):
@@ -77,4 +94,3 @@ def caregiver_link_stale(ctx: CheckContext) -> Iterator[Finding]:
             contact_id=contact.contact_id,
             portal_user_id=cu_id,
         )
-

@@ -15,7 +15,8 @@ REMEDIES: dict[str, tuple[str, ...]] = {
         "Check the email address, then click Register to send the Welcome email.",
     ),
     "self_role": (
-        "In OP, open the parent's own patient chart and go to Family Contacts.",
+        "In OP, open the parent's own patient chart (the chart named here: the one whose "
+        "Family Contacts list the parent as Self) and go to Family Contacts.",
         "Find the entry for the parent themself: its Role/Reason says Self.",
         "Change Role/Reason to Other Relative and set Authority to Joint or Exclusive.",
         "Confirm the email address, then click Register to send the Welcome email.",
@@ -76,16 +77,20 @@ REMEDIES: dict[str, tuple[str, ...]] = {
         "the practice side. Contact OP support with the portal user id.",
     ),
     "caregiver_link_missing": (
-        "oprecon refreshes the parent's portal connection automatically when fixes are on.",
+        "oprecon refreshes the parent's portal connection automatically when fixes are on, "
+        "once the chart and the parent are in order in OP (an open chart email, inactive "
+        "record, duplicate, authority or Self problem in the family is fixed first).",
         "To do it by hand: OP Portal admin > Users, open the parent, Profile > Sources, "
         "click the ellipsis under Actions, Disconnect and Confirm, then Connect and Confirm.",
         "Wait 10-20 minutes; the child should appear under Dependents.",
         "If it still does not, contact OP support.",
     ),
     "caregiver_link_stale": (
-        "Privacy: the portal still shows this child to a person OP no longer authorizes.",
+        "Privacy: the portal still shows this child to a person OP no longer authorizes, "
+        "or whose contact record OP no longer has (deleted or merged).",
         "Confirm in OP (child's chart > Family Contacts) that removing the access was "
-        "intended.",
+        "intended; if the contact was merged, make sure the remaining record has the "
+        "authority it should.",
         "oprecon refreshes the person's portal connection when fixes are on; by hand: OP "
         "Portal admin > Users > the person > Profile > Sources, Disconnect then Connect.",
         "If the child is still listed under their Dependents after 20 minutes, contact OP "
@@ -93,17 +98,18 @@ REMEDIES: dict[str, tuple[str, ...]] = {
     ),
     "welcome_not_sent": (
         "oprecon resends the Welcome email (Register) automatically when fixes are on, at "
-        "most once per window.",
+        "most once per window to each address: a new address gets its own resend.",
         "By hand: in OP, child's chart > Family Contacts, check Authority (Joint or "
         "Exclusive) and the email address, then click Register and confirm.",
-        "If the parent is also a patient and their own chart lists them as Self, fix that "
-        "first: the email is never sent while it is there.",
+        "If the parent is also a patient and a chart lists them as Self (their own, whatever "
+        "the contact record says), fix that first: the email is never sent while it is "
+        "there, so oprecon waits for it.",
         "To see what was sent: OP Portal admin > Reports > Audit Log, action "
         "'Profile: Welcome Mail Sent'.",
     ),
     "portal_orphan_user": (
         "The portal has a user whose OP patient or contact no longer exists (often after a "
-        "merge).",
+        "merge). If that user still sees a child, a separate high-severity item says so.",
         "Look up the OP record the user should belong to; if it was merged, refresh the "
         "user's source from OP Portal admin > Users > Profile > Sources.",
         "If the user should not exist, contact OP support to remove it.",

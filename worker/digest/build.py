@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from config.settings import Policy, Settings
 from worker.checks.catalog import BY_ID, CHECK_IDS
 from worker.checks.remedies import ESCALATION, REMEDIES
+from worker.checks.rootcause import BLOCKERS, RootCauses, wait_steps
 from worker.model.text import scrub_text
 from worker.scan.planner import default_policy
 from worker.state.db import kv_get, kv_set
@@ -527,10 +528,25 @@ def _next_check(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo
     return f"on the next scan ({every}); the item clears itself once the records are right"
 
 
+def root_causes(session: Session, settings: Settings) -> RootCauses:
+    """Open OP-side blockers (worker.checks.rootcause), as the planner counts them:
+    neither resolved nor silenced, and their check not turned off."""
+    checks = [c for c in BLOCKERS if not policy_off(settings, c)]
+    return RootCauses(session.scalars(select(FindingRow).where(
+        FindingRow.practice == settings.practice,
+        FindingRow.check.in_(checks),
+        FindingRow.state.not_in([S.RESOLVED, S.SILENCED]),
+    )))
+
+
 def _item(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo,
-          names: Names | None, since: datetime) -> Item:
+          names: Names | None, since: datetime, causes: RootCauses | None = None) -> Item:
     escalated = row.state == S.ESCALATED
     steps = ESCALATION if escalated else REMEDIES.get(row.check, ())
+    blocker = causes.blocker_of(row) if causes else None
+    if blocker is not None:
+        # Root cause first: the step to take is the OP-side blocker's, not OP support.
+        steps = wait_steps(row, blocker)
     detail = row.detail if settings.digest_show_names and names else scrub_text(row.detail)
     return Item(
         fingerprint=row.fingerprint, check=row.check, severity=row.severity,
@@ -713,6 +729,7 @@ def build_daily(
         digest.notes = _system_notes(session, settings, now)
 
     counts = digest.counts
+    causes = root_causes(session, settings)
     listed: dict[str, Group] = {}
     backlog_rows: dict[str, BacklogRow] = {}
     for row in _routed_rows(session, settings, recipient.categories, start):
@@ -755,7 +772,7 @@ def build_daily(
         if len(group.items) >= MAX_ITEMS_PER_CHECK:
             group.hidden += 1
             continue
-        item = _item(row, settings, now, tz, names, ref)
+        item = _item(row, settings, now, tz, names, ref, causes)
         item.new, item.repeat = new, repeat
         group.items.append(item)
     for group in listed.values():
@@ -803,7 +820,8 @@ def build_immediate(
     )
     if row is None or row.state in (S.RESOLVED, S.SILENCED, S.PENDING):
         return None
-    item = _item(row, settings, now, zone(settings), names, window.end)
+    item = _item(row, settings, now, zone(settings), names, window.end,
+                 root_causes(session, settings))
     item.new = True
     digest.groups = [Group(row.check, _title(row.check), row.severity, [item])]
     if row.state == S.ESCALATED:

@@ -19,15 +19,17 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import Policy, Settings
 from worker.checks import CheckContext, run_checks
+from worker.checks.rootcause import BLOCKERS
 from worker.model.findings import FixKind
 from worker.model.scope import ALL, Scope, for_contact, for_patient
 from worker.model.snapshot import Snapshot
 from worker.scan.explain import describe
 from worker.scan.lifecycle import SyncResult, TimeRules, sync, transition
-from worker.scan.planner import Decision, FixGate, Plan, make_plan
+from worker.scan.planner import Decision, FixGate, Plan, default_policy, make_plan
 from worker.sources.base import OPReader, PortalReader
+from worker.sources.tables import ID_SEP
 from worker.state.db import kv_get, kv_set
 from worker.state.models import ActionRow, ActionStatus, FindingRow, Run
 from worker.state.models import FindingState as S
@@ -71,6 +73,8 @@ class RunResult:
     suppressed_recent: int
     action_ids: list[int] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
+    # With `keep_op_ids`: the ids of the OP rows read (worker.scan.deletions).
+    op_ids: dict[str, set[str]] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -123,6 +127,26 @@ def read_snapshot(op: OPReader, portal: PortalReader) -> Snapshot:
     )
 
 
+def op_row_ids(snap: Snapshot) -> dict[str, set[str]]:
+    """The ids of every OP row the snapshot was read from, as `read_ids` gives them
+    (rows that could not be parsed but name their ids included)."""
+    sep = ID_SEP
+    out: dict[str, set[str]] = {
+        "patients": set(snap.patients),
+        "contacts": set(snap.contacts),
+        "family_contacts": {f"{f.patient_id}{sep}{f.contact_id}" for f in snap.family},
+    }
+    for rec in snap.invalid:
+        table = rec.source.split(".")[0]
+        if table == "patients" and rec.patient_id:
+            out["patients"].add(rec.patient_id)
+        elif table == "contacts" and rec.contact_id:
+            out["contacts"].add(rec.contact_id)
+        elif table == "family_contacts" and rec.patient_id and rec.contact_id:
+            out["family_contacts"].add(f"{rec.patient_id}{sep}{rec.contact_id}")
+    return out
+
+
 def resolve_scope(snap: Snapshot, req: ScopeRequest) -> Scope:
     if req.kind == "patient" and req.target:
         return for_patient(snap, req.target)
@@ -158,6 +182,7 @@ def reconcile(
     scope_override: Scope | None = None,
     population: int | None = None,
     defer_fixes: bool = False,
+    keep_op_ids: bool = False,
 ) -> RunResult:
     """Run every check on a fresh read and fold the result into the state database.
 
@@ -209,7 +234,12 @@ def reconcile(
             unreadable_min_rows=settings.unreadable_alert_min_rows,
             whole=whole,
         )
-        findings = [f for f in run_checks(ctx) if scope.covers_finding(f)]
+        every = run_checks(ctx)
+        findings = [f for f in every if scope.covers_finding(f)]
+        # OP-side problems just outside the scope still hold back the portal fixes of
+        # their family (root cause first): a narrow run must plan as a full one would.
+        outside = [f for f in every if f.check in BLOCKERS and scope.covers_check(f.check)
+                   and not scope.covers_finding(f)]
         t_check = time.perf_counter() - t1
         trace.append(
             f"ran the checks in {t_check:.2f}s: {len(findings)} finding(s) in scope"
@@ -247,6 +277,10 @@ def reconcile(
                 population=population or len(snap.patients),
                 welcome_recently_resent=_recent_resends(session, practice, now, settings),
                 guard=not defer_fixes,
+                other_blockers=[
+                    *_blockers_out_of_scope(session, practice, scope, settings),
+                    *_unsilenced(session, practice, outside, settings),
+                ],
             )
             action_ids: list[int] = []
             if dry_run:
@@ -273,6 +307,7 @@ def reconcile(
             sync=result_sync, dry_run=dry_run, read_seconds=t_read, check_seconds=t_check,
             total_seconds=total, suppressed_recent=ctx.suppressed_recent,
             action_ids=action_ids, trace=trace,
+            op_ids=op_row_ids(snap) if keep_op_ids else None,
         )
         bound.info("run_finished", run_id=run_id, **{
             k: v for k, v in result.summary().items() if k in ("records", "findings", "new",
@@ -460,9 +495,47 @@ def _breaker_open(session: Session, practice: str, now: datetime) -> bool:
     return until is None or now < datetime.fromisoformat(until)
 
 
+def _blockers_out_of_scope(
+    session: Session, practice: str, scope: Scope, settings: Settings
+) -> list[FindingRow]:
+    """Open blocker rows of checks this run's scope leaves out (duplicate groups in an
+    incremental scan): they still hold back the portal fixes of their family."""
+    checks = [c for c in BLOCKERS if not scope.covers_check(c)
+              and settings.policy_for(c, default_policy(c)) is not Policy.OFF]
+    if not checks:
+        return []
+    return list(session.scalars(select(FindingRow).where(
+        FindingRow.practice == practice,
+        FindingRow.check.in_(checks),
+        FindingRow.state.not_in([S.RESOLVED, S.SILENCED]),
+    )))
+
+
+def _unsilenced(
+    session: Session, practice: str, found: list[Any], settings: Settings
+) -> list[Any]:
+    """The findings among `found` that staff have neither silenced nor turned off."""
+    found = [f for f in found
+             if settings.policy_for(f.check, default_policy(f.check)) is not Policy.OFF]
+    if not found:
+        return []
+    silenced: set[str] = set()
+    fps = [f.fingerprint for f in found]
+    for i in range(0, len(fps), 500):
+        silenced.update(session.scalars(select(FindingRow.fingerprint).where(
+            FindingRow.practice == practice, FindingRow.fingerprint.in_(fps[i:i + 500]),
+            FindingRow.state == S.SILENCED)))
+    return [f for f in found if f.fingerprint not in silenced]
+
+
 def _recent_resends(
     session: Session, practice: str, now: datetime, settings: Settings
-) -> frozenset[str]:
+) -> frozenset[tuple[str, str]]:
+    """(contact id, lower-cased email) of every Welcome email resent within the window.
+
+    Keyed by the address too: the guide recommends a resend especially when the parent
+    has a new email address, so a resend to the old one does not hold back the new one.
+    """
     since = now - settings.welcome_window
     rows = session.scalars(
         select(ActionRow).where(
@@ -472,7 +545,10 @@ def _recent_resends(
             ActionRow.applied_at >= since,
         )
     )
-    return frozenset(str(r.params["contact_id"]) for r in rows if r.params.get("contact_id"))
+    return frozenset(
+        (str(r.params["contact_id"]), str(r.params.get("email") or "").strip().lower())
+        for r in rows if r.params.get("contact_id")
+    )
 
 
 def pending_intents(sessions: sessionmaker[Session], practice: str) -> list[int]:

@@ -6,7 +6,10 @@ full scans almost nothing changes, so an incremental scan:
 1. reads the changes since the watermark (kv "watermark": when the last successful full
    or incremental scan *started*) minus an overlap of the propagation delay + 5 min, so
    a record that was too recent to compare last time is compared now, and a change
-   committed while the last scan was reading is not missed;
+   committed while the last scan was reading is not missed; and the rows deleted since
+   the last scan (worker.scan.deletions: row counts first, the id columns of patients,
+   contacts and family contacts only when a count says a row went), every id of a
+   removed row counting as a change;
 2. adds the findings that are due a fresh read whatever changed: `pending` ones past the
    propagation delay (their confirming read) and `held` ones whose hold has ended;
 3. widens those ids by one hop to every id whose findings can depend on a changed record
@@ -21,10 +24,10 @@ full scans almost nothing changes, so an incremental scan:
 
 What it leaves to the nightly full scan (docs/benchmarks.md): `contact_duplicate`
 (compares every contact with every other, so the scope excludes it and never resolves
-it), deletions (a deleted row has no `updated_at`), portal links added or removed by
-hand (links carry no change time; our own fixes are verified through their hold), and
-silences that expired. tests/scan/test_incremental.py shows that after random changes an
-incremental scan leaves the same open findings as a full scan.
+it), portal links added or removed by hand (links carry no change time; our own fixes
+are verified through their hold), and silences that expired.
+tests/scan/test_incremental.py shows that after random changes, deletions among them,
+an incremental scan leaves the same open findings as a full scan.
 """
 
 from __future__ import annotations
@@ -52,9 +55,11 @@ from worker.model.records import (
 )
 from worker.model.scope import Scope
 from worker.model.snapshot import Snapshot
+from worker.scan.deletions import TABLES, DeletionWatch, Removed
 from worker.scan.engine import Deps, RunResult, ScopeRequest, reconcile, utcnow
 from worker.scan.lifecycle import SyncResult
 from worker.scan.planner import Plan
+from worker.sources.tables import ID_COLUMNS, ID_SEP
 from worker.state.db import kv_get, kv_set
 from worker.state.models import FindingRow, Run
 from worker.state.models import FindingState as S
@@ -106,10 +111,19 @@ def record_scan(deps: Deps, now: datetime, result: RunResult, patients: int | No
 def full_reconcile(
     deps: Deps, now: datetime | None = None, *, task_id: str | None = None, kind: str = "full"
 ) -> RunResult:
-    """A full-scope scan that also sets the watermark incremental scans start from."""
+    """A full-scope scan that also sets the watermark incremental scans start from, and
+    keeps the ids of the OP rows it read for the next incremental scan to compare with
+    (worker.scan.deletions)."""
     now = now or utcnow()
-    result = reconcile(deps, ScopeRequest(), kind=kind, now=now, task_id=task_id)
+    with deps.sessions() as session:
+        watch = DeletionWatch(session, deps.settings.practice)
+    result = reconcile(deps, ScopeRequest(), kind=kind, now=now, task_id=task_id,
+                       keep_op_ids=True)
     record_scan(deps, now, result, result.counts.get("patients"))
+    if not result.dry_run and result.op_ids is not None:
+        watch.from_snapshot(deps.sessions, result.op_ids)
+        watch.keep(deps.sessions, now)
+    result.op_ids = None
     return result
 
 
@@ -152,6 +166,26 @@ class Reads:
         if fast is not None:
             return self._count(fast(**ids))
         return (r for r in self._count(full()) if keep(r))
+
+    def ids(self, table: str) -> set[str]:
+        """Every row id of an OP table (`read_ids`; ids taken from a full stream for
+        adapters without it)."""
+        fast = getattr(self.op, "read_ids", None)
+        if fast is not None:
+            return set(self._count(fast(table)))
+        columns = ID_COLUMNS[table]
+        out: set[str] = set()
+        for record in self._count(getattr(self.op, table)()):
+            if not isinstance(record, InvalidRecord):
+                out.add(ID_SEP.join(getattr(record, c) for c in columns))
+        return out
+
+    def count(self, table: str) -> int:
+        """Rows in an OP table (`count_rows`; a full stream for adapters without)."""
+        fast = getattr(self.op, "count_rows", None)
+        if fast is not None:
+            return int(fast(table))
+        return sum(1 for _ in self._count(getattr(self.op, table)()))
 
     def patients(self, ids: Collection[str]) -> Iterator[Any]:
         return self._select(self.op, "select_patients", self.op.patients,
@@ -275,14 +309,29 @@ class Changes:
     # Audit rows inside the window (Welcome events and unreadable rows), kept to build
     # the snapshot: the only audit rows a check can use.
     audit: list[Any] = field(default_factory=list)
+    # OP rows deleted since the last scan (their ids are among `ids`).
+    removed: Removed = field(default_factory=Removed)
 
 
-def read_changes(reads: Reads, since: datetime, now: datetime, window: timedelta) -> Changes:
+def read_changes(
+    reads: Reads, since: datetime, now: datetime, window: timedelta,
+    deleted: Callable[[dict[str, list[Any]]], Removed] | None = None,
+) -> Changes:
+    """What changed since `since`. `deleted`, given the changed OP rows per table, says
+    which ids rows deleted since the last scan named (worker.scan.deletions): they
+    count as changed OP rows, so the portal users pointing at a deleted patient or
+    contact are read with the others."""
     out = Changes()
+    changed: dict[str, list[Any]] = {}
     for table, method in (("patients", "patients"), ("contacts", "contacts"),
                           ("family_contacts", "family_contacts")):
-        for record in reads.changed(reads.op, table, method, since):
+        rows = changed[table] = list(reads.changed(reads.op, table, method, since))
+        for record in rows:
             out.ids.add_record(record)
+    if deleted is not None:
+        out.removed = deleted(changed)
+        out.ids.patients |= out.removed.patients
+        out.ids.contacts |= out.removed.contacts
     # Changed portal users, and in the same read the users of changed OP records
     # (a new OP contact settles portal_orphan_user of the user pointing at it).
     out.op_patients, out.op_contacts = set(out.ids.patients), set(out.ids.contacts)
@@ -389,13 +438,20 @@ def neighbourhood(
     take_contacts(reads.contacts(ids=seed_c, patient_ids=seed_p))
     first_hop = set(contacts) | seed_c
     family: list[Any] = list(reads.family_contacts(patient_ids=seed_p, contact_ids=first_hop))
+    # The whole family of every chart a first-hop contact is on: a portal fix for such a
+    # chart waits for any OP-side problem on it (worker.checks.rootcause), e.g. another
+    # contact's row there. Rows of first-hop contacts were read above.
+    family_charts = _ids(f.patient_id for f in family) - seed_p
+    family.extend(f for f in reads.family_contacts(patient_ids=family_charts)
+                  if isinstance(f, FamilyContact) and f.contact_id not in first_hop)
     second_hop = _ids(f.contact_id for f in family) - first_hop
     # Later reads keep only good rows: a bad row of a neighbour is no finding of this
     # scope's, and one read twice would be reported twice.
     take_contacts(r for r in reads.contacts(ids=second_hop) if isinstance(r, Contact))
     for f in reads.family_contacts(contact_ids=second_hop):
         # Rows on a seed chart or of a first-hop contact were read above.
-        if f.patient_id not in seed_p and f.contact_id not in first_hop:
+        if (f.patient_id not in seed_p and f.patient_id not in family_charts
+                and f.contact_id not in first_hop):
             family.append(f)
     records.extend(family)
     charts = seed_p | _ids(f.patient_id for f in family)
@@ -454,15 +510,29 @@ def incremental_reconcile(
     with deps.sessions() as session:
         mark = read_watermark(session, practice)
         due = due_ids(session, practice, now, settings.propagation_delay)
+        watch = DeletionWatch(session, practice)
     if mark is None or not mark.get("at"):
         log.info("incremental_scan_without_watermark", practice=practice)
         return full_reconcile(deps, now, task_id=task_id, kind="incremental")
 
     since = datetime.fromisoformat(mark["at"]) - overlap(settings)
     reads = Reads(deps.op, deps.portal)
-    changes = read_changes(reads, since, now, settings.welcome_window)
+
+    def deleted(changed: dict[str, list[Any]]) -> Removed:
+        # Counted after the changed rows were read: a row added meanwhile makes the
+        # counts disagree, which costs an id read, never a missed deletion.
+        counts = {t: reads.count(t) for t in TABLES}
+        return watch.check(reads, deps.sessions, changed, counts)
+
+    changes = read_changes(reads, since, now, settings.welcome_window, deleted)
+    removed = changes.removed
     if not changes.ids and not changes.emails and not due:
-        return _nothing_changed(deps, now, since, reads.rows, time.perf_counter() - t0, task_id)
+        result = _nothing_changed(deps, now, since, reads.rows, time.perf_counter() - t0,
+                                  task_id)
+        if watch.read_ids:
+            result.trace.append(_ids_read(removed))
+        watch.keep(deps.sessions, now)
+        return result
 
     scope_ids = affected(reads, changes)
     scope_ids.update(due)
@@ -484,12 +554,21 @@ def incremental_reconcile(
     result.trace.insert(0, f"incremental: {reads.rows} row(s) read in {t_read:.2f}s for "
                            f"{len(scope_ids.patients)} patient(s), {len(scope_ids.contacts)} "
                            f"contact(s) and {len(scope_ids.users)} portal user(s) affected")
+    if watch.read_ids:
+        result.trace.insert(1, _ids_read(removed))
     record_scan(deps, now, result, None)
+    watch.keep(deps.sessions, now)
     log.info("incremental_scan", run_id=result.run_id, rows_read=reads.rows,
              snapshot_records=snap.records, affected_patients=len(scope_ids.patients),
              affected_contacts=len(scope_ids.contacts), affected_users=len(scope_ids.users),
              seconds=round(time.perf_counter() - t0, 3))
     return result
+
+
+def _ids_read(removed: Removed) -> str:
+    return ("incremental: the OP id columns were read (the row counts did not match the "
+            "last scan's, or it kept none to compare with); rows deleted since name "
+            f"{len(removed.patients)} patient(s) and {len(removed.contacts)} contact(s)")
 
 
 def _nothing_changed(

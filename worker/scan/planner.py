@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from config.settings import Policy, Settings
 from worker.checks.catalog import BY_ID
+from worker.checks.rootcause import RootCauses, wait_reason
 from worker.model.findings import Action, Finding, FixKind, Severity
 from worker.state.models import FindingRow
 from worker.state.models import FindingState as S
@@ -46,6 +49,8 @@ class PlanItem:
     state: str
     immediate: bool = False  # tell staff now, not in the next digest
     until: datetime | None = None
+    # The open OP-side problem this portal fix waits for (worker.checks.rootcause).
+    blocked_by: Any = None
 
     def to_json(self) -> dict[str, object]:
         return self.finding.to_json(action=self.decision.json_action)
@@ -103,21 +108,41 @@ def make_plan(
     now: datetime,
     gate: FixGate,
     population: int,
-    welcome_recently_resent: frozenset[str] = frozenset(),
+    welcome_recently_resent: frozenset[tuple[str, str]] = frozenset(),
     *,
     guard: bool = True,
+    other_blockers: Iterable[Any] = (),
 ) -> Plan:
     """`guard=False` leaves the mass-change guard to the caller: a shard of a sharded
-    scan plans a part of the run, and the guard must count the whole of it."""
+    scan plans a part of the run, and the guard must count the whole of it.
+
+    Root cause first: a portal fix waits while an OP-side problem in its family is open
+    (worker.checks.rootcause). The blockers are this run's findings that are neither
+    silenced nor turned off, plus `other_blockers` (open state rows of checks the run's
+    scope leaves out, such as duplicate groups in an incremental scan).
+    """
     plan = Plan()
     blocked = gate.blocked_reason(settings)
+    causes = RootCauses([
+        *(f for f in findings if _blocks(f, rows.get(f.fingerprint), settings)),
+        *other_blockers,
+    ])
     for f in findings:
         row = rows.get(f.fingerprint)
         state = row.state if row is not None else S.OPEN
-        plan.items.append(_decide(f, row, state, settings, now, blocked, welcome_recently_resent))
+        plan.items.append(_decide(f, row, state, settings, now, blocked, welcome_recently_resent,
+                                  causes))
     if guard:
         _guard(plan, settings, population)
     return plan
+
+
+def _blocks(f: Finding, row: FindingRow | None, settings: Settings) -> bool:
+    """Whether this finding holds back portal fixes: not when staff silenced it or its
+    check is off (they decided to live with it), nor once it is resolved."""
+    if settings.policy_for(f.check, default_policy(f.check)) is Policy.OFF:
+        return False
+    return row is None or row.state not in (S.SILENCED, S.RESOLVED)
 
 
 def _decide(
@@ -127,7 +152,8 @@ def _decide(
     settings: Settings,
     now: datetime,
     blocked: str | None,
-    resent: frozenset[str],
+    resent: frozenset[tuple[str, str]],
+    causes: RootCauses | None = None,
 ) -> PlanItem:
     policy = settings.policy_for(f.check, default_policy(f.check))
     high = f.severity is Severity.HIGH
@@ -156,16 +182,24 @@ def _decide(
         return item(Decision.QUEUED, "a fix is already queued")
     if state == S.ESCALATED:
         return item(Decision.ESCALATED, "fixes did not resolve it: contact OP support")
+    cause = causes.blocker_of(f) if causes else None
+    if cause is not None:
+        waiting = item(Decision.WAIT, wait_reason(f, cause))
+        waiting.blocked_by = cause
+        return waiting
     if f.action is not Action.FIX or f.fix is None:
         return item(Decision.ALERT, "needs a person: oprecon never changes this itself")
     if policy is Policy.ALERT:
         return item(Decision.ALERT, f"policy for {f.check} is alert (detect-only)")
     if blocked:
         return item(Decision.ALERT, blocked)
-    if f.fix is FixKind.RESEND_WELCOME and f.contact_id in resent:
+    if f.fix is FixKind.RESEND_WELCOME and (
+        f.contact_id or "", str(f.data.get("email") or "").strip().lower()
+    ) in resent:
         return item(
             Decision.ALERT,
-            "a Welcome email was already resent within the window; not resending again",
+            "a Welcome email was already resent to this address within the window; not "
+            "resending again",
         )
     attempt = (row.fix_attempts if row is not None else 0) + 1
     return item(Decision.FIX, f"{f.fix} (attempt {attempt})")

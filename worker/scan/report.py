@@ -10,6 +10,7 @@ from typing import Any
 
 from worker.checks.catalog import BY_ID
 from worker.checks.remedies import REMEDIES
+from worker.checks.rootcause import wait_steps
 from worker.scan.engine import RunResult
 from worker.scan.planner import Decision
 
@@ -40,11 +41,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def summary_line(result: RunResult) -> str:
     c = result.plan.counts()
     verb = "Plan" if result.dry_run else "Run"
+    root = sum(1 for i in result.plan.items if i.blocked_by is not None)
     parts = [
         f"{c.get(Decision.FIX, 0)} to fix",
         f"{c.get(Decision.ALERT, 0) + c.get(Decision.ESCALATED, 0)} to alert",
         f"{c.get(Decision.STAGED, 0)} staged",
-        f"{c.get(Decision.WAIT, 0)} waiting on the portal delay",
+        f"{c.get(Decision.WAIT, 0) - root} waiting on the portal delay",
+        f"{root} waiting for a root cause in OP",
         f"{c.get(Decision.HOLD, 0) + c.get(Decision.QUEUED, 0)} on hold",
         f"{c.get(Decision.SILENCED, 0) + c.get(Decision.OFF, 0)} silenced/off",
     ]
@@ -90,7 +93,10 @@ def render_plan(result: RunResult, *, verbose: bool = False) -> str:
         out.append(f"  {SYMBOL[item.decision]:>2} {item.decision:<9} {f.check:<30} {ids}")
         out.append(f"       {f.detail}")
         out.append(f"       why: {item.reason}")
-        if verbose and item.decision in (Decision.ALERT, Decision.ESCALATED, Decision.STAGED):
+        if verbose and item.blocked_by is not None:
+            for n, step in enumerate(wait_steps(f, item.blocked_by), 1):
+                out.append(f"       {n}. {step}")
+        elif verbose and item.decision in (Decision.ALERT, Decision.ESCALATED, Decision.STAGED):
             for n, step in enumerate(REMEDIES[f.check], 1):
                 out.append(f"       {n}. {step}")
     if result.plan.items:

@@ -50,7 +50,7 @@ from worker.sources.parsing import (
     row_ids,
     table_of,
 )
-from worker.sources.tables import OPTables, ReadOnlyPortalTables
+from worker.sources.tables import ID_COLUMNS, ID_SEP, OPTables, ReadOnlyPortalTables
 
 LAYOUT: dict[str, tuple[str, ...]] = {**OP_LAYOUT, **PORTAL_LAYOUT}
 
@@ -692,6 +692,29 @@ class _CsvDir:
                 problem = _row_problem(fields, self.limits.max_field_chars)
                 yield (invalid(table, row, name, line, problem) if problem is not None
                        else parse(row, name, line, zone=self.zone))
+
+    def _count_rows(self, table: str) -> int:
+        """From the file's index when it has one (an incremental scan's changed-since
+        read just built it), else one pass that parses nothing. Counts what an index
+        counts: every row with the header's number of fields."""
+        path = self._path(table)
+        try:
+            index = _cached_index(path, table, _identity(os.stat(path)))
+        except OSError:
+            index = None
+        if index is not None:
+            return index.count
+        return sum(1 for _ in self._rows(table, lambda positions, times: lambda fields: True))
+
+    def _ids(self, table: str) -> Iterator[str]:
+        """The id columns of every row, unparsed: one csv pass, no record built."""
+        columns = ID_COLUMNS[table]
+        for item in self._rows(table):
+            if isinstance(item, InvalidRecord):
+                continue  # no row, no ids: a broken line is reported by full reads
+            values = [(item[1].get(c) or "").strip() for c in columns]
+            if all(values):
+                yield ID_SEP.join(values)
 
     def read_changed(self, table: str, since: datetime) -> Iterator[Any]:
         """Rows changed at or after `since` (or with no readable time), testing the time

@@ -50,7 +50,7 @@ from worker.model.records import (
 from worker.sources.base import SourceError, SourceUnavailable
 from worker.sources.layout import OP_LAYOUT, PORTAL_LAYOUT
 from worker.sources.parsing import PARSERS, SINCE_COLUMN, format_value, parse_time, table_of
-from worker.sources.tables import OPTables, ReadOnlyPortalTables
+from worker.sources.tables import ID_COLUMNS, ID_SEP, OPTables, ReadOnlyPortalTables
 
 CHUNK = 5000
 LAYOUT: dict[str, tuple[str, ...]] = {**OP_LAYOUT, **PORTAL_LAYOUT}
@@ -246,6 +246,35 @@ class _SqlDb:
         except SQLAlchemyError as err:
             raise _source_error(err)(
                 f"cannot read {table} from {self._where()}: {_one_line(err)}"
+            ) from None
+
+    def _count_rows(self, table: str) -> int:
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(select(func.count()).select_from(TABLES[table]))
+                           .scalar_one())
+        except SQLAlchemyError as err:
+            raise _source_error(err)(
+                f"cannot count {table} in {self._where()}: {_one_line(err)}"
+            ) from None
+
+    def _ids(self, table: str) -> Iterator[str]:
+        """Only the id columns of every row: one narrow query."""
+        t = TABLES[table]
+        columns = ID_COLUMNS[table]
+        stmt = select(*(t.c[c] for c in columns))
+        try:
+            with self.engine.connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=CHUNK).execute(
+                    stmt
+                )
+                for row in result:
+                    values = [(_to_text(v) or "").strip() for v in row]
+                    if all(values):
+                        yield ID_SEP.join(values)
+        except SQLAlchemyError as err:
+            raise _source_error(err)(
+                f"cannot read {table} ids from {self._where()}: {_one_line(err)}"
             ) from None
 
     def read_changed(self, table: str, since: datetime) -> Iterator[Any]:

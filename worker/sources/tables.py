@@ -24,11 +24,21 @@ from worker.model.records import (
 )
 from worker.sources.base import ReadOnlyPortal
 
+# The columns that identify an OP row: what `read_ids` returns, trimmed, joined by ID_SEP.
+ID_COLUMNS: dict[str, tuple[str, ...]] = {
+    "patients": ("patient_id",),
+    "contacts": ("contact_id",),
+    "family_contacts": ("patient_id", "contact_id"),
+}
+ID_SEP = "\x1f"
+
 
 class _Tables:
     if TYPE_CHECKING:  # supplied by the source class, which comes later in the MRO
         _read: Callable[..., Iterator[Any]]
         _select: Callable[..., Iterator[Any]]
+        _ids: Callable[[str], Iterator[str]]
+        _count_rows: Callable[[str], int]
 
 
 class OPTables(_Tables):
@@ -46,6 +56,22 @@ class OPTables(_Tables):
         self, since: datetime | None = None
     ) -> Iterator[FamilyContact | InvalidRecord]:
         return self._read("family_contacts", since)
+
+    def read_ids(self, table: str) -> Iterator[str]:
+        """The ids of every row of an OP table (a family contact's as
+        `patient_id + ID_SEP + contact_id`), reading only those columns: what an
+        incremental scan compares with the last one's to see rows deleted since. A row
+        without its ids gives nothing (it is reported by the scans that read it whole)."""
+        if table not in ID_COLUMNS:
+            raise ValueError(f"no ids to read for {table}")
+        return self._ids(table)
+
+    def count_rows(self, table: str) -> int:
+        """How many rows an OP table holds (well-formed ones, for an export): compared
+        from scan to scan, it says whether any may have been deleted."""
+        if table not in ID_COLUMNS:
+            raise ValueError(f"no row count for {table}")
+        return self._count_rows(table)
 
     # -- targeted reads (incremental scans): rows matching any of the given ids ----------
 
