@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import func, select
-from test_incremental import NOW, Store, change, read_tables, state_deps
 
 from tests.conftest import BROKER_URL, REDIS_URL
 from tests.procs import BIN, _stop, base_env, wait_for
+from tests.scan.test_incremental import NOW, Store, change, read_tables, state_deps
 from worker.devtools.generator import generate_practice
 from worker.fixes.staging import release_staged
 from worker.scan import shards

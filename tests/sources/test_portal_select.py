@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-import test_incremental as inc
 
+import tests.scan.test_incremental as inc
 from worker.devtools.generator import generate_practice
 from worker.devtools.simulator import SimClock, Simulator, SimulatorServer, start_simulator
 from worker.model.records import CaregiverLink, InvalidRecord, PortalSource, PortalUser
