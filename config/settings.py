@@ -150,6 +150,17 @@ class Settings(BaseSettings):
     smtp_sender: str = "oprecon@localhost"
     webhook_url: str | None = None
 
+    # -- staff console (`oprecon web`) -------------------------------------------------
+    # Digest items link to {web_base_url}/families/{patient_id} when set (ids only).
+    web_base_url: str | None = Field(None, pattern=r"^https?://[^\s?#]+$")
+    # Signs session cookies; unset, one is generated once and kept in the state database.
+    web_secret_key: SecretStr | None = None
+    web_session_idle_minutes: float = Field(30, gt=0, le=24 * 60)
+    # Show patient and contact names on console pages (behind the login); ids otherwise.
+    web_show_names: bool = False
+    # Failed logins for one user name before each further try must wait (doubling).
+    web_login_free_failures: int = Field(3, ge=1, le=20)
+
     # -- scheduling -------------------------------------------------------------------
     incremental_scan_minutes: float = Field(5, gt=0)
     full_scan_hour: int = Field(2, ge=0, le=23)

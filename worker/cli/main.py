@@ -17,6 +17,7 @@ import typer
 
 from config.settings import Settings, SettingsError, load_settings
 from worker.cli.errors import CannotStart
+from worker.runtime.operations import OperationRefused
 
 app = typer.Typer(
     add_completion=False,
@@ -359,7 +360,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except (CannotStart, SettingsError, SourceError) as err:
+    except (CannotStart, OperationRefused, SettingsError, SourceError) as err:
         typer.echo(f"oprecon: {_one_line(err)}", err=True)
         sys.exit(2)
     except typer.Exit as done:

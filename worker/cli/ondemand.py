@@ -20,8 +20,6 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import IO, Any
 
 import structlog
@@ -30,14 +28,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
+from worker.runtime.adhoc import TASK_NAME, BrokerUnreachable, Progress, poll, send
 from worker.scan.engine import ScopeRequest, utcnow
-from worker.scan.progress import ADHOC_LOCK_WAIT_SECONDS, progress_key
-from worker.state.db import kv_get
-from worker.state.models import FindingRow, Run
+from worker.scan.progress import ADHOC_LOCK_WAIT_SECONDS
+from worker.state.models import FindingRow
+
+__all__ = ["TASK_NAME", "BrokerUnreachable", "Progress", "poll", "send"]
 
 log = structlog.get_logger(__name__)
 
-TASK_NAME = "oprecon.scan.adhoc"
 TEXT_ROWS = 25
 
 
@@ -45,74 +44,6 @@ def _sessions(settings: Settings) -> sessionmaker[Session]:
     from worker.scan.wiring import state_sessions
 
     return state_sessions(settings, migrate_first=False)
-
-
-class BrokerUnreachable(RuntimeError):
-    pass
-
-
-def send(settings: Settings, request: ScopeRequest, task_id: str,
-         expires: float | None = None) -> None:
-    """Queue the ad hoc scan by name, failing fast (one retry) when the broker is down."""
-    from kombu.exceptions import KombuError, OperationalError
-
-    from worker.runtime.celery_app import make_celery_app
-
-    app = make_celery_app(settings)
-    try:
-        with app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5,
-                                   timeout=5)
-            app.send_task(
-                TASK_NAME,
-                kwargs={"kind": request.kind, "target": request.target},
-                task_id=task_id,
-                connection=conn,
-                expires=expires,
-                retry=True,
-                retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
-            )
-    except (OperationalError, KombuError, OSError) as err:
-        from worker.runtime.health import mask_url
-
-        raise BrokerUnreachable(
-            f"could not queue the scan: broker unreachable ({mask_url(settings.broker_url)})"
-        ) from err
-
-
-@dataclass
-class Progress:
-    state: str  # queued | waiting | started | running | done | failed | skipped | lost
-    run: Run | None = None
-    record: dict[str, Any] | None = None
-
-
-def poll(sessions: sessionmaker[Session], settings: Settings, task_id: str,
-         now: datetime | None = None) -> Progress:
-    now = now or utcnow()
-    with sessions() as session:
-        run = session.scalar(
-            select(Run).where(Run.practice == settings.practice, Run.task_id == task_id)
-            .order_by(Run.id.desc()).limit(1)
-        )
-        rec = kv_get(session, settings.practice, progress_key(task_id))
-    state = (rec or {}).get("state")
-    if run is not None:
-        if run.status == "succeeded":
-            return Progress("done", run, rec)
-        if run.status == "failed":
-            return Progress("failed", run, rec)
-        limit = timedelta(seconds=settings.scan_hard_limit_seconds + 60)
-        if now - run.started_at > limit:
-            return Progress("lost", run, rec)  # killed at the hard limit, or the worker died
-        return Progress("running", run, rec)
-    if state == "waiting_for_lock":
-        return Progress("waiting", None, rec)
-    if state in ("started", "done"):
-        return Progress("started", None, rec)
-    if state in ("failed", "skipped"):
-        return Progress(state, None, rec)
-    return Progress("queued", None, rec)
 
 
 def _line(out: IO[str], text: str) -> None:

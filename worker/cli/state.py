@@ -10,29 +10,34 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable
-from datetime import datetime, timedelta
-from pathlib import Path
+from datetime import datetime
 from typing import IO, Any
 
 from sqlalchemy import case, func, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from worker.cli.errors import CannotStart
 from worker.runtime import health
+from worker.runtime import operations as ops
 from worker.runtime.health import fmt_seconds
+from worker.runtime.operations import (
+    collect_status,
+    effective_state,
+    next_check,
+    queue_depths,
+    read_sessions,
+    relative,
+    write_sessions,
+)
+from worker.runtime.operations import iso as _iso
+from worker.runtime.operations import stamp as _stamp
 from worker.scan.engine import utcnow
-from worker.state.db import kv_get, kv_set
-from worker.state.models import FindingEvent, FindingRow, Run
+from worker.state.models import FindingRow
 from worker.state.models import FindingState as S
 
 SEVERITY_ORDER = {"high": 0, "warning": 1, "info": 2}
-RECENT_RUNS = 10
-# kombu's Redis transport keeps priorities 3, 6 and 9 in sibling lists.
-_PRIORITY_SEP = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
+__all__ = ["collect_status", "effective_state", "next_check", "queue_depths", "read_sessions",
+           "relative", "write_sessions"]
 
 
 def _cannot(message: str) -> CannotStart:
@@ -52,70 +57,7 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds:.2f}s" if seconds < 10 else fmt_seconds(seconds)
 
 
-def relative(when: datetime | None, now: datetime) -> str:
-    if when is None:
-        return ""
-    delta = (when - now).total_seconds()
-    return f"in {fmt_seconds(delta)}" if delta > 0 else f"{fmt_seconds(delta)} ago"
-
-
-def _iso(when: datetime | None) -> str | None:
-    return when.isoformat() if when else None
-
-
-def _stamp(when: datetime | None) -> str:
-    return when.strftime("%Y-%m-%d %H:%M:%SZ") if when else ""
-
-
-def read_sessions(settings: Settings) -> sessionmaker[Session]:
-    """Sessions for reading: no migration, and no SQLite file created by a mere look."""
-    from worker.scan.wiring import state_sessions
-
-    url = make_url(settings.state_db_url)
-    db = url.database
-    sqlite_file = url.get_backend_name() == "sqlite" and db not in (None, "", ":memory:")
-    if sqlite_file and not Path(str(db)).exists():
-        raise _cannot(f"no state database at {db}: nothing has run yet")
-    return state_sessions(settings, migrate_first=False)
-
-
-def write_sessions(settings: Settings) -> sessionmaker[Session]:
-    from worker.scan.wiring import state_sessions
-
-    return state_sessions(settings, migrate_first=True)
-
-
 # -- findings ------------------------------------------------------------------------------
-
-
-def effective_state(row: FindingRow, now: datetime) -> str:
-    """What on-call should read: a silence past its end is over even before the next scan
-    reopens the finding (the lifecycle ends it at `now >= silenced_until`)."""
-    if row.state == S.SILENCED and row.silenced_until is not None and now >= row.silenced_until:
-        return "silence ended"
-    return str(row.state)
-
-
-def next_check(row: FindingRow, now: datetime, settings: Settings) -> str:
-    state = row.state
-    if state == S.SILENCED:
-        if row.silenced_until is None:
-            return "silenced"
-        return ("next scan" if now >= row.silenced_until
-                else f"until {_stamp(row.silenced_until)}")
-    if state in (S.HELD, S.VERIFYING):
-        if row.next_check_at is None:
-            return "next scan"
-        return "verify at next scan" if row.next_check_at <= now else (
-            f"verify {relative(row.next_check_at, now)}")
-    if state == S.PENDING:
-        confirm = row.first_seen_at + settings.propagation_delay
-        return "confirm at next scan" if confirm <= now else f"confirm {relative(confirm, now)}"
-    if state == S.FIX_QUEUED:
-        return "fix queued"
-    if state == S.RESOLVED:
-        return ""
-    return "next scan"
 
 
 def ids_text(row: FindingRow) -> str:
@@ -273,50 +215,18 @@ def set_silence(
     with `until=None` end the silence now. Every change is a FindingEvent."""
     out = _out(out)
     now = now or utcnow()
-    if until is not None:
-        if until <= now:
-            raise _cannot(f"--until {until.isoformat()} is not in the future")
-        if not (reason or "").strip():
-            raise _cannot("--reason is required: it is shown in digests and status")
     with write_sessions(settings).begin() as session:
-        row = session.scalar(select(FindingRow).where(
-            FindingRow.practice == settings.practice, FindingRow.fingerprint == fingerprint))
-        if row is None:
-            raise _cannot(f"no finding with fingerprint {fingerprint} (see oprecon findings)")
         if until is None:
-            _unsilence(session, row, now, out)
+            row = ops.find_row(session, settings.practice, fingerprint)
+            if ops.unsilence(session, row, now, "unsilenced from the CLI"):
+                _print(out, f"unsilenced {row.fingerprint} ({row.check}): open again")
+            else:
+                _print(out, f"{row.fingerprint} is not silenced (state {row.state}): "
+                            "nothing to do")
             return
-        if row.state == S.RESOLVED:
-            raise _cannot(f"finding {fingerprint} is resolved: nothing to silence")
-        if row.state in (S.FIX_QUEUED, S.HELD, S.VERIFYING):
-            raise _cannot(f"finding {fingerprint} has a fix in progress ({row.state}): "
-                          "silence it once the fix is verified")
-        by = by or "on-call"
-        cause = f"silenced by {by} until {until.isoformat()}: {reason}"
-        if row.state == S.SILENCED:
-            session.add(FindingEvent(finding_id=row.id, at=now, from_state=S.SILENCED,
-                                     to_state=S.SILENCED, cause=f"silence changed: {cause}"))
-        else:
-            from worker.scan.lifecycle import transition
-
-            transition(session, row, S.SILENCED, now, cause, None)
-        row.silenced_until = until
-        row.silenced_by = by
-        row.silence_reason = reason
+        row = ops.silence(session, settings.practice, fingerprint, until, reason,
+                          by or "on-call", now)
     _print(out, f"silenced {fingerprint} ({row.check}) until {_stamp(until)}")
-
-
-def _unsilence(session: Session, row: FindingRow, now: datetime, out: IO[str]) -> None:
-    if row.state != S.SILENCED:
-        _print(out, f"{row.fingerprint} is not silenced (state {row.state}): nothing to do")
-        return
-    from worker.scan.lifecycle import transition
-
-    transition(session, row, S.OPEN, now, "unsilenced from the CLI", None)
-    row.silenced_until = None
-    row.silenced_by = None
-    row.silence_reason = None
-    _print(out, f"unsilenced {row.fingerprint} ({row.check}): open again")
 
 
 def set_paused(
@@ -329,8 +239,7 @@ def set_paused(
     out = _out(out)
     now = now or utcnow()
     with write_sessions(settings).begin() as session:
-        kv_set(session, settings.practice, "paused",
-               {"paused": paused, "reason": reason, "at": now.isoformat()}, now)
+        ops.set_paused(session, settings.practice, paused, reason, now)
     structlog.get_logger(__name__).info("fixes_paused" if paused else "fixes_resumed")
     if paused:
         _print(out, f"fixes paused: {reason} (detection and digests go on; "
@@ -340,135 +249,6 @@ def set_paused(
 
 
 # -- status --------------------------------------------------------------------------------
-
-
-def _every(schedule: Any) -> str:
-    if isinstance(schedule, timedelta):
-        return "every " + fmt_seconds(schedule.total_seconds())
-    text = repr(schedule)
-    if text.startswith("<crontab: "):
-        return "cron " + text.removeprefix("<crontab: ").split(" (", 1)[0]
-    return text
-
-
-def _schedule(settings: Settings, client: Any, now: datetime) -> list[dict[str, Any]]:
-    """The beat table and, from RedBeat's sorted set, when each entry is next due."""
-    from config.schedule import beat_schedule, redbeat_key_prefix
-
-    prefix = redbeat_key_prefix(settings)
-    due: dict[str, float] = {}
-    if client is not None:
-        for member, score in client.zrange(f"{prefix}:schedule", 0, -1, withscores=True):
-            name = member.decode() if isinstance(member, bytes) else str(member)
-            due[name.removeprefix(prefix)] = float(score)
-    entries = []
-    for name, entry in beat_schedule(settings).items():
-        at = datetime.fromtimestamp(due[name], tz=now.tzinfo) if name in due else None
-        entries.append({
-            "name": name, "task": entry["task"], "every": _every(entry["schedule"]),
-            "next_due_at": _iso(at),
-            "due_in_seconds": round((at - now).total_seconds(), 1) if at else None,
-        })
-    return entries
-
-
-def queue_depths(broker: Any) -> dict[str, int]:
-    """Messages waiting on the broker per queue (LLEN, all priority lists)."""
-    from config.schedule import QUEUES
-
-    depths = {}
-    for q in QUEUES:
-        names = [q] + [f"{q}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS]
-        depths[q] = sum(int(broker.llen(n)) for n in names)
-    return depths
-
-
-def _run_json(run: Run, now: datetime, settings: Settings) -> dict[str, Any]:
-    status = run.status
-    if status == "running" and now - run.started_at > timedelta(
-            seconds=settings.scan_hard_limit_seconds + 60):
-        status = "lost"  # killed at the hard limit, or its worker died
-    end = run.finished_at or now
-    return {
-        "id": run.id, "kind": run.kind, "scope": run.scope, "status": status,
-        "task_id": run.task_id, "started_at": _iso(run.started_at),
-        "duration_seconds": round((end - run.started_at).total_seconds(), 3),
-        "records_read": run.records_read, "findings": run.findings_total,
-        "findings_new": run.findings_new, "findings_resolved": run.findings_resolved,
-        "fixes_queued": run.fixes_queued, "alerts": run.alerts,
-        "error": run.error.split(":", 1)[0] if run.error else None,
-    }
-
-
-def collect_status(settings: Settings, now: datetime | None = None) -> dict[str, Any]:
-    """Everything `oprecon status` shows, as one JSON-able dict; a part that cannot be read
-    is reported under "errors" instead of failing the command."""
-    import redis
-
-    now = now or utcnow()
-    errors: list[str] = []
-    status: dict[str, Any] = {
-        "practice": settings.practice, "now": now.isoformat(),
-        "config": {"broker": health.mask_url(settings.broker_url),
-                   "redis": health.mask_url(settings.redis_url),
-                   "state_db": health.mask_url(settings.state_db_url)},
-    }
-    try:
-        sessions = read_sessions(settings)
-        with sessions() as session:
-            runs = list(session.scalars(
-                select(Run).where(Run.practice == settings.practice)
-                .order_by(Run.started_at.desc(), Run.id.desc()).limit(RECENT_RUNS)))
-            status["runs"] = [_run_json(r, now, settings) for r in runs]
-            kv = {k: kv_get(session, settings.practice, k)
-                  for k in ("paused", "breaker", "last_success", "deadman")}
-            held = session.scalars(select(FindingRow.next_check_at).where(
-                FindingRow.practice == settings.practice, FindingRow.state == S.HELD)).all()
-            by_state: dict[str, int] = {
-                str(state): int(n) for state, n in session.execute(
-                    select(FindingRow.state, func.count()).where(
-                        FindingRow.practice == settings.practice,
-                        FindingRow.state != S.RESOLVED,
-                    ).group_by(FindingRow.state))
-            }
-        status["paused"] = kv["paused"] or {"paused": False}
-        status["breaker"] = kv["breaker"] or {"state": "closed"}
-        last = kv["last_success"]
-        at = health.parse_time((last or {}).get("at"))
-        status["last_success"] = (
-            {**(last or {}), "age_seconds": round(health.age_seconds(at, now), 3)} if at
-            else None)
-        status["deadman"] = health.deadman_check(settings, last, kv["deadman"], now).to_json()
-        upcoming = [t for t in held if t is not None and t > now]
-        status["holds"] = {
-            "held": len(held),
-            "due": sum(1 for t in held if t is None or t <= now),
-            "next_end_at": _iso(min(upcoming)) if upcoming else None,
-        }
-        status["findings"] = {str(k): int(v) for k, v in sorted(by_state.items())}
-    except SQLAlchemyError as err:
-        errors.append(f"state db: {type(err).__name__}")
-    except CannotStart as err:
-        errors.append(f"state db: {err}")
-
-    client = health.redis_for_health(settings.redis_url)
-    try:
-        status["schedule"] = _schedule(settings, client, now)
-    except redis.RedisError as err:
-        errors.append(f"redis: {type(err).__name__}")
-        status["schedule"] = _schedule(settings, None, now)
-    finally:
-        client.close()
-    if settings.broker_url.startswith(("redis://", "rediss://")):
-        broker = health.redis_for_health(settings.broker_url)
-        try:
-            status["queues"] = queue_depths(broker)
-        except redis.RedisError as err:
-            errors.append(f"broker: {type(err).__name__}")
-        finally:
-            broker.close()
-    status["errors"] = errors
-    return status
 
 
 def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:

@@ -201,3 +201,45 @@ class KeyValue(Base):
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(default=dict)
     updated_at: Mapped[datetime]
+
+
+class StaffUser(Base):
+    """A staff account of the web console. Only an argon2 hash of the password is kept;
+    `session_version` changes with the password or role, so old session cookies die."""
+
+    __tablename__ = "staff_users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice: Mapped[str] = mapped_column(String(64), default="default")
+    username: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))  # viewer | operator
+    password_hash: Mapped[str] = mapped_column(String(255))
+    session_version: Mapped[int] = mapped_column(default=1)
+    created_at: Mapped[datetime]
+    password_changed_at: Mapped[datetime]
+    last_login_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("practice", "username", name="uq_staff_users_practice_username"),
+    )
+
+
+class AuditEntry(Base):
+    """Every operator action in the console: who, what, when, why (ids only)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice: Mapped[str] = mapped_column(String(64), default="default")
+    at: Mapped[datetime]
+    username: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(40))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(120))
+    reason: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_audit_log_patient", "practice", "patient_id", "at"),
+        Index("ix_audit_log_at", "practice", "at"),
+    )
