@@ -29,7 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     # `generate` and `bench` reach them, through the CLI).
     "devtools": set(FLOW) | BASE,
     "web": set(FLOW) | BASE,
-    "cli": set(FLOW) | BASE | {"devtools"},
+    # `oprecon web` and `oprecon users` start and manage the console.
+    "cli": set(FLOW) | BASE | {"devtools", "web"},
 }
 # config/ is the settings every stage reads; it may look up the check ids, nothing else.
 CONFIG_MAY_IMPORT = {"worker.checks.catalog", "worker.checks", "worker"}

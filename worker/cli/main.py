@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 fixes_app = typer.Typer(help="Staged fix batches held back by the mass-change guard.")
 app.add_typer(fixes_app, name="fixes")
+users_app = typer.Typer(help="Staff accounts of the web console (oprecon web).")
+app.add_typer(users_app, name="users")
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -339,6 +341,108 @@ def digest(
     from worker.cli.digest import digest_command
 
     digest_command(_settings(), preview=preview, html=html)
+
+
+# -- the staff console --------------------------------------------------------------------
+
+
+@app.command()
+def web(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve the staff console (login required; GET /healthz is open)."""
+    import uvicorn
+
+    from worker.runtime.operations import write_sessions
+    from worker.web.app import make_app
+
+    settings = _settings()
+    application = make_app(settings, write_sessions(settings))
+    typer.echo(f"oprecon console for practice {settings.practice} on http://{host}:{port}/ "
+               "(oprecon users add NAME --role operator makes an account)")
+    # proxy_headers: behind a TLS proxy on this host, X-Forwarded-Proto makes cookies Secure.
+    uvicorn.run(application, host=host, port=port, proxy_headers=True, log_level="warning",
+                server_header=False)
+
+
+def _read_password(confirm: bool = True) -> str:
+    """One line from a pipe; on a terminal, asked twice without echo."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Again: ") != first:
+            raise CannotStart("the two passwords differ")
+        return first
+    line = sys.stdin.readline()
+    if not line:
+        raise CannotStart("no password on standard input")
+    return line.rstrip("\r\n")
+
+
+def _users_call(fn: Any) -> Any:
+    from worker.runtime.operations import write_sessions
+    from worker.web.auth import UserError
+
+    settings = _settings()
+    try:
+        with write_sessions(settings).begin() as session:
+            return fn(session, settings)
+    except UserError as err:
+        raise CannotStart(str(err)) from err
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="The user name staff log in with.")],
+    role: Annotated[str, typer.Option(help="viewer (read only) or operator (may act).")],
+) -> None:
+    """Create a staff account; the password is read from standard input."""
+    from worker.scan.engine import utcnow
+    from worker.web.auth import ROLES, add_user
+
+    if role not in ROLES:
+        raise CannotStart(f"--role: one of {', '.join(ROLES)}")
+    password = _read_password()
+    _users_call(lambda s, st: add_user(s, st.practice, name, role, password, utcnow()))
+    typer.echo(f"user {name} added ({role})")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Staff accounts with their role and last login."""
+    from worker.scan.report import table
+    from worker.web.auth import list_users
+
+    rows = _users_call(lambda s, st: [
+        (u.username, u.role, u.created_at.strftime("%Y-%m-%d %H:%MZ"),
+         u.last_login_at.strftime("%Y-%m-%d %H:%MZ") if u.last_login_at else "never")
+        for u in list_users(s, st.practice)])
+    if not rows:
+        typer.echo("no console users yet: oprecon users add NAME --role operator")
+        return
+    typer.echo(table(["user", "role", "created", "last login"], rows))
+
+
+@users_app.command("remove")
+def users_remove(name: Annotated[str, typer.Argument()]) -> None:
+    """Delete a staff account; its sessions end at their next request."""
+    from worker.web.auth import remove_user
+
+    _users_call(lambda s, st: remove_user(s, st.practice, name))
+    typer.echo(f"user {name} removed")
+
+
+@users_app.command("set-password")
+def users_set_password(name: Annotated[str, typer.Argument()]) -> None:
+    """Change a password (read from standard input); ends that user's sessions."""
+    from worker.scan.engine import utcnow
+    from worker.web.auth import set_password
+
+    password = _read_password()
+    _users_call(lambda s, st: set_password(s, st.practice, name, password, utcnow()))
+    typer.echo(f"password of {name} changed; their sessions are over")
 
 
 def _one_line(err: BaseException) -> str:

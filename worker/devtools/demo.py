@@ -88,6 +88,7 @@ def run_demo(*, keep: bool = False, practice: Path = PRACTICE, state_db: Path = 
     simulator.load_portal_dir(practice / "portal", op_dir=practice / "op")
     server, url = start_simulator(simulator)
     portal = HttpPortal(url, None)
+    portal_dir = state_db.parent / "demo-portal"
     try:
         deps = Deps(settings, state_sessions(settings), CsvOPSource(practice / "op"), portal,
                     portal_writable=True)
@@ -101,14 +102,20 @@ def run_demo(*, keep: bool = False, practice: Path = PRACTICE, state_db: Path = 
             _step(deps, clock, t0 + timedelta(minutes=40),
                   "40 minutes: holds ended, fixes verified against a fresh read"),
         ]
+        _export_portal(portal, portal_dir)
     finally:
         portal.close()
         server.shutdown()
         simulator.close()
     _report(runs, expected)
+    config = _write_console_config(state_db, practice, portal_dir)
     typer.echo(
         f"\nExplore: OPRECON_STATE_DB_URL=sqlite:///{state_db} oprecon findings "
         "(or status, digest --preview)"
+    )
+    typer.echo(
+        f"Staff console: export OPRECON_CONFIG_FILE={config}, then "
+        "oprecon users add NAME --role operator and oprecon web"
     )
 
 
@@ -140,6 +147,55 @@ def _report(runs: list[RunResult], expected: dict[str, dict[str, Any]]) -> None:
             f = item.finding
             typer.echo(f"  ! {f.check}: {f.detail}")
             typer.echo(f"      first step: {REMEDIES[f.check][0]}")
+
+
+_PORTAL_FILES = {
+    "portal_users.csv": ("users", ["user_id", "op_patient_id", "op_contact_id", "first_name",
+                                   "last_name", "email", "role", "active", "updated_at"]),
+    "portal_links.csv": ("links", ["caregiver_user_id", "dependent_user_id", "created_at"]),
+    "portal_sources.csv": ("sources", ["user_id", "status", "last_sync_at"]),
+    "portal_audit.csv": ("audit", ["at", "action", "user_id", "email"]),
+}
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _export_portal(portal: Any, dest: Path) -> None:
+    """The simulator's portal as it stands at the end, as CSV exports: the console's
+    family page reads them (with the bundled OP exports) after the simulator is gone."""
+    import csv
+
+    from worker.model.records import InvalidRecord
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, (method, columns) in _PORTAL_FILES.items():
+        with (dest / name).open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            for record in getattr(portal, method)():
+                if not isinstance(record, InvalidRecord):
+                    writer.writerow([_csv_value(getattr(record, c)) for c in columns])
+
+
+def _write_console_config(state_db: Path, practice: Path, portal_dir: Path) -> Path:
+    """Settings for `oprecon users` and `oprecon web` on the demo's state and exports."""
+    path = state_db.parent / "demo.toml"
+    path.write_text(
+        "# Written by `oprecon demo`: the console on the demo's state database and exports.\n"
+        f"state_db_url = {json.dumps(f'sqlite:///{state_db}')}\n"
+        f"op_dir = {json.dumps(str((practice / 'op').resolve()))}\n"
+        f"portal_dir = {json.dumps(str(portal_dir.resolve()))}\n",
+        encoding="utf-8",
+    )
+    return path
 
 
 def copy_practice(dest: Path) -> Path:
