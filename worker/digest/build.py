@@ -393,6 +393,7 @@ class Item:
     new: bool = False
     repeat: bool = False
     escalated: bool = False
+    link: str | None = None  # the console's family page (web_base_url set)
 
 
 @dataclass
@@ -553,7 +554,17 @@ def _item(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo,
         who=who_of(row, names), what=detail, steps=tuple(steps),
         next_check=_next_check(row, settings, now, tz), since=since,
         age_days=max(0, (now - row.first_seen_at).days), escalated=escalated,
+        link=family_link(settings, row.patient_id),
     )
+
+
+def family_link(settings: Settings, patient_id: str | None) -> str | None:
+    """The console's family page for an item: ids only, never a name or an address."""
+    if not settings.web_base_url or not patient_id:
+        return None
+    from urllib.parse import quote
+
+    return f"{settings.web_base_url.rstrip('/')}/families/{quote(patient_id, safe='')}"
 
 
 def _check_order(check: str) -> tuple[int, int, str]:
