@@ -200,6 +200,17 @@ def make_app(settings: Settings, sessions: sessionmaker[Session] | None = None) 
         form = await form_for(request, operator=False)
         if isinstance(form, Response):
             return form
+        user: StaffUser | None = request.state.user
+
+        def end_sessions() -> None:
+            # The cookie lives in the browser: a copy of it must stop working too.
+            if user is not None:
+                with console.sessions.begin() as session:
+                    row = session.get(StaffUser, user.id)
+                    if row is not None:
+                        row.session_version += 1
+
+        await run_in_threadpool(end_sessions)
         request.state.session = SessionData()
         request.state.user = None
         return RedirectResponse("/login", status_code=303)

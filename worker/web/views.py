@@ -21,6 +21,7 @@ from worker.state.models import AuditEntry, FindingEvent, FindingRow, Run
 from worker.state.models import FindingState as S
 
 PAGE_SIZE = 50
+FAMILIES_SHOWN = 12
 SEVERITIES = ("high", "warning", "info")
 STATES = ("unresolved", *[str(s) for s in S], "all")
 AGES = {"": None, "1h": timedelta(hours=1), "1d": timedelta(days=1),
@@ -68,7 +69,15 @@ def dashboard(settings: Settings, session: Session, now: datetime) -> dict[str, 
     by_check: dict[str, Counter[str]] = {}
     for check, severity, n in rows:
         by_check.setdefault(check, Counter())[severity] += int(n)
+    n = func.count().label("n")
+    families = session.execute(
+        select(FindingRow.patient_id, n)
+        .where(FindingRow.practice == settings.practice, FindingRow.patient_id.is_not(None),
+               FindingRow.state.not_in([S.RESOLVED, S.SILENCED]))
+        .group_by(FindingRow.patient_id).order_by(n.desc(), FindingRow.patient_id)
+        .limit(FAMILIES_SHOWN)).all()
     return {
+        "families": [(pid, int(count)) for pid, count in families],
         "checks": checks,
         "status": status,
         "paused": status.get("paused") or {"paused": False},
