@@ -3,7 +3,7 @@ chromium-driver): log in, open a family from the dashboard, silence a finding, a
 staged batch, run an ad hoc reconcile on a real worker and watch it finish, and a viewer
 who finds every action disabled.
 
-With OPRECON_SCREENSHOTS_DIR set (scripts/console-screenshots.sh sets it to docs/), the
+With OPRECON_TEST_SCREENSHOTS_DIR set (scripts/console-screenshots.sh sets it to docs/), the
 first test saves the dashboard, findings and family pages there.
 """
 
@@ -19,6 +19,7 @@ import pytest
 import redis
 from console_world import OPERATOR, VIEWER, LiveConsole, World
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -63,18 +64,34 @@ def log_in(d: WebDriver, console: LiveConsole, user: tuple[str, str]) -> None:
     assert d.current_url.startswith(console.url + "/login")
     d.find_element(By.NAME, "username").send_keys(user[0])
     d.find_element(By.NAME, "password").send_keys(user[1])
-    d.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
-    wait_for(lambda: d.title.startswith("Dashboard"), 15, "the dashboard after login")
+    submit(d, d.find_element(By.CSS_SELECTOR, "form[action='/login'] button"))
+    assert d.title.startswith("Dashboard")
     assert f"{user[0]} · " in d.find_element(By.CSS_SELECTOR, "header .who").text
 
 
 def shot(d: WebDriver, name: str) -> None:
-    folder = os.environ.get("OPRECON_SCREENSHOTS_DIR")
+    folder = os.environ.get("OPRECON_TEST_SCREENSHOTS_DIR")
     if folder:
         d.set_window_size(1280, max(900, int(d.execute_script(
             "return document.body.scrollHeight") or 900) + 40))
         d.save_screenshot(str(Path(folder) / name))
         d.set_window_size(1280, 1000)
+
+
+def submit(d: WebDriver, button: Any) -> None:
+    """Click, then wait until the page it leads to has replaced this one (a flash message
+    on the old page must not be mistaken for the new one's)."""
+    old = d.find_element(By.TAG_NAME, "html")
+    button.click()
+
+    def replaced() -> bool:
+        try:
+            old.tag_name  # noqa: B018 — touching a stale element raises
+        except StaleElementReferenceException:
+            return True
+        return False
+
+    wait_for(replaced, 15, "the next page")
 
 
 def flash(d: WebDriver) -> str:
@@ -96,8 +113,8 @@ def test_operator_opens_a_family_from_the_dashboard_and_silences_a_finding(
     shot(d, "console-findings.png")
 
     d.get(console.url + "/")
-    d.find_element(By.LINK_TEXT, "P000013").click()
-    wait_for(lambda: d.current_url.endswith("/families/P000013"), 15, "the family page")
+    submit(d, d.find_element(By.LINK_TEXT, "P000013"))
+    assert d.current_url.endswith("/families/P000013")
     contacts = d.find_element(By.ID, "contacts").text
     # The guide's checklist: the mother's caregiver user is not linked to this child.
     assert "C000012 Mother Joint yes active present, valid" in contacts
@@ -107,7 +124,7 @@ def test_operator_opens_a_family_from_the_dashboard_and_silences_a_finding(
     article = d.find_element(By.CSS_SELECTOR, "article.finding")
     fingerprint = article.get_attribute("id").removeprefix("f-")
     article.find_element(By.NAME, "reason").send_keys("family asked us to wait a week")
-    article.find_element(By.CSS_SELECTOR, "button.silence").click()
+    submit(d, article.find_element(By.CSS_SELECTOR, "button.silence"))
     assert flash(d).startswith("Silenced caregiver_link_missing until ")
     assert "silenced by olivia" in d.find_element(By.ID, f"f-{fingerprint}").text
     audit = d.find_element(By.ID, "audit").text
@@ -117,8 +134,8 @@ def test_operator_opens_a_family_from_the_dashboard_and_silences_a_finding(
         row = s.scalar(select(FindingRow).where(FindingRow.fingerprint == fingerprint))
         assert row is not None and row.state == S.SILENCED and row.silenced_by == "olivia"
 
-    d.find_element(By.ID, f"f-{fingerprint}").find_element(
-        By.CSS_SELECTOR, "button.unsilence").click()
+    submit(d, d.find_element(By.ID, f"f-{fingerprint}").find_element(
+        By.CSS_SELECTOR, "button.unsilence"))
     assert flash(d).startswith("Unsilenced caregiver_link_missing")
     with world.sessions() as s:
         row = s.scalar(select(FindingRow).where(FindingRow.fingerprint == fingerprint))
@@ -136,10 +153,10 @@ def test_operator_reviews_each_staged_fix_then_approves_the_batch(
     log_in(d, console, OPERATOR)
     batches = d.find_element(By.ID, "batches")
     assert f"{run_id} {len(staged)}" in batches.text
-    batches.find_element(By.LINK_TEXT, "review each fix").click()
+    submit(d, batches.find_element(By.LINK_TEXT, "review each fix"))
     rows = d.find_elements(By.CSS_SELECTOR, "#staged tbody tr")
     assert sorted(r.text.split()[0] for r in rows) == sorted(str(a.id) for a in staged)
-    d.find_element(By.ID, "approve").click()
+    submit(d, d.find_element(By.ID, "approve"))
     message = flash(d)
     assert message.startswith(f"run {run_id}: approved")
     assert "None: nothing waits for a decision." in d.page_source
@@ -169,8 +186,8 @@ def test_a_viewer_sees_every_action_disabled(
     d.execute_script("document.querySelectorAll('form.silence input, form.silence button')"
                      ".forEach(function (e) { e.disabled = false; });")
     d.find_element(By.CSS_SELECTOR, "form.silence input[name=reason]").send_keys("x")
-    d.find_element(By.CSS_SELECTOR, "button.silence").click()
-    wait_for(lambda: "operator role" in d.page_source, 15, "the refusal")
+    submit(d, d.find_element(By.CSS_SELECTOR, "button.silence"))
+    assert "operator role" in d.page_source
     with world.sessions() as s:
         assert s.scalars(select(AuditEntry)).all() == []
         assert S.SILENCED not in set(s.scalars(select(FindingRow.state)))
@@ -204,16 +221,17 @@ def test_operator_runs_an_ad_hoc_reconcile_and_watches_it_finish(
     d = page
     log_in(d, console, OPERATOR)
     d.get(console.url + "/families/P000013")
-    d.find_element(By.ID, "reconcile").click()
+    submit(d, d.find_element(By.ID, "reconcile"))
     assert flash(d).startswith("Ad hoc reconcile queued as task ")
     box = d.find_element(By.ID, "adhoc")
     def finished() -> bool:
         worker.check_alive()
         return box.get_attribute("data-state") in ("done", "failed", "lost", "skipped")
 
-    wait_for(finished, 90, "the ad hoc run to finish on the worker", every=0.5)
+    # Up to the 120 s an ad hoc run may wait for the scan lock, plus the run itself.
+    wait_for(finished, 180, "the ad hoc run to finish on the worker", every=0.5)
     assert box.get_attribute("data-state") == "done", (box.text, worker.log()[-3000:])
     assert box.text.startswith("done: run ")
     assert "patient P000013" in d.find_element(By.ID, "audit").text
-    d.find_element(By.ID, "adhoc-reload").click()
-    wait_for(lambda: "/families/P000013" in d.current_url, 15, "the family page again")
+    submit(d, d.find_element(By.ID, "adhoc-reload"))
+    assert d.current_url.endswith("/families/P000013")
