@@ -19,7 +19,6 @@ import pytest
 import redis
 from console_world import OPERATOR, VIEWER, LiveConsole, World
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -79,19 +78,14 @@ def shot(d: WebDriver, name: str) -> None:
 
 
 def submit(d: WebDriver, button: Any) -> None:
-    """Click, then wait until the page it leads to has replaced this one (a flash message
-    on the old page must not be mistaken for the new one's)."""
-    old = d.find_element(By.TAG_NAME, "html")
+    """Click, then wait until the page it leads to has replaced this one and loaded (a
+    flash message on the old page must not be mistaken for the new one's). The old page
+    is marked on its window object, which the next page does not have."""
+    d.execute_script("window.__oprecon_old_page = true;")
     button.click()
-
-    def replaced() -> bool:
-        try:
-            old.tag_name  # noqa: B018 — touching a stale element raises
-        except StaleElementReferenceException:
-            return True
-        return False
-
-    wait_for(replaced, 15, "the next page")
+    wait_for(lambda: d.execute_script(
+        "return window.__oprecon_old_page === undefined && document.readyState === 'complete';"),
+        15, "the next page")
 
 
 def flash(d: WebDriver) -> str:
