@@ -20,7 +20,15 @@ from worker.web import auth
 
 
 @pytest.fixture
-def world(tmp_path: Path, make_settings: Any) -> Iterator[World]:
+def state_overrides() -> dict[str, Any]:
+    """Settings that pick the state database: SQLite in tmp_path unless a module
+    overrides this fixture (test_web_postgres.py does)."""
+    return {}
+
+
+@pytest.fixture
+def world(tmp_path: Path, make_settings: Any, state_overrides: dict[str, Any]
+          ) -> Iterator[World]:
     practice = copy_practice(tmp_path / "practice")
     t0 = datetime.fromisoformat(json.loads((PRACTICE / "generator.json").read_text())["now"])
     clock = SimClock(t0)
@@ -31,7 +39,7 @@ def world(tmp_path: Path, make_settings: Any) -> Iterator[World]:
         settings = make_settings(
             op_dir=practice / "op", portal_source="http", portal_url=url,
             mass_change_max_fixes=1, mass_change_max_percent=0, mass_change_min_fixes=0,
-            web_base_url="https://console.example",
+            web_base_url="https://console.example", **state_overrides,
         )
         sessions = state_sessions(settings)
         deps: Deps = build_deps(settings, sessions=sessions)

@@ -63,7 +63,7 @@ def test_a_wrong_password_is_refused_and_repeated_failures_are_slowed(
 
 
 def test_failed_login_delays_double_and_a_success_clears_them(world: World) -> None:
-    """The time rule itself, frozen: free failures, then 1 s, 2 s, 4 s ... waits."""
+    """The time rule itself, frozen: free failures, then 5 s, 10 s, 20 s ... waits."""
     practice, name = world.settings.practice, OPERATOR[0]
     t = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 
@@ -72,12 +72,18 @@ def test_failed_login_delays_double_and_a_success_clears_them(world: World) -> N
             result = auth.login(s, practice, name, password, datetime.now(UTC), 3)
             return result.user is not None, result.wait_seconds
 
-    assert [attempt(t) for _ in range(3)] == [(False, 0)] * 3  # the 3rd starts a 1 s wait
-    assert attempt(t + timedelta(milliseconds=500), OPERATOR[1]) == (False, 1)
-    assert attempt(t + timedelta(seconds=1)) == (False, 0)  # 4th failure: a 2 s wait
-    assert attempt(t + timedelta(seconds=2.9), OPERATOR[1]) == (False, 1)
-    assert attempt(t + timedelta(seconds=3), OPERATOR[1]) == (True, 0)
-    assert [attempt(t + timedelta(seconds=3)) for _ in range(2)] == [(False, 0)] * 2
+    assert [attempt(t) for _ in range(3)] == [(False, 0)] * 3  # the 3rd starts a 5 s wait
+    assert attempt(t + timedelta(seconds=2.5), OPERATOR[1]) == (False, 3)
+    assert attempt(t + timedelta(seconds=5)) == (False, 0)  # 4th failure: a 10 s wait
+    assert attempt(t + timedelta(seconds=14.9), OPERATOR[1]) == (False, 1)
+    assert attempt(t + timedelta(seconds=15), OPERATOR[1]) == (True, 0)
+    assert [attempt(t + timedelta(seconds=15)) for _ in range(2)] == [(False, 0)] * 2
+    # The wait never exceeds fifteen minutes, however many failures.
+    for _ in range(30):
+        t += timedelta(days=1)
+        attempt(t)
+    assert attempt(t + timedelta(minutes=14, seconds=59))[1] == 1
+    assert attempt(t + timedelta(minutes=15)) == (False, 0)
 
 
 def test_the_session_cookie_is_httponly_samesite_and_secure_over_https(

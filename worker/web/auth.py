@@ -2,7 +2,7 @@
 
 Failed logins are counted per user name (known or not) in the state database's kv table,
 so every console process sees the same count: after `web_login_free_failures` failures
-each further try must wait, doubling from one second up to fifteen minutes; a success
+each further try must wait, doubling from five seconds up to fifteen minutes; a success
 clears the count. A refused-while-waiting try does not check the password at all.
 """
 
@@ -24,6 +24,7 @@ ROLES = ("viewer", "operator")
 USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MIN_PASSWORD = 12
 MAX_PASSWORD = 1024
+FIRST_WAIT = timedelta(seconds=5)
 MAX_WAIT = timedelta(minutes=15)
 _hasher = PasswordHasher()  # argon2id, the library's memory-hard defaults
 # Verified against when the user does not exist, so both cases cost the same time.
@@ -133,7 +134,7 @@ def login(session: Session, practice: str, username: str, password: str, now: da
     failures = int(record.get("failures", 0)) + 1
     value: dict[str, object] = {"failures": failures}
     if failures >= free_failures:
-        wait = min(timedelta(seconds=2 ** (failures - free_failures)), MAX_WAIT)
+        wait = min(FIRST_WAIT * 2 ** min(failures - free_failures, 20), MAX_WAIT)
         value["until"] = (now + wait).isoformat()
     kv_set(session, practice, key, value, now)
     return LoginResult(None)
