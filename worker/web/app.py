@@ -28,9 +28,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from config.settings import Settings
+from config.settings import Settings, SettingsError
 from worker.runtime.operations import OperationRefused
 from worker.scan.engine import utcnow
+from worker.sources.base import SourceError
 from worker.state.models import AuditEntry, StaffUser
 from worker.web import auth, views
 from worker.web.security import (
@@ -345,6 +346,8 @@ def make_app(settings: Settings, sessions: sessionmaker[Session] | None = None) 
         from worker.fixes.staging import release_staged, staged_fixes
         from worker.runtime.dispatch import send_fixes
 
+        if request.path_params["decision"] not in ("approve", "reject"):
+            return PlainTextResponse("Not Found", status_code=404)
         form = await form_for(request)
         if isinstance(form, Response):
             return form
@@ -358,9 +361,18 @@ def make_app(settings: Settings, sessions: sessionmaker[Session] | None = None) 
                 patients = sorted({f["patient_id"] for f in staged_fixes(
                     session, settings.practice, run_id) if f["patient_id"]})
             said: list[str] = []
-            count = release_staged(settings, run_id, approve, by=user.username, mode="auto",
-                                   sessions=console.sessions, echo=said.append,
-                                   enqueue=send_fixes)
+            try:
+                count = release_staged(settings, run_id, approve, by=user.username,
+                                       mode="auto", sessions=console.sessions,
+                                       echo=said.append, enqueue=send_fixes)
+            except (RuntimeError, SettingsError, SourceError) as err:
+                # No broker and no writable portal here: the decision stands (committed
+                # first); released fixes wait as intents for the worker's resume task.
+                log.warning("console_batch_not_applied", run_id=run_id,
+                            error=type(err).__name__)
+                count = 0
+                said.append(f"run {run_id}: decided, but not applied here "
+                            f"({type(err).__name__}); the worker picks the fixes up")
             verb = "approve batch" if approve else "reject batch"
             done = "released" if approve else "rejected"
             with console.sessions.begin() as session:
@@ -378,6 +390,8 @@ def make_app(settings: Settings, sessions: sessionmaker[Session] | None = None) 
     async def pause(request: Request) -> Response:
         from worker.runtime import operations as ops
 
+        if request.path_params["switch"] not in ("pause", "resume"):
+            return PlainTextResponse("Not Found", status_code=404)
         form = await form_for(request)
         if isinstance(form, Response):
             return form
