@@ -69,12 +69,20 @@ def log_in(d: WebDriver, console: LiveConsole, user: tuple[str, str]) -> None:
 
 
 def shot(d: WebDriver, name: str) -> None:
+    """The whole page (not just the window) into $OPRECON_TEST_SCREENSHOTS_DIR/name."""
     folder = os.environ.get("OPRECON_TEST_SCREENSHOTS_DIR")
-    if folder:
-        d.set_window_size(1280, max(900, int(d.execute_script(
-            "return document.body.scrollHeight") or 900) + 40))
-        d.save_screenshot(str(Path(folder) / name))
-        d.set_window_size(1280, 1000)
+    if not folder:
+        return
+    import base64
+
+    height = int(d.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]["height"])
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        png = d.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})["data"]
+        (Path(folder) / name).write_bytes(base64.b64decode(png))
+    finally:
+        d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def submit(d: WebDriver, button: Any) -> None:
