@@ -53,6 +53,9 @@ def world(tmp_path: Path, make_settings: Any, state_overrides: dict[str, Any]
             auth.add_user(s, settings.practice, OPERATOR[0], "operator", OPERATOR[1], t0)
             auth.add_user(s, settings.practice, VIEWER[0], "viewer", VIEWER[1], t0)
         yield World(settings, sessions, practice, url, t0)
+        # The engine is cached per URL: close its pooled connections now, before the
+        # session's throw-away PostgreSQL database is dropped under them.
+        sessions.kw["bind"].dispose()
     finally:
         server.shutdown()
         simulator.close()
