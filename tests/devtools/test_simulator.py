@@ -461,3 +461,65 @@ def test_openapi_document_lists_exactly_the_served_routes() -> None:
             documented.add((found.group(1).upper(), path))
     served = {(r.method, r.template) for r in ROUTES if not r.template.startswith("/_sim/")}
     assert documented == served
+
+
+def _readme_simulator_argv(practice: Path, db: Path) -> list[str]:
+    """The simulator command exactly as README.md gives it, pointed at a test practice."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("python -m worker.devtools.simulator"))
+    argv = shlex.split(line.split("#", 1)[0])
+    out = []
+    for arg in argv:
+        arg = arg.replace("X/", f"{practice}/")
+        out.append(str(db) if arg.endswith(".sqlite") else arg)
+    port = out.index("--port")
+    out[port + 1] = "0"
+    return [sys.executable, *out[1:]]
+
+
+def _start(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    found = re.search(r"http://127\.0\.0\.1:\d+", proc.stdout.readline())
+    assert found, proc.stderr.read() if proc.stderr else ""
+    return proc, found.group(0)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=10)
+
+
+def test_readme_simulator_command_refreshes_links_from_op_and_keeps_fixes(
+    tmp_path: Path,
+) -> None:
+    """Issue 16 #1: following the README must give a portal whose source refresh restores
+    OP's links (--op-dir) and that remembers applied fixes across a restart (--db)."""
+    write_portal_dir(tmp_path / "portal")
+    write_op_dir(tmp_path / "op")
+    argv = _readme_simulator_argv(tmp_path, tmp_path / "sim.sqlite")
+    assert "--op-dir" in argv and "--db" in argv
+    proc, url = _start(argv)
+    try:
+        with httpx.Client(base_url=url, timeout=5) as http:
+            http.post("/_sim/clock", json={"now": T0.isoformat()})
+            assert http.post("/users/u1/source/refresh",
+                             headers={"Idempotency-Key": "r"}).status_code == 202
+            assert http.patch("/users/u3", json={"email": "fixed@dummy.com"},
+                              headers={"Idempotency-Key": "e"}).status_code == 202
+            http.post("/_sim/clock", json={"advance_seconds": 21 * 60})
+            assert links_of(http) == {("u1", "u2")}  # the link OP authorizes, restored
+    finally:
+        _stop(proc)
+    proc, url = _start(argv)  # the same command again: a restart
+    try:
+        with httpx.Client(base_url=url, timeout=5) as http:
+            http.post("/_sim/clock", json={"now": (T0 + timedelta(hours=1)).isoformat()})
+            assert emails(http)["u3"] == "fixed@dummy.com"
+            assert links_of(http) == {("u1", "u2")}
+    finally:
+        _stop(proc)

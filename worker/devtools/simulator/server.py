@@ -645,18 +645,21 @@ def start_simulator(
     delay: timedelta = DEFAULT_DELAY,
     refresh_delay: tuple[timedelta, timedelta] = DEFAULT_REFRESH_DELAY,
     seed: int = 0,
+    reload: bool = False,
 ) -> tuple[SimulatorServer, str]:
     """Serve a simulator from a daemon thread; returns (server, base_url).
 
     Pass a `Simulator` to keep hold of its store and clock, or let this build one (from
-    `portal_dir` if given) that `server.shutdown()` then closes.
+    `portal_dir` if given) that `server.shutdown()` then closes. A `db_path` file that
+    already holds a portal is kept as it is (the fixes applied to it survive a restart);
+    `reload` loads `portal_dir` over it again.
     """
     owns = simulator is None
     if simulator is None:
         simulator = Simulator(db_path, clock=clock, delay=delay, refresh_delay=refresh_delay,
                               seed=seed)
     try:
-        if owns and portal_dir is not None:
+        if owns and portal_dir is not None and (reload or not simulator.store.has_data()):
             simulator.load_portal_dir(portal_dir, op_dir=op_dir)
         server = SimulatorServer(simulator, port=port, token=token, owns_simulator=owns)
     except BaseException:
@@ -677,7 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--op-dir", type=Path,
                         help="OP CSV export: the authorizations a source refresh restores")
     parser.add_argument("--db", default=":memory:",
-                        help="SQLite file; kept across restarts unless --portal-dir reloads it")
+                        help="SQLite file: the portal's state, applied fixes included, kept "
+                             "across restarts (default :memory:, forgotten on exit)")
+    parser.add_argument("--reload", action="store_true",
+                        help="load --portal-dir again even though --db already holds a portal")
     parser.add_argument("--delay-minutes", type=float, default=15.0,
                         help="propagation delay of every change (default 15)")
     parser.add_argument("--refresh-minutes", type=float, nargs=2, default=(10.0, 20.0),
@@ -697,6 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             delay=timedelta(minutes=args.delay_minutes),
             refresh_delay=(timedelta(minutes=low), timedelta(minutes=high)),
             seed=args.seed,
+            reload=args.reload,
         )
     except (OSError, ValueError) as err:
         print(f"simulator: cannot start: {err}", file=sys.stderr)

@@ -219,6 +219,14 @@ class PortalStore:
         with self._lock:
             self._db.close()
 
+    def has_data(self) -> bool:
+        """True once a load or a write has put anything in the store (a reused --db file)."""
+        with self._lock:
+            return any(
+                self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
+                for table in _DATA_TABLES
+            )
+
     # -- loading ----------------------------------------------------------------------
 
     def replace_all(
