@@ -327,7 +327,7 @@ def test_status_on_postgres_shows_runs_schedule_queues_holds_and_masks_secrets(
         assert st["queues"] == {"scan": 2, "fix": 1, "digest": 0}
         assert st["holds"]["due"] == 1 and st["holds"]["held"] == 2
         assert [r["status"] for r in st["runs"]] == ["succeeded", "failed", "lost"]
-        assert st["runs"][1]["error"] == "OperationalError"
+        assert st["runs"][1]["error"] == "OperationalError: connection to server failed"
         assert st["last_success"]["age_seconds"] >= 120
         assert "sekrit-pw" not in out
     finally:

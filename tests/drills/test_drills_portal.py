@@ -147,7 +147,7 @@ def test_a_broken_answer_fails_the_scan_in_one_line_and_resolves_nothing(
     assert "\n" not in message and message.startswith("portal GET /links:")
     ok, failed = _runs(settings)
     assert ok.status == "succeeded"
-    assert failed.status == "failed" and failed.error == f"PortalProtocolError: {message}"
+    assert failed.status == "failed" and failed.error == f"portal: PortalProtocolError: {message}"
     assert _findings(settings) == before  # a failed read is not "no links": nothing resolved
 
 

@@ -238,7 +238,11 @@ def test_deadman_without_any_success_counts_from_when_it_was_armed(make_settings
     sessions = _sessions(settings)
     armed = health.run_deadman(settings, sessions, T0)
     assert armed["overdue"] is False and armed["armed_at"] == T0.isoformat()
-    assert not health.deadman_check(settings, None, None, T0).ok  # health: nothing yet
+    # A fresh deployment before the switch is armed: not unhealthy (issue 16 #8).
+    fresh = health.deadman_check(settings, None, None, T0)
+    assert fresh.ok and fresh.detail.startswith("no scan has finished yet")
+    waiting = health.deadman_check(settings, None, armed, T0 + timedelta(minutes=10))
+    assert waiting.detail.startswith("waiting for the first scan (switch armed 10m00s ago)")
     assert health.deadman_check(settings, None, armed, T0 + timedelta(minutes=10)).ok
     later = health.run_deadman(settings, sessions, T0 + timedelta(minutes=10, seconds=1))
     assert later["overdue"] is True and later["last_success_at"] is None
@@ -249,7 +253,9 @@ def test_cluster_health_with_live_heartbeats_and_a_recent_scan(
     make_settings: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings = make_settings(incremental_scan_minutes=5)
+    demo = Path(__file__).resolve().parents[2] / "worker" / "devtools" / "demo_practice"
+    settings = make_settings(incremental_scan_minutes=5, op_dir=demo / "op",
+                             portal_dir=demo / "portal")
     sessions = _sessions(settings)
     now = datetime.now(UTC)
     with sessions.begin() as s:
@@ -263,12 +269,15 @@ def test_cluster_health_with_live_heartbeats_and_a_recent_scan(
 
     checks = {c.name: c for c in health.cluster_checks(settings)}
     assert all(c.ok for c in checks.values()), [c.detail for c in checks.values()]
-    assert set(checks) == {"redis", "broker", "state db", "worker", "beat", "last scan"}
+    assert set(checks) == {"redis", "broker", "state db", "worker", "beat", "op source",
+                           "portal", "last scan"}
 
     for key, value in {"OPRECON_STATE_DB_URL": settings.state_db_url,
                        "OPRECON_REDIS_URL": settings.redis_url,
                        "OPRECON_BROKER_URL": settings.broker_url,
                        "OPRECON_PRACTICE": settings.practice,
+                       "OPRECON_OP_DIR": str(settings.op_dir),
+                       "OPRECON_PORTAL_DIR": str(settings.portal_dir),
                        "OPRECON_HEARTBEAT_DIR": str(settings.heartbeat_dir)}.items():
         monkeypatch.setenv(key, value)
     code, out, _ = run_cli(monkeypatch, capsys, "health")

@@ -195,9 +195,9 @@ def enqueue_and_wait(
                 _report(sessions, p, as_json, out)
                 return 0
         elif p.state in ("failed", "lost"):
-            # The error's type only: its message may quote a record.
-            reason = (p.run.error.split(":", 1)[0] if p.run and p.run.error
-                      else (p.record or {}).get("error") or "see the worker log")
+            # The cause is scrubbed of PHI where it is recorded (worker.scan.failures).
+            reason = ((p.run.error if p.run else None) or (p.record or {}).get("error")
+                      or "see the worker log")
             what = "failed" if p.state == "failed" else (
                 "lost: still marked running past the hard time limit (worker killed?)")
             run = f"run {p.run.id} " if p.run else ""

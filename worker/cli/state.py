@@ -272,7 +272,13 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
                    f"{fmt_seconds(last['age_seconds'])} ago · dead-man's switch "
                    f"{'ok' if dm['ok'] else 'OVERDUE'} (limit {fmt_seconds(dm['limit_seconds'])})")
         else:
-            yield "last scan  no successful scan recorded yet"
+            yield f"last scan  no successful scan recorded yet · {dm['detail']}"
+        fails = st.get("failures") or []
+        if fails:
+            f = fails[0]
+            yield (f"failing    run {f['run_id']} ({f['kind']}) {f['status']} {f['ago']} ago: "
+                   f"{f['cause']}" + (f" (+{len(fails) - 1} more since the last success)"
+                                      if len(fails) > 1 else ""))
         h = st["holds"]
         nxt = health.parse_time(h["next_end_at"])
         yield (f"holds      {h['held']} held, {h['due']} due for verification"
@@ -294,6 +300,8 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
                   r["records_read"], r["findings_new"], r["findings_resolved"],
                   r["fixes_queued"], r["alerts"]) for r in st["runs"]],
             )
+            for f in st.get("failures", []):
+                yield f"run {f['run_id']} {f['status']}: {f['cause']}"
         else:
             yield "(no runs yet)"
     yield ""
@@ -304,7 +312,7 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
           relative(health.parse_time(e["next_due_at"]), now) if e["next_due_at"]
           else "not scheduled yet (no beat has run)") for e in st["schedule"]],
     )
-    for err in st["errors"]:
+    for err in st.get("read_errors", st["errors"]):
         yield f"could not read {err}"
 
 

@@ -341,13 +341,18 @@ def deadman_check(
     limit_s = limit.total_seconds()
     since = deadman_baseline(last_success, deadman)
     if since is None:
-        return Check("last scan", False, "no successful scan recorded yet",
-                     {"limit_seconds": limit_s})
+        # A fresh deployment: the switch arms at the deadman task's first check and only
+        # then starts counting, so a deployment is not unhealthy before its first scan.
+        return Check("last scan", True, "no scan has finished yet: the dead-man's switch "
+                     f"arms at its first check and allows {fmt_seconds(limit_s)}",
+                     {"limit_seconds": limit_s, "grace": True})
     age = age_seconds(since, now)
     data = {"age_seconds": round(age, 3), "limit_seconds": limit_s,
             "last_success": last_success}
     if last_success is None:
         what = f"no successful scan since the switch was armed {fmt_seconds(age)} ago"
+        if not is_overdue(since, now, limit):
+            what = f"waiting for the first scan (switch armed {fmt_seconds(age)} ago)"
     else:
         what = (f"last successful {last_success.get('kind', 'scan')} scan "
                 f"(run {last_success.get('run_id')}) {fmt_seconds(age)} ago")
@@ -400,6 +405,131 @@ def run_deadman(
     elif prev.get("overdue"):
         log.info("deadman_recovered", age_seconds=value["age_seconds"])
     return value
+
+
+LOST_CAUSE = "still marked running past the scan's hard time limit: its worker died"
+
+
+def run_status(run: Any, now: datetime, settings: Settings) -> str:
+    """A run's status as on-call should read it: `running` past the hard time limit (and
+    the lock's expiry) can only be a dead run, whatever the row still says."""
+    if run.status == "running" and now - run.started_at > timedelta(
+            seconds=settings.scan_hard_limit_seconds + 60):
+        return "lost"
+    return str(run.status)
+
+
+def recent_failures(
+    session: Session, settings: Settings, now: datetime, limit: int = 20
+) -> list[dict[str, Any]]:
+    """Failed and lost runs since the last successful run, newest first, with cause."""
+    from sqlalchemy import select
+
+    from worker.state.models import Run
+
+    rows = session.scalars(
+        select(Run).where(Run.practice == settings.practice, Run.dry_run.is_(False))
+        .order_by(Run.started_at.desc(), Run.id.desc()).limit(limit))
+    out: list[dict[str, Any]] = []
+    for run in rows:
+        status = run_status(run, now, settings)
+        if status == "succeeded":
+            break
+        if status in ("failed", "lost"):
+            out.append({
+                "run_id": run.id, "kind": run.kind, "status": status,
+                "part": (run.summary or {}).get("part"),
+                "cause": run.error or (LOST_CAUSE if status == "lost" else "no cause recorded"),
+                "ago": fmt_seconds(age_seconds(run.started_at, now)),
+            })
+    return out
+
+
+def failure_text(f: dict[str, Any]) -> str:
+    return f"run {f['run_id']} ({f['kind']}) {f['status']} {f['ago']} ago: {f['cause']}"
+
+
+def source_checks(settings: Settings, failures: list[dict[str, Any]]) -> list[Check]:
+    """Does each source answer now (OP folder or database, portal API or folder)? With
+    the cause of the last scan that failed on it since the last success."""
+    checks = []
+    for name, probe in (("op source", _probe_op), ("portal", _probe_portal)):
+        try:
+            ok, detail = probe(settings)
+        except Exception as err:  # noqa: BLE001 — a probe reports, never raises
+            ok, detail = False, f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        last = next((f for f in failures if f.get("part") == name), None)
+        if last is not None:
+            detail += f" · last error: {failure_text(last)}"
+        checks.append(Check(name, ok, detail, {"last_failure": last}))
+    return checks
+
+
+def _probe_dir(directory: Any, names: tuple[str, ...], what: str) -> tuple[bool, str]:
+    if directory is None:
+        return False, f"no {what} export folder configured"
+    path = Path(directory)
+    if not path.is_dir():
+        return False, f"{what} export folder {path} does not exist"
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        return False, f"{what} export folder {path} has no {', '.join(missing)}"
+    return True, f"{what} export folder {path} has its {len(names)} files"
+
+
+def _probe_sql(url: str, table: str, what: str) -> tuple[bool, str]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    parsed = make_url(url)
+    args = {"connect_timeout": 3} if parsed.get_backend_name() == "postgresql" else {}
+    engine = create_engine(parsed, connect_args=args)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f"SELECT 1 FROM {table} LIMIT 1"))
+        return True, f"{what} database answers ({mask_url(url)})"
+    except SQLAlchemyError as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        return False, f"{what} database ({mask_url(url)}): {type(err).__name__}: {first}"
+    finally:
+        engine.dispose()
+
+
+def _probe_op(settings: Settings) -> tuple[bool, str]:
+    if settings.op_source == "csv":
+        return _probe_dir(settings.op_dir, ("patients.csv", "contacts.csv",
+                                            "family_contacts.csv"), "OP")
+    if not settings.op_db_url:
+        return False, "no OP database configured (OPRECON_OP_DB_URL)"
+    return _probe_sql(settings.op_db_url, "patients", "OP")
+
+
+def _probe_portal(settings: Settings) -> tuple[bool, str]:
+    if settings.portal_adapter:
+        return True, f"custom adapter {settings.portal_adapter} (not probed)"
+    if settings.portal_source == "http":
+        import httpx
+
+        if not settings.portal_url:
+            return False, "no portal URL configured (OPRECON_PORTAL_URL)"
+        token = settings.portal_token.get_secret_value() if settings.portal_token else None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        url = settings.portal_url.rstrip("/") + "/users"
+        started = time.perf_counter()
+        try:
+            answer = httpx.get(url, params={"limit": 1}, headers=headers,
+                               timeout=min(5.0, settings.portal_timeout_seconds))
+        except httpx.HTTPError as err:
+            return False, f"portal API {mask_url(settings.portal_url)}: no answer " \
+                          f"({type(err).__name__})"
+        took = time.perf_counter() - started
+        if answer.status_code != 200:
+            return False, (f"portal API {mask_url(settings.portal_url)}: HTTP "
+                           f"{answer.status_code} in {took:.2f}s")
+        return True, f"portal API answers ({mask_url(settings.portal_url)}, {took:.2f}s)"
+    return _probe_dir(settings.portal_dir, ("portal_users.csv", "portal_links.csv",
+                                            "portal_sources.csv", "portal_audit.csv"), "portal")
 
 
 def read_heartbeats(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
@@ -495,6 +625,7 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
 
     last: dict[str, Any] | None = None
     deadman: dict[str, Any] | None = None
+    failures: list[dict[str, Any]] = []
     db_ok = False
     url = make_url(settings.state_db_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
@@ -507,6 +638,7 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
             with Session(engine) as session:
                 last = kv_get(session, settings.practice, "last_success")
                 deadman = kv_get(session, settings.practice, "deadman")
+                failures = recent_failures(session, settings, now)
             db_ok = True
             checks.append(Check("state db", True, f"reachable ({mask_url(settings.state_db_url)})"))
         except SQLAlchemyError as err:
@@ -521,8 +653,15 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
     else:
         checks.append(Check("worker", False, "unknown: Redis unreachable"))
         checks.append(Check("beat", False, "unknown: Redis unreachable"))
+    checks.extend(source_checks(settings, failures))
     if db_ok:
-        checks.append(deadman_check(settings, last, deadman, now))
+        check = deadman_check(settings, last, deadman, now)
+        if failures:
+            # The newest scan failed: say which part and why, and do not call it healthy.
+            check.ok = False
+            check.detail += f" · last attempt failed: {failure_text(failures[0])}"
+            check.data["failures"] = failures
+        checks.append(check)
     else:
         checks.append(Check("last scan", False, "unknown: state database unreachable"))
     return checks

@@ -207,11 +207,11 @@ def queue_depths(broker: Any) -> dict[str, int]:
     return depths
 
 
-def run_json(run: Run, now: datetime, settings: Settings) -> dict[str, Any]:
-    status = run.status
-    if status == "running" and now - run.started_at > timedelta(
-            seconds=settings.scan_hard_limit_seconds + 60):
-        status = "lost"  # killed at the hard limit, or its worker died
+def run_json(run: Run, now: datetime, settings: Settings, client: Any = None
+             ) -> dict[str, Any]:
+    """One run for people and scripts; `client` (Redis) lets a running run whose scan
+    lease expired show as lost at once (worker.runtime.lost)."""
+    status = health.run_status(run, now, settings, client)
     end = run.finished_at or now
     return {
         "id": run.id, "kind": run.kind, "scope": run.scope, "status": status,
@@ -219,9 +219,27 @@ def run_json(run: Run, now: datetime, settings: Settings) -> dict[str, Any]:
         "duration_seconds": round((end - run.started_at).total_seconds(), 3),
         "records_read": run.records_read, "findings": run.findings_total,
         "findings_new": run.findings_new, "findings_resolved": run.findings_resolved,
-        "fixes_queued": run.fixes_queued, "alerts": run.alerts,
-        "error": run.error.split(":", 1)[0] if run.error else None,
+        "fixes_queued": run.fixes_queued,
+        "fixes_staged": int(((run.summary or {}).get("by_decision") or {}).get("staged", 0)),
+        "alerts": run.alerts,
+        "error": health.run_cause(run, status, settings),
+        "part": (run.summary or {}).get("part"),
     }
+
+
+def run_failures(runs: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """Failed and lost runs since the last successful one, newest first: what on-call
+    must see in status and health without reading worker logs."""
+    out = []
+    for r in runs:
+        if r["status"] == "succeeded":
+            break
+        if r["status"] in ("failed", "lost"):
+            at = health.parse_time(r["started_at"])
+            out.append({"run_id": r["id"], "kind": r["kind"], "status": r["status"],
+                        "part": r.get("part"), "cause": r["error"] or "no cause recorded",
+                        "ago": fmt_seconds(health.age_seconds(at, now)) if at else "?"})
+    return out
 
 
 def collect_status(settings: Settings, now: datetime | None = None) -> dict[str, Any]:
@@ -231,19 +249,26 @@ def collect_status(settings: Settings, now: datetime | None = None) -> dict[str,
 
     now = now or utcnow()
     errors: list[str] = []
+    failures: list[str] = []
     status: dict[str, Any] = {
         "practice": settings.practice, "now": now.isoformat(),
         "config": {"broker": health.mask_url(settings.broker_url),
                    "redis": health.mask_url(settings.redis_url),
                    "state_db": health.mask_url(settings.state_db_url)},
     }
+    lease_client: Any = health.redis_for_health(settings.redis_url)
+    try:
+        lease_client.ping()
+    except redis.RedisError:
+        lease_client.close()
+        lease_client = None  # scan leases unknown: runs are judged by the hard limit only
     try:
         sessions = read_sessions(settings)
         with sessions() as session:
             runs = list(session.scalars(
                 select(Run).where(Run.practice == settings.practice)
                 .order_by(Run.started_at.desc(), Run.id.desc()).limit(RECENT_RUNS)))
-            status["runs"] = [run_json(r, now, settings) for r in runs]
+            status["runs"] = [run_json(r, now, settings, lease_client) for r in runs]
             kv = {k: kv_get(session, settings.practice, k)
                   for k in ("paused", "breaker", "last_success", "deadman")}
             held = session.scalars(select(FindingRow.next_check_at).where(
@@ -270,10 +295,21 @@ def collect_status(settings: Settings, now: datetime | None = None) -> dict[str,
             "next_end_at": iso(min(upcoming)) if upcoming else None,
         }
         status["findings"] = {str(k): int(v) for k, v in sorted(by_state.items())}
+        from worker.fixes.staging import staged_batches
+
+        with sessions() as session:
+            status["staged"] = [{**b, "since": iso(b["since"])}
+                                for b in staged_batches(session, settings.practice)]
+        status["failures"] = run_failures(status["runs"], now)
+        failures = [f"run {f['run_id']} ({f['kind']}) {f['status']} {f['ago']} ago: "
+                    f"{f['cause']}" for f in status["failures"]]
     except SQLAlchemyError as err:
         errors.append(f"state db: {type(err).__name__}")
     except OperationRefused as err:
         errors.append(f"state db: {err}")
+    finally:
+        if lease_client is not None:
+            lease_client.close()
 
     client = health.redis_for_health(settings.redis_url)
     try:
@@ -291,5 +327,7 @@ def collect_status(settings: Settings, now: datetime | None = None) -> dict[str,
             errors.append(f"broker: {type(err).__name__}")
         finally:
             broker.close()
-    status["errors"] = errors
+    status["read_errors"] = errors
+    # Parts that could not be read, then scans that failed since the last success.
+    status["errors"] = errors + failures
     return status

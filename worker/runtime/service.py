@@ -30,7 +30,7 @@ from worker.scan.engine import (
 )
 from worker.scan.incremental import full_reconcile, incremental_reconcile
 from worker.scan.locks import ScanBusy, single_flight
-from worker.scan.wiring import build_deps
+from worker.scan.wiring import build_deps, state_sessions
 from worker.state.models import ActionRow
 
 log = structlog.get_logger(__name__)
@@ -80,13 +80,29 @@ def scan(
         log.info("scan_skipped", kind=kind, reason=str(busy))
         metrics.scan_finished(kind, "skipped", time.perf_counter() - started)
         return ScanOutcome("skipped", reason=str(busy))
-    except Exception:
+    except Exception as err:
         metrics.scan_finished(kind, "failed", time.perf_counter() - started)
+        _record_failure(settings, deps, kind, request.label, task_id, err, now)
         raise
     metrics.scan_finished(kind, "succeeded", time.perf_counter() - started)
     _record_metrics(result, now)
     progress.record_done(settings, tracked, result)
     return ScanOutcome("succeeded", result, action_ids=result.action_ids)
+
+
+def _record_failure(
+    settings: Settings, deps: Deps | None, kind: str, scope: str, task_id: str | None,
+    err: BaseException, now: datetime | None,
+) -> None:
+    """A failed scan leaves a run row with its cause, even when it failed before the
+    engine opened one (worker.scan.failures)."""
+    from worker.scan.failures import record_failed_scan
+
+    try:
+        sessions = deps.sessions if deps is not None else state_sessions(settings)
+    except Exception:  # noqa: BLE001 — the state database may be what failed
+        sessions = None
+    record_failed_scan(sessions, settings.practice, kind, scope, task_id, err, now)
 
 
 def _start_sharded(

@@ -25,6 +25,7 @@ from worker.checks.rootcause import BLOCKERS
 from worker.model.findings import FixKind
 from worker.model.scope import ALL, Scope, for_contact, for_patient
 from worker.model.snapshot import Snapshot
+from worker.scan import failures
 from worker.scan.explain import describe
 from worker.scan.lifecycle import SyncResult, TimeRules, sync, transition
 from worker.scan.planner import Decision, FixGate, Plan, default_policy, make_plan
@@ -399,7 +400,9 @@ def _fail_run(deps: Deps, run_id: int, err: BaseException) -> None:
             if run is not None:
                 run.status = "failed"
                 run.finished_at = utcnow()
-                run.error = f"{type(err).__name__}: {str(err)[:500]}"
+                run.error = failures.cause_text(err)
+                run.summary = {**(run.summary or {}), "part": failures.failure_part(err)}
+        failures.mark_recorded(err, run_id)
     except Exception:  # the state DB itself may be what failed
         log.exception("run_fail_not_recorded", run_id=run_id)
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
+from worker.scan import failures
 from worker.scan.engine import RunResult, utcnow
 from worker.scan.locks import ScanBusy, single_flight
 from worker.state.db import kv_set
@@ -90,7 +91,7 @@ def scan_lock(
         try:
             yield
         except Exception as err:
-            record(settings, task_id, "failed", error=type(err).__name__)
+            record(settings, task_id, "failed", error=failures.cause_text(err))
             raise
 
 
