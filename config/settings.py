@@ -166,9 +166,12 @@ class Settings(BaseSettings):
     full_scan_hour: int = Field(2, ge=0, le=23)
     # >1: the nightly full scan runs as this many shard tasks (worker.scan.shards).
     full_scan_shards: int = Field(1, ge=1, le=64)
-    scan_soft_limit_seconds: int = Field(1500, gt=0)
-    scan_hard_limit_seconds: int = Field(1800, gt=0)
-    broker_visibility_timeout_seconds: int = Field(7200, gt=0)
+    # A full scan of 100,000 patients takes ~10 s (docs/benchmarks.md): 15 minutes is
+    # ample, and keeps the visibility timeout, after which the broker hands a dead
+    # worker's message to another, at 30 minutes (docs/operations.md, "Time limits").
+    scan_soft_limit_seconds: int = Field(840, gt=0)
+    scan_hard_limit_seconds: int = Field(900, gt=0)
+    broker_visibility_timeout_seconds: int = Field(1800, gt=0)
     # RedBeat's lock: a standby beat takes over this long after the active one dies.
     beat_lock_timeout_seconds: int = Field(300, ge=5, le=3600)
     flower_user: str = "admin"

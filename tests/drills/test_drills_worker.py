@@ -65,6 +65,7 @@ class Rig:
     sim_url: str
     sessions: Any
     manifest: dict[str, str]
+    env: dict[str, str]
 
     @property
     def lock_key(self) -> str:
@@ -122,12 +123,14 @@ def rig(tmp_path: Path, pg_database: str) -> Iterator[Rig]:
             "OPRECON_SCAN_SOFT_LIMIT_SECONDS": "20",
             "OPRECON_SCAN_HARD_LIMIT_SECONDS": "30",
             "OPRECON_BROKER_VISIBILITY_TIMEOUT_SECONDS": "180",
+            # Heartbeats and scan leases go stale after 3 s: a dead worker shows quickly.
+            "OPRECON_HEARTBEAT_INTERVAL_SECONDS": "1",
         }
         settings = load_settings(**{k.removeprefix("OPRECON_").lower(): v
                                     for k, v in values.items()})
         worker = CeleryWorker(tmp_path, base_env(**values))
         yield Rig(tmp_path, settings, server, worker, sim, sim_url, session_factory(engine),
-                  manifest)
+                  manifest, base_env(**values))
     finally:
         if worker is not None:
             worker.stop()
@@ -227,6 +230,65 @@ def test_whole_worker_killed_mid_scan_the_message_survives_and_completes(rig: Ri
     wait_for(lambda: broker.hlen("unacked") == 0 and broker.llen("scan") == 0, 10,
              "the restored scan to be acked")
     assert rig.redis.client(1).exists(rig.lock_key) == 0
+
+
+def test_whole_worker_killed_during_an_on_call_run_is_reported_lost_and_its_lock_freed(
+    rig: Rig,
+) -> None:
+    """Issue 16 #3: `reconcile --all --wait` says the worker died (not "timed out after
+    300s while running"), status shows the run lost with its cause before anything else
+    runs, and a live worker's verify tick marks it lost and frees the scan lock at once,
+    so the next scan runs instead of being skipped until the lock expires."""
+    from tests.procs import BIN
+
+    rig.worker.start().wait_ready()
+    rig.hold_users_page()
+    cli = subprocess.Popen(
+        [str(BIN / "oprecon"), "reconcile", "--all", "--wait", "--timeout", "120"],
+        env=rig.env, cwd=rig.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert cli.stdout is not None
+        first = cli.stdout.readline()
+        task_id = first.split(" as task ")[1].strip()
+        _wait_mid_read(rig, task_id)
+        rig.worker.kill()
+        started = time.monotonic()
+        out, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(timeout=5)
+    assert cli.returncode == 1, (out, err)
+    assert "stopped heart-beating" in err and "The worker died mid-run" in err, err
+    assert "timed out" not in err
+    assert time.monotonic() - started < 30  # seconds after the kill, not the timeout
+
+    status = subprocess.run([str(BIN / "oprecon"), "status", "--json"], env=rig.env,
+                            cwd=rig.root, capture_output=True, text=True, timeout=60)
+    st = json.loads(status.stdout)
+    (run,) = [r for r in st["runs"] if r["task_id"] == task_id]
+    assert run["status"] == "lost" and "stopped heart-beating" in run["error"]
+    assert any("stopped heart-beating" in e for e in st["errors"])
+    assert rig.redis.client(1).exists(rig.lock_key) == 1  # still held by the dead run
+
+    # Another worker (another container, say) comes up; its verify tick reaps the run.
+    other = CeleryWorker(rig.root, rig.env, name="other").start()
+    try:
+        other.wait_ready()
+        send_task(rig.settings.broker_url, "oprecon.verify.tick")
+        wait_for(lambda: [r.status for r in rig.runs(task_id)] == ["lost"], 30,
+                 "the verify tick to mark the run lost")
+        assert rig.redis.client(1).exists(rig.lock_key) == 0
+        assert [e for e in other.events_named("scan_lost") if e.get("lock_released")]
+        (row,) = rig.runs(task_id)
+        assert (row.error or "").startswith("lost: its worker stopped heart-beating")
+        # The next scan is not skipped behind the dead run's lock.
+        full = send_task(rig.settings.broker_url, "oprecon.scan.full")
+        wait_for(lambda: [r for r in rig.runs(full) if r.status == "succeeded"], 60,
+                 "the next full scan to run")
+        assert not other.events_named("scan_skipped")
+    finally:
+        other.stop()
 
 
 # -- the lock's take-over rule, without a worker -------------------------------------------

@@ -188,7 +188,7 @@ def _run_row(practice: str, task_id: str, status: str, **kw: Any) -> Run:
                task_id=task_id, started_at=now, finished_at=now, **kw)
 
 
-def test_follow_a_failed_run_exits_1_without_the_error_message(
+def test_follow_a_failed_run_exits_1_with_its_cause_masked(
     make_settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def seed(sessions: Any, practice: str, task_id: str) -> None:
@@ -198,7 +198,8 @@ def test_follow_a_failed_run_exits_1_without_the_error_message(
 
     code, out, err = _follow(make_settings, monkeypatch, seed)
     assert code == 1 and "queued ad hoc reconcile of patient:P1" in out
-    assert err.count("\n") == 1 and "failed: SourceError" in err and "@" not in err
+    assert err.count("\n") == 1 and "failed: SourceError: row 7 has email [redacted]" in err
+    assert "@" not in err
 
 
 def test_follow_a_run_that_never_got_the_lock_exits_2(

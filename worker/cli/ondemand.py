@@ -28,7 +28,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
+from worker.model.text import scrub_text
 from worker.runtime.adhoc import TASK_NAME, BrokerUnreachable, Progress, poll, send
+from worker.runtime.health import fmt_seconds, redis_for_health, run_cause
 from worker.scan.engine import ScopeRequest, utcnow
 from worker.scan.progress import ADHOC_LOCK_WAIT_SECONDS
 from worker.state.models import FindingRow
@@ -169,6 +171,17 @@ def enqueue_and_wait(
         return 0
 
     sessions = _sessions(settings)
+    client = redis_for_health(settings.redis_url)
+    try:
+        return _follow(settings, sessions, client, task_id, timeout, poll_seconds, as_json,
+                       out, err, talk)
+    finally:
+        client.close()
+
+
+def _follow(settings: Settings, sessions: sessionmaker[Session], client: Any, task_id: str,
+            timeout: float, poll_seconds: float, as_json: bool, out: IO[str], err: IO[str],
+            talk: IO[str]) -> int:
     deadline = time.monotonic() + timeout
     queued_since = time.monotonic()
     said: str | None = None
@@ -176,7 +189,7 @@ def enqueue_and_wait(
     done_seen: float | None = None
     while True:
         try:
-            p = poll(sessions, settings, task_id)
+            p = poll(sessions, settings, task_id, client=client)
         except SQLAlchemyError:
             p = Progress("queued")  # the worker has not created the schema yet
         text = _describe(p)
@@ -196,12 +209,19 @@ def enqueue_and_wait(
                 return 0
         elif p.state in ("failed", "lost"):
             # The cause is scrubbed of PHI where it is recorded (worker.scan.failures).
-            reason = ((p.run.error if p.run else None) or (p.record or {}).get("error")
-                      or "see the worker log")
-            what = "failed" if p.state == "failed" else (
-                "lost: still marked running past the hard time limit (worker killed?)")
             run = f"run {p.run.id} " if p.run else ""
-            _line(err, f"oprecon: {run}{what}: {reason} (the worker retries database, Redis "
+            if p.state == "lost":
+                cause = run_cause(p.run, "lost", settings) if p.run else "lost"
+                _line(err, f"oprecon: {run}{cause}. The worker died mid-run: its scan lock is "
+                           "freed within a minute by any live worker, and the broker gives "
+                           "the message to a worker again after the visibility timeout ("
+                           f"{fmt_seconds(settings.broker_visibility_timeout_seconds)}); "
+                           "check oprecon health, then run this command again")
+                return 1
+            reason = ((run_cause(p.run, "failed", settings) if p.run else None)
+                      or scrub_text(str((p.record or {}).get("error") or ""))
+                      or "see the worker log")
+            _line(err, f"oprecon: {run}failed: {reason} (the worker retries database, Redis "
                        "and source outages by itself: oprecon status shows the retry)")
             return 1
         elif p.state == "skipped":

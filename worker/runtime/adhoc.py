@@ -9,7 +9,7 @@ before it exists the progress record kv "adhoc:<task_id>" the worker keeps
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -65,7 +65,9 @@ class Progress:
 
 
 def poll(sessions: sessionmaker[Session], settings: Settings, task_id: str,
-         now: datetime | None = None) -> Progress:
+         now: datetime | None = None, client: Any = None) -> Progress:
+    """Where the run is; `client` (Redis) lets it see that a running run's worker died
+    (its lease expired, worker.runtime.lost) without waiting for the hard time limit."""
     now = now or utcnow()
     with sessions() as session:
         run = session.scalar(
@@ -79,9 +81,10 @@ def poll(sessions: sessionmaker[Session], settings: Settings, task_id: str,
             return Progress("done", run, rec)
         if run.status == "failed":
             return Progress("failed", run, rec)
-        limit = timedelta(seconds=settings.scan_hard_limit_seconds + 60)
-        if now - run.started_at > limit:
-            return Progress("lost", run, rec)  # killed at the hard limit, or the worker died
+        from worker.runtime.health import run_status
+
+        if run_status(run, now, settings, client) == "lost":
+            return Progress("lost", run, rec)  # its worker died, or killed at the hard limit
         return Progress("running", run, rec)
     if state == "waiting_for_lock":
         return Progress("waiting", None, rec)

@@ -410,17 +410,53 @@ def run_deadman(
 LOST_CAUSE = "still marked running past the scan's hard time limit: its worker died"
 
 
-def run_status(run: Any, now: datetime, settings: Settings) -> str:
+def alive_key(settings: Settings, task_id: str) -> str:
+    """The lease of a running scan task (worker.runtime.lost)."""
+    return f"oprecon:{settings.practice}:scan-alive:{task_id}"
+
+
+def lost_cause(settings: Settings) -> str:
+    return (f"lost: its worker stopped heart-beating (no sign of life for over "
+            f"{fmt_seconds(stale_after(settings))}): killed or crashed")
+
+
+def lease_expired(run: Any, now: datetime, settings: Settings, client: Any) -> bool:
+    """A `running` run of a task whose lease is gone, and old enough to have had one."""
+    if run.status != "running" or not run.task_id:
+        return False
+    if now - run.started_at <= timedelta(seconds=stale_after(settings)):
+        return False
+    return not client.exists(alive_key(settings, run.task_id))
+
+
+def run_status(run: Any, now: datetime, settings: Settings, client: Any = None) -> str:
     """A run's status as on-call should read it: `running` past the hard time limit (and
-    the lock's expiry) can only be a dead run, whatever the row still says."""
+    the lock's expiry), or with its lease expired (given a Redis client), is a dead run,
+    whatever the row still says until the verify tick marks it."""
     if run.status == "running" and now - run.started_at > timedelta(
             seconds=settings.scan_hard_limit_seconds + 60):
         return "lost"
+    if client is not None:
+        with contextlib.suppress(redis.RedisError):
+            if lease_expired(run, now, settings, client):
+                return "lost"
     return str(run.status)
 
 
+def run_cause(run: Any, status: str, settings: Settings) -> str | None:
+    """A failed or lost run's cause for people: emails, phones and dates masked again
+    (rows written before causes were scrubbed where recorded may quote a value)."""
+    if run.error:
+        from worker.model.text import scrub_text
+
+        return scrub_text(str(run.error))
+    if status != "lost":
+        return None
+    return LOST_CAUSE if run.status != "running" or not run.task_id else lost_cause(settings)
+
+
 def recent_failures(
-    session: Session, settings: Settings, now: datetime, limit: int = 20
+    session: Session, settings: Settings, now: datetime, limit: int = 20, client: Any = None,
 ) -> list[dict[str, Any]]:
     """Failed and lost runs since the last successful run, newest first, with cause."""
     from sqlalchemy import select
@@ -432,14 +468,14 @@ def recent_failures(
         .order_by(Run.started_at.desc(), Run.id.desc()).limit(limit))
     out: list[dict[str, Any]] = []
     for run in rows:
-        status = run_status(run, now, settings)
+        status = run_status(run, now, settings, client)
         if status == "succeeded":
             break
         if status in ("failed", "lost"):
             out.append({
                 "run_id": run.id, "kind": run.kind, "status": status,
                 "part": (run.summary or {}).get("part"),
-                "cause": run.error or (LOST_CAUSE if status == "lost" else "no cause recorded"),
+                "cause": run_cause(run, status, settings) or "no cause recorded",
                 "ago": fmt_seconds(age_seconds(run.started_at, now)),
             })
     return out
@@ -610,8 +646,6 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
     except redis.RedisError as err:
         checks.append(Check("redis", False, f"unreachable ({mask_url(settings.redis_url)}): "
                                             f"{type(err).__name__}"))
-    finally:
-        client.close()
     if settings.broker_url.startswith(("redis://", "rediss://")):
         broker = redis_for_health(settings.broker_url)
         try:
@@ -638,7 +672,8 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
             with Session(engine) as session:
                 last = kv_get(session, settings.practice, "last_success")
                 deadman = kv_get(session, settings.practice, "deadman")
-                failures = recent_failures(session, settings, now)
+                failures = recent_failures(session, settings, now,
+                                           client=client if beats is not None else None)
             db_ok = True
             checks.append(Check("state db", True, f"reachable ({mask_url(settings.state_db_url)})"))
         except SQLAlchemyError as err:
@@ -653,6 +688,7 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
     else:
         checks.append(Check("worker", False, "unknown: Redis unreachable"))
         checks.append(Check("beat", False, "unknown: Redis unreachable"))
+    client.close()
     checks.extend(source_checks(settings, failures))
     if db_ok:
         check = deadman_check(settings, last, deadman, now)

@@ -16,7 +16,7 @@ import structlog
 from config.settings import Settings
 from worker.fixes.apply import TransientPortalError, apply_action
 from worker.model.scope import Scope
-from worker.runtime import metrics
+from worker.runtime import lost, metrics
 from worker.scan import progress, shards
 from worker.scan.engine import (
     Deps,
@@ -64,7 +64,8 @@ def scan(
     tracked = task_id if kind == "adhoc" else None
     started = time.perf_counter()
     try:
-        with progress.scan_lock(settings, wait_seconds=wait_seconds, task_id=tracked):
+        with progress.scan_lock(settings, wait_seconds=wait_seconds, task_id=tracked), \
+                lost.lease(settings, task_id, holds_scan_lock=True):
             deps = deps or build_deps(settings)
             metrics.watch_portal(deps.portal)
             if kind == "incremental" and shards.running_parent(deps, now) is not None:
@@ -139,7 +140,8 @@ def scan_shard(
     """One shard of a sharded full scan, under its own shard lock (not the practice's)."""
     started = time.perf_counter()
     try:
-        with shards.shard_lock(settings, index):
+        with shards.shard_lock(settings, index), \
+                lost.lease(settings, task_id, holds_scan_lock=False):
             deps = deps or build_deps(settings)
             metrics.watch_portal(deps.portal)
             result = shards.run_shard(deps, parent_id, index, count, now=now,
@@ -175,6 +177,7 @@ def verify_due(
     """Re-read the records of every finding whose hold has ended, in one scoped run."""
     now = now or utcnow()
     deps = deps or build_deps(settings)
+    lost.reap(settings, deps.sessions)  # every minute: runs whose worker died (runtime.lost)
     rows = due_holds(deps.sessions, settings.practice, now)
     if not rows:
         return ScanOutcome("succeeded", reason="no holds due")
@@ -187,7 +190,8 @@ def verify_due(
     )
     started = time.perf_counter()
     try:
-        with single_flight(settings, wait_seconds=0):
+        with single_flight(settings, wait_seconds=0), \
+                lost.lease(settings, task_id, holds_scan_lock=True):
             from worker.scan.engine import read_snapshot
 
             metrics.watch_portal(deps.portal)

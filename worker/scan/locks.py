@@ -7,7 +7,7 @@ Longer than that is still too long when the holder is known to be dead: a pool c
 killed mid-scan (the OOM killer) gets its message requeued at once (acks_late +
 reject_on_worker_lost), and the redelivered scan would be skipped — and acked, so lost —
 behind its own dead attempt's lock, as would every scan after it until the lock expired
-(scan_hard_limit + 60 s; 31 minutes by default). So the lock's value names its holder
+(scan_hard_limit + 60 s; 16 minutes by default). So the lock's value names its holder
 (host, pid, process start time), and a scan that finds it held by a process of this host
 that no longer exists takes it over. A holder on another host, or one still alive (a
 message redelivered after a broker connection loss while its first attempt still runs),
