@@ -368,7 +368,7 @@ def test_staff_see_what_a_staged_batch_holds_before_approving_it(
     with the ids of its finding (never an address); both have --json."""
     import json
 
-    from test_statecli import run_cli, use_env
+    from tests.cli.test_statecli import run_cli, use_env
 
     settings, deps, run_id = staged_world(world)
     use_env(monkeypatch, settings)
@@ -397,6 +397,32 @@ def test_staff_see_what_a_staged_batch_holds_before_approving_it(
                    echo=lambda _: None, now=T0)
     code, out, _ = run_cli(monkeypatch, capsys, "fixes", "list")
     assert code == 0 and "no staged fixes" in out
+
+
+def test_status_shows_a_staged_batch_and_the_run_that_staged_it(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16 #4: the guard's pending batch is in `oprecon status` (where to look and
+    what to do), and its run says "+3 staged", not "fixes 0"."""
+    import json
+
+    from tests.cli.test_statecli import run_cli, use_env
+
+    settings, deps, run_id = staged_world(world)
+    use_env(monkeypatch, settings)
+    monkeypatch.setenv("OPRECON_PRACTICE", "test")
+    code, out, _ = run_cli(monkeypatch, capsys, "status")
+    assert code == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("staged"))
+    assert f"run {run_id}: 3 fix(es) held by the mass-change guard" in line
+    assert f"oprecon fixes show {run_id}" in line
+    runs = out.split("Last runs")[1].split("Schedule")[0]
+    row = next(ln for ln in runs.splitlines() if ln.startswith(f"{run_id} "))
+    assert "0 +3 staged" in row
+    code, out, _ = run_cli(monkeypatch, capsys, "status", "--json")
+    st = json.loads(out)
+    assert [(b["run_id"], b["staged"]) for b in st["staged"]] == [(run_id, 3)]
+    assert st["runs"][0]["fixes_staged"] == 3
 
 
 def count_actions(sessions: sessionmaker[Session]) -> int:

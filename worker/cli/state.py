@@ -265,6 +265,12 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
                  else "running (not paused)")
         b = st["breaker"]
         yield f"fixes      {pause} · portal breaker {b.get('state', 'closed')}"
+        for batch in st.get("staged") or []:
+            since = health.parse_time(batch["since"])
+            yield (f"staged     run {batch['run_id']}: {batch['staged']} fix(es) held by the "
+                   f"mass-change guard, waiting {relative(since, now).removesuffix(' ago')} · "
+                   f"look: oprecon fixes show {batch['run_id']} · then oprecon fixes approve|"
+                   f"reject {batch['run_id']}")
         last = st["last_success"]
         dm = st["deadman"]
         if last:
@@ -298,7 +304,7 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
                 [(r["id"], r["kind"], r["scope"], r["status"],
                   _stamp(health.parse_time(r["started_at"])), fmt_duration(r["duration_seconds"]),
                   r["records_read"], r["findings_new"], r["findings_resolved"],
-                  r["fixes_queued"], r["alerts"]) for r in st["runs"]],
+                  _fixes_cell(r), r["alerts"]) for r in st["runs"]],
             )
             for f in st.get("failures", []):
                 yield f"run {f['run_id']} {f['status']}: {f['cause']}"
