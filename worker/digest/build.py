@@ -311,6 +311,33 @@ def deadman_episode(value: Mapping[str, object]) -> str:
     return stamp(at) if at else "unknown"
 
 
+def deadman_recovery(
+    session: Session, practice: str, since: datetime
+) -> dict[str, object] | None:
+    """kv "deadman" when scans succeed again after an outage staff were told about, and
+    the recovery is recent (after `since`): the all-clear is due. Else None."""
+    value = kv_get(session, practice, "deadman") or {}
+    if value.get("overdue") or not value.get("recovered_alerted"):
+        return None
+    at = _kv_time(value, "recovered_at")
+    return value if at is not None and at >= since else None
+
+
+def outage_text(start: datetime | None, end: datetime) -> str:
+    """How long scans have not succeeded, in words: '47 minutes', '3 hours 5 minutes'."""
+    if start is None:
+        return "an unknown time"
+    minutes = max(0, int((end - start).total_seconds() // 60))
+    if minutes < 60:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    hours, rest = divmod(minutes, 60)
+    if hours < 48:
+        text = f"{hours} hour{'s' if hours != 1 else ''}"
+        return text + (f" {rest} minute{'s' if rest != 1 else ''}" if rest else "")
+    days, hours = divmod(hours, 24)
+    return f"{days} days" + (f" {hours} hour{'s' if hours != 1 else ''}" if hours else "")
+
+
 def mark_deadman_alerted(session: Session, practice: str, episode: str, now: datetime) -> None:
     """worker.runtime.health leaves `alerted` false for a new outage; whoever tells staff
     sets it."""
@@ -373,6 +400,11 @@ def immediate_notices(session: Session, settings: Settings, now: datetime) -> li
     if deadman is not None:
         out.append(Notice(f"immediate:deadman:{deadman_episode(deadman)}", "deadman",
                           SYSTEM_CATEGORY, _kv_time(deadman, "at") or now))
+    recovered = deadman_recovery(session, practice, since)
+    if recovered is not None:
+        at = _kv_time(recovered, "recovered_at") or now
+        out.append(Notice(f"immediate:deadman_clear:{stamp(at)}", "deadman_clear",
+                          SYSTEM_CATEGORY, at))
     return sorted(out, key=lambda n: n.at)
 
 
@@ -678,16 +710,32 @@ def guard_note(run_id: int, n: int, guard: Mapping[str, object] | None = None) -
 
 
 def deadman_note(value: Mapping[str, object], now: datetime) -> SystemNote:
-    age = value.get("age_seconds")
-    hours = f"{float(age) / 3600:.1f} hours" if isinstance(age, int | float) else "too long"
+    # From the last success (or the arming of the switch) to now, not the age the
+    # switch recorded at its last check.
+    since = _kv_time(dict(value), "last_success_at", "armed_at")
     return SystemNote(
         "deadman", "oprecon has stopped checking",
-        f"No reconciliation has finished for {hours}. Until it runs again, new problems "
-        "are not found and this digest may be incomplete.",
+        f"No reconciliation has finished for {outage_text(since, now)}. Until it runs "
+        "again, new problems are not found and this digest may be incomplete.",
         (
             "Tell whoever runs oprecon at once; `oprecon health` shows which part stopped.",
             "In the meantime, handle portal complaints with the manual troubleshooting "
             "steps.",
+        ),
+    )
+
+
+def deadman_clear_note(value: Mapping[str, object]) -> SystemNote:
+    # From the last success before the outage to the first one after it.
+    start = _kv_time(dict(value), "recovered_from")
+    end = _kv_time(dict(value), "last_success_at", "recovered_at")
+    lasted = outage_text(start, end) if end is not None else "a while"
+    return SystemNote(
+        "deadman_clear", "oprecon is checking again",
+        f"Reconciliation runs again: the outage we told you about is over (no run finished "
+        f"for about {lasted}). Problems that came up meanwhile are being found now.",
+        (
+            "Nothing to do: the next digest covers what was found during the outage.",
         ),
     )
 
@@ -823,6 +871,12 @@ def build_immediate(
         if value is None:
             return None
         digest.notes = [deadman_note(value, now)]
+        return digest
+    if window.ref == "deadman_clear":
+        value = deadman_recovery(session, practice, now - IMMEDIATE_LOOKBACK)
+        if value is None:
+            return None
+        digest.notes = [deadman_clear_note(value)]
         return digest
     row = session.scalar(
         select(FindingRow).where(

@@ -53,7 +53,9 @@ def _subject(digest: Digest) -> str:
         if digest.bundled:
             return _bundle_subject(digest)
         if digest.notes:
-            return f"[oprecon] Action needed now: {digest.notes[0].title}"
+            tag = "All clear" if digest.notes[0].kind == "deadman_clear" else (
+                "Action needed now")
+            return f"[oprecon] {tag}: {digest.notes[0].title}"
         group = digest.groups[0]
         item = group.items[0]
         tag = "Escalated" if item.escalated else "Action needed now"

@@ -395,8 +395,16 @@ def run_deadman(
         else:
             value["at"] = None
             value["alerted"] = False
-            value["recovered_at"] = now.isoformat() if prev.get("overdue") else prev.get(
+            recovering = bool(prev.get("overdue"))
+            value["recovered_at"] = now.isoformat() if recovering else prev.get(
                 "recovered_at")
+            # For the all-clear (worker.digest): the outage that ended, and whether staff
+            # were told of it (no all-clear for an outage nobody heard about).
+            value["recovered_from"] = (
+                (prev.get("last_success_at") or prev.get("armed_at")) if recovering
+                else prev.get("recovered_from"))
+            value["recovered_alerted"] = (bool(prev.get("alerted")) if recovering
+                                          else bool(prev.get("recovered_alerted")))
         kv_set(session, practice, "deadman", value, now)
     if overdue:
         log.error("deadman_overdue", age_seconds=value["age_seconds"],
