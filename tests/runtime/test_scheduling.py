@@ -58,7 +58,7 @@ from worker.model.records import (
     PortalUser,
 )
 from worker.state.db import kv_get
-from worker.state.models import Run
+from worker.state.models import FindingRow, Run
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -336,9 +336,9 @@ class Cluster:
         """Tasks this beat sent (celery.beat logs each: "Sending due task <entry> (...)")."""
         return len(self.log_lines(name, f"Sending due task {entry}"))
 
-    def oprecon(self, *args: str, hb: str = "worker", timeout: float = 60
-                ) -> subprocess.CompletedProcess[str]:
-        env = {**self.env, "OPRECON_HEARTBEAT_DIR": str(self.hb_dir(hb))}
+    def oprecon(self, *args: str, hb: str = "worker", timeout: float = 60,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**self.env, "OPRECON_HEARTBEAT_DIR": str(self.hb_dir(hb)), **(env or {})}
         return subprocess.run([str(BIN / "oprecon"), *args], env=env, cwd=self.root,
                               capture_output=True, text=True, timeout=timeout)
 
@@ -510,6 +510,32 @@ def test_adhoc_patient_run_completes_while_periodic_work_goes_on(cluster: Cluste
     wait_for(lambda: [r for r in cluster.runs("incremental", since=adhoc.finished_at)
                       if r.status == "succeeded"],
              3 * INTERVAL, "a scheduled scan after the ad hoc run")
+
+    # The guide's checklist first (issue 16 #6), the same facts --local prints.
+    steps = done.stdout.split("Steps for patient:P2:")[1].split("done: run")[0]
+    local = cluster.oprecon("reconcile", "--patient", "P2", "--local")
+    assert local.returncode == 0, local.stderr
+    local_steps = local.stdout.split("Steps for patient:P2:")[1]
+    facts = [ln.split(". ", 1)[1] for ln in steps.splitlines() if ". " in ln]
+    assert any(f.startswith("patient P2: Active, chart email present") for f in facts), steps
+    assert any(f.startswith("family contact C2 as Mother, authority Joint") for f in facts)
+    assert [f for f in facts if f.startswith(("patient P2", "family contact", "  "))] == [
+        ln.split(". ", 1)[1] for ln in local_steps.splitlines()
+        if ". " in ln and ln.split(". ", 1)[1].startswith(("patient P2", "family contact",
+                                                           "  "))]
+    # The detail column uses the terminal's width: whole details at COLUMNS=250.
+    wide = cluster.oprecon("reconcile", "--patient", "P2", "--wait", "--timeout", "40",
+                           env={"COLUMNS": "250"})
+    with cluster.sessions()() as s:
+        details = list(s.scalars(select(FindingRow.detail).where(
+            FindingRow.practice == cluster.settings.practice, FindingRow.patient_id == "P2")))
+    assert details and any(len(d) > 80 for d in details)
+    assert all(d in wide.stdout for d in details), wide.stdout
+    narrow = cluster.oprecon("reconcile", "--patient", "P2", "--wait", "--timeout", "40",
+                             env={"COLUMNS": "120"})
+    table_lines = narrow.stdout.split("done: run")[1].splitlines()[1:]
+    assert table_lines and all(len(ln) <= 120 for ln in table_lines), narrow.stdout
+    assert "…" in narrow.stdout  # cut to fit, and says so
 
     as_json = cluster.oprecon("reconcile", "--patient", "P2", "--wait", "--json",
                               "--timeout", "40")

@@ -20,6 +20,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import IO, Any
 
 import structlog
@@ -109,6 +110,12 @@ def _report(sessions: sessionmaker[Session], p: Progress, as_json: bool, out: IO
             out.write(json.dumps(_finding_json(row, actions)) + "\n")
         out.flush()
         return
+    trace = (p.record or {}).get("trace") or []
+    if trace:
+        _line(out, f"Steps for {run.scope}:")
+        for n, step in enumerate(trace, 1):
+            _line(out, f"  {n:>2}. {step}")
+        _line(out, "")
     seconds = (run.finished_at - run.started_at).total_seconds() if run.finished_at else 0.0
     _line(out, f"done: run {run.id} · {run.kind} {run.scope} · {run.records_read} records read"
                f" · {run.findings_total} finding(s) ({run.findings_new} new, "
@@ -119,13 +126,36 @@ def _report(sessions: sessionmaker[Session], p: Progress, as_json: bool, out: IO
     from worker.scan.report import table
 
     shown = rows[:TEXT_ROWS]
+    cells = [(actions.get(r.fingerprint, "none"), r.check, r.severity, r.state, _ids(r))
+             for r in shown]
+    limit = detail_width(out, cells)
     _line(out, table(
         ["action", "check", "severity", "state", "ids", "detail"],
-        [(actions.get(r.fingerprint, "none"), r.check, r.severity, r.state, _ids(r),
-          r.detail[:80]) for r in shown],
+        [(*c, r.detail if limit is None else _cut(r.detail, limit))
+         for c, r in zip(cells, shown, strict=True)],
     ))
     if len(rows) > len(shown):
         _line(out, f"… {len(rows) - len(shown)} more: oprecon findings")
+
+
+def detail_width(out: IO[str], cells: Sequence[Sequence[str]]) -> int | None:
+    """Room left for the detail column on this terminal (COLUMNS counts, as for any
+    terminal program); None when the output is not a terminal and no width is set:
+    a file or a pipe gets the whole text."""
+    import os
+    import shutil
+
+    isatty = getattr(out, "isatty", lambda: False)()
+    if not isatty and "COLUMNS" not in os.environ:
+        return None
+    columns = shutil.get_terminal_size().columns
+    headers = ("action", "check", "severity", "state", "ids")
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+    return max(20, columns - sum(widths) - 2 * len(widths))
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _ids(row: FindingRow) -> str:

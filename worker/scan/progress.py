@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 ADHOC_LOCK_WAIT_SECONDS = 120  # tasks/scans.py adhoc_scan's default
 PROGRESS_PREFIX = "adhoc:"
 PROGRESS_KEEP = timedelta(days=1)
+TRACE_LINES = 400
 
 
 def progress_key(task_id: str) -> str:
@@ -63,8 +64,11 @@ def record_done(settings: Settings, task_id: str | None, result: RunResult) -> N
     "none", to keep the record small), for `--wait --json`."""
     actions = {i.finding.fingerprint: a for i in result.plan.items
                if (a := i.decision.json_action) != "none"}
+    # One patient's or contact's run: the guide's checklist (ids and flags only,
+    # worker.scan.explain) and the steps, which `--wait` prints as `--local` does.
+    trace = result.trace[:TRACE_LINES] if result.scope.kind in ("patient", "contact") else []
     record(settings, task_id, "done", run_id=result.run_id, summary=result.summary(),
-           actions=actions)
+           actions=actions, trace=trace)
 
 
 @contextmanager
