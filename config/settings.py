@@ -188,6 +188,39 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown check id(s): {', '.join(unknown)}")
         return value
 
+    @field_validator("digest_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        """An IANA zone name; checked now, not at the first digest hours later."""
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name such as America/New_York)"
+            ) from None
+        return value
+
+    @field_validator("digest_recipients")
+    @classmethod
+    def _recipients(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Known categories and addresses that can receive mail (no deliverability
+        lookup): a typo must stop start-up, not lose a day's digest."""
+        from email_validator import EmailNotValidError, validate_email
+
+        known = ("front_desk", "practice_manager", "default")
+        for category, addresses in value.items():
+            if category not in known:
+                raise ValueError(f"unknown category {category!r} (one of {', '.join(known)})")
+            for n, address in enumerate(addresses, 1):
+                try:
+                    validate_email(address.strip(), check_deliverability=False)
+                except EmailNotValidError as err:
+                    raise ValueError(f"{category} address #{n} is not an email address: "
+                                     f"{err}") from None
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if not self.scan_soft_limit_seconds < self.scan_hard_limit_seconds:
@@ -288,7 +321,24 @@ def _one_line(err: ValidationError) -> str:
     name = f"OPRECON_{loc.upper().replace('.', '__')}" if first["loc"] else "settings"
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"invalid setting {name}: {msg}{more}"
+    return f"invalid setting {name}: {msg}{more}{_misplaced_hint(err)}"
+
+
+def _misplaced_hint(err: ValidationError) -> str:
+    """A top-level setting written below a [table] of the TOML file belongs to that table
+    (TOML's rule): name it, so `smtp_host` under [digest_recipients] is not a mystery."""
+    for e in err.errors():
+        loc = e["loc"]
+        if len(loc) >= 2 and loc[0] in ("digest_recipients", "policies") and isinstance(
+                loc[1], str) and loc[1] in Settings.model_fields:
+            return (f"; '{loc[1]}' is a top-level setting read inside [{loc[0]}]: in the "
+                    f"settings file, move it above the first [table]")
+        if e["type"] == "value_error" and loc and loc[0] == "digest_recipients":
+            for key in Settings.model_fields:
+                if f"'{key}'" in e["msg"]:
+                    return (f"; '{key}' is a top-level setting read inside [{loc[0]}]: in "
+                            "the settings file, move it above the first [table]")
+    return ""
 
 
 def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -194,6 +194,26 @@ def _metrics_before_fork(instance: Any = None, **_: Any) -> None:
         metrics.enable_multiprocess()
 
 
+@signals.celeryd_init.connect
+def _sources_usable(instance: Any = None, options: Any = None, **_: Any) -> None:
+    """A worker that scans or fixes refuses to start without usable sources (a missing OP
+    folder, say): one line and exit status 2, not a failure at every scan."""
+    import sys
+
+    from worker.scan.wiring import source_problem
+
+    queues = (options or {}).get("queues") or []
+    if isinstance(queues, str):
+        queues = queues.split(",")
+    if queues and not {"scan", "fix"} & {q.strip() for q in queues}:
+        return  # a digest-only worker reads no source
+    problem = source_problem(_settings_of(instance))
+    if problem:
+        sys.stderr.write(f"oprecon: {problem}\n")
+        sys.stderr.flush()
+        raise SystemExit(2)
+
+
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     global _metrics_server
@@ -245,4 +265,19 @@ def _pool_child_gone(pid: int | None = None, **_: Any) -> None:
     metrics.child_exited(pid or os.getpid())
 
 
-app = make_celery_app()
+def _app_or_exit() -> Celery:
+    """The app, or one line naming the bad setting and exit status 2: a Celery worker or
+    beat started with a bad setting must not answer with a traceback."""
+    import sys
+
+    from config.settings import SettingsError
+
+    try:
+        return make_celery_app()
+    except SettingsError as err:
+        sys.stderr.write(f"oprecon: {err}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+
+
+app = _app_or_exit()

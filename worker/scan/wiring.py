@@ -39,6 +39,34 @@ def op_reader(settings: Settings, op_dir: Path | None = None) -> OPReader:
     return SqlOPSource(settings.op_db_url, settings.op_zone)
 
 
+def source_problem(settings: Settings) -> str | None:
+    """What makes the configured sources unusable before any read (a missing folder, a
+    missing URL), in one line naming the setting; None when they look usable. A worker
+    checks this at start, so a renamed OP folder stops it at once instead of failing
+    every scan later. Reachability is `oprecon health`'s business, not start-up's."""
+    checks: list[tuple[str, Any, str]] = []
+    if settings.op_source == "csv":
+        checks.append(("OPRECON_OP_DIR", settings.op_dir, "op_source=csv"))
+    elif not settings.op_db_url:
+        return "invalid setting OPRECON_OP_DB_URL: required when op_source=sql"
+    if settings.portal_adapter:
+        try:
+            portal_adapter(settings)
+        except SettingsError as err:
+            return str(err)
+    elif settings.portal_source == "http":
+        if not settings.portal_url:
+            return "invalid setting OPRECON_PORTAL_URL: required when portal_source=http"
+    else:
+        checks.append(("OPRECON_PORTAL_DIR", settings.portal_dir, "portal_source=csv"))
+    for name, directory, when in checks:
+        if directory is None:
+            return f"invalid setting {name}: required when {when}"
+        if not Path(directory).is_dir():
+            return f"invalid setting {name}: no folder at {directory}"
+    return None
+
+
 def portal_adapter(settings: Settings, portal_dir: Path | None = None) -> Any:
     if portal_dir is not None:
         from worker.sources.csv_source import CsvPortalSource
