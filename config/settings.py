@@ -217,6 +217,8 @@ class Settings(BaseSettings):
                 try:
                     validate_email(address.strip(), check_deliverability=False)
                 except EmailNotValidError as err:
+                    if "special-use" in str(err):
+                        continue  # example.invalid, a .test relay: reserved, not malformed
                     raise ValueError(f"{category} address #{n} is not an email address: "
                                      f"{err}") from None
         return value

@@ -929,14 +929,39 @@ def test_preview_renders_without_writing(env: Any, smtp: SmtpSink, tmp_path: Pat
     html = tmp_path / "preview.html"
     digest_command(e.settings, preview=True, html=html, now=NOW, out=out)
     text = out.getvalue()
-    assert "===== front_desk (1 recipient): daily:2026-11-25 =====" in text
-    assert ("===== practice_manager (1 recipient): daily:2026-11-25 (empty: nothing would be "
-            "sent) =====") in text
+    assert ("===== front_desk (1 recipient): daily:2026-11-25, goes out 2026-11-25 07:30 EST "
+            "=====") in text
+    # Nothing for the manager in the closed window: the next one, as it stands now.
+    assert ("===== practice_manager (1 recipient): daily:2026-11-26, goes out 2026-11-26 "
+            "07:30 EST (empty so far: nothing would be sent) =====") in text
     assert "chart P1, contact C1" in text and FD not in text
-    assert (tmp_path / "preview-1.html").read_text().startswith("<!DOCTYPE html>")
+    # --html FILE writes FILE (the first group), then FILE-2.html.
+    assert html.read_text().startswith("<!DOCTYPE html>")
+    assert (tmp_path / "preview-2.html").read_text().startswith("<!DOCTYPE html>")
+    assert not (tmp_path / "preview-1.html").exists()
+    assert f"HTML for front_desk (1 recipient) written to {html}" in text
     with e.sessions() as s:
         assert s.scalar(select(func.count()).select_from(DigestSent)) == 2  # only yesterday's
     assert smtp.messages == []
+
+
+def test_preview_right_after_deployment_shows_what_the_next_digest_will_carry(
+    env: Any, smtp: SmtpSink, tmp_path: Path
+) -> None:
+    """Issue 16 #8: deployed at 07:35, after the window closed at 07:30; the first scans
+    find problems. The preview must show them in the digest that goes out next, not the
+    closed window as "nothing would be sent"."""
+    e = env(digest_recipients={"front_desk": [FD]})
+    first_scan = NOW - timedelta(minutes=5)
+    for n in range(3):
+        e.add("authority_invalid", "open", first_scan, patient=f"P{n}", contact=f"C{n}")
+    out = io.StringIO()
+    digest_command(e.settings, preview=True, now=NOW, out=out)
+    text = out.getvalue()
+    header = next(ln for ln in text.splitlines() if ln.startswith("====="))
+    assert "nothing would be sent" not in header, text
+    assert "first report 2026-11-26, 3 open item(s)" in text  # the first digest it sends
+    assert "(authority_invalid): 3 open" in text and "chart P2; contact C2" in text
 
 
 def test_cli_without_preview_sends_what_is_due(env: Any, smtp: SmtpSink) -> None:

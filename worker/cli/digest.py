@@ -60,17 +60,25 @@ def preview_digests(settings: Settings, sessions: sessionmaker[Session], now: da
                 DigestSent.window_key == due_window.key,
             ))
             target = b.next_daily(settings, now) if claimed else due_window
-            digest = b.build_daily(session, settings, recipient, target, now,
-                                   names if recipient.channel == "email" else None)
-        empty = " (empty: nothing would be sent)" if digest.is_empty else ""
-        out.write(f"===== {label}: {target.key}{empty} =====\n")
+            who = names if recipient.channel == "email" else None
+            digest = b.build_daily(session, settings, recipient, target, now, who)
+            if not claimed and digest.is_empty:
+                # Nothing for the closed window (a fresh deployment, say): show what the
+                # next one will carry so far instead of an empty page.
+                target = b.next_daily(settings, now)
+                digest = b.build_daily(session, settings, recipient, target, now, who)
+        empty = " (empty so far: nothing would be sent)" if digest.is_empty else ""
+        when = target.end.astimezone(b.zone(settings)).strftime("%Y-%m-%d %H:%M %Z")
+        out.write(f"===== {label}: {target.key}, goes out {when}{empty} =====\n")
         out.write(render.render_text(digest))
         out.write("\n")
         if html is not None:
-            path = html if len(groups) == 1 else html.with_name(
+            # FILE itself for the first group, FILE-2.html, ... for the others.
+            path = html if i == 0 else html.with_name(
                 f"{html.stem}-{i + 1}{html.suffix or '.html'}")
             path.write_text(render.render_html(digest), encoding="utf-8")
             written.append(path)
+            out.write(f"HTML for {label} written to {path}\n")
     return written
 
 
@@ -99,8 +107,7 @@ def digest_command(settings: Settings, *, preview: bool = False, html: Path | No
     out = out or sys.stdout
     now = now or datetime.now(UTC)
     if preview:
-        for path in preview_digests(settings, dry_run_sessions(settings), now, out, html):
-            out.write(f"HTML written to {path}\n")
+        preview_digests(settings, dry_run_sessions(settings), now, out, html)
         return
     if html is not None:
         out.write("--html only applies with --preview\n")
