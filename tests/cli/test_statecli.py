@@ -256,7 +256,7 @@ def test_pause_and_resume_flip_the_switch_runs_read(
         assert kv_get(s, "test", "paused") == {"paused": True, "reason": "portal maintenance",
                                                "at": T0.isoformat()}
     code, out, _ = run_cli(monkeypatch, capsys, "resume")
-    assert code == 0 and out.strip() == "fixes resumed"
+    assert code == 0 and out.strip() == f"fixes resumed (paused since {T0.isoformat()})"
     with sessions() as s:
         assert kv_get(s, "test", "paused")["paused"] is False
 

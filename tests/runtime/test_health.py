@@ -270,7 +270,7 @@ def test_cluster_health_with_live_heartbeats_and_a_recent_scan(
     checks = {c.name: c for c in health.cluster_checks(settings)}
     assert all(c.ok for c in checks.values()), [c.detail for c in checks.values()]
     assert set(checks) == {"redis", "broker", "state db", "worker", "beat", "op source",
-                           "portal", "last scan"}
+                           "portal", "fixes", "last scan"}
 
     for key, value in {"OPRECON_STATE_DB_URL": settings.state_db_url,
                        "OPRECON_REDIS_URL": settings.redis_url,

@@ -58,13 +58,14 @@ def _id_option(option: str, value: str | None) -> str | None:
     return value
 
 
-def _parse_now(value: str | None) -> datetime | None:
+def _parse_now(value: str | None, option: str = "--now") -> datetime | None:
     if not value:
         return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as err:
-        raise CannotStart(f"--now: not an ISO 8601 time: {value}") from err
+        raise CannotStart(f"{option}: not an ISO 8601 date or time (2026-12-31 or "
+                          f"2026-12-31T17:00): {value}") from err
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -251,7 +252,7 @@ def silence(
     """Silence one finding until a date."""
     from worker.cli.state import set_silence
 
-    set_silence(_settings(), fingerprint, _parse_now(until), reason, by)
+    set_silence(_settings(), fingerprint, _parse_now(until, "--until"), reason, by)
 
 
 @app.command()
@@ -472,10 +473,11 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 — one line, never a traceback, for operators
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
+        # A usage error (unknown option, missing value): typer raises its own vendored
+        # click's exceptions, so test for the shape, not the class.
+        show = getattr(err, "show", None)
+        if callable(show) and isinstance(getattr(err, "exit_code", None), int):
+            show()
             sys.exit(2)
         typer.echo(f"oprecon: could not run: {type(err).__name__}: {_one_line(err)}", err=True)
         sys.exit(2)

@@ -68,7 +68,16 @@ def ids_text(row: FindingRow) -> str:
     return " ".join(parts)
 
 
-def finding_json(row: FindingRow, now: datetime) -> dict[str, Any]:
+def next_check_at(row: FindingRow, settings: Settings | None) -> datetime | None:
+    """When the finding is looked at again, as the table's "next check" says: a pending
+    finding is confirmed one propagation delay after it was first seen."""
+    if row.next_check_at is None and row.state == S.PENDING and settings is not None:
+        return row.first_seen_at + settings.propagation_delay
+    return row.next_check_at
+
+
+def finding_json(row: FindingRow, now: datetime,
+                 settings: Settings | None = None) -> dict[str, Any]:
     return {
         "fingerprint": row.fingerprint, "check": row.check, "severity": row.severity,
         "state": row.state, "effective_state": effective_state(row, now),
@@ -77,7 +86,7 @@ def finding_json(row: FindingRow, now: datetime) -> dict[str, Any]:
         "detail": row.detail, "first_seen_at": _iso(row.first_seen_at),
         "last_seen_at": _iso(row.last_seen_at), "state_changed_at": _iso(row.state_changed_at),
         "age_seconds": round((now - row.first_seen_at).total_seconds(), 3),
-        "next_check_at": _iso(row.next_check_at), "fix_attempts": row.fix_attempts,
+        "next_check_at": _iso(next_check_at(row, settings)), "fix_attempts": row.fix_attempts,
         "silenced_until": _iso(row.silenced_until), "silenced_by": row.silenced_by,
         "silence_reason": row.silence_reason,
     }
@@ -123,7 +132,7 @@ def list_findings(
         ))
     if as_json:
         for row in rows:
-            _print(out, json.dumps(finding_json(row, now)))
+            _print(out, json.dumps(finding_json(row, now, settings)))
         return
     if rows:
         _print(out, table(
@@ -239,16 +248,31 @@ def set_paused(
     out = _out(out)
     now = now or utcnow()
     with write_sessions(settings).begin() as session:
-        ops.set_paused(session, settings.practice, paused, reason, now)
+        prev = ops.set_paused(session, settings.practice, paused, reason, now)
+    was_paused = bool(prev.get("paused"))
+    since = prev.get("at")
+    if not paused and not was_paused:
+        _print(out, "fixes were not paused: nothing to resume")
+        return
     structlog.get_logger(__name__).info("fixes_paused" if paused else "fixes_resumed")
-    if paused:
+    if paused and was_paused:
+        _print(out, f"fixes were already paused (since {since}); reason now: {reason}")
+    elif paused:
         _print(out, f"fixes paused: {reason} (detection and digests go on; "
                     "oprecon resume restarts fixes)")
     else:
-        _print(out, "fixes resumed")
+        _print(out, f"fixes resumed (paused since {prev.get('at', '?')})")
 
 
 # -- status --------------------------------------------------------------------------------
+
+
+def _fixes_cell(run: dict[str, Any]) -> str:
+    """Queued fixes, and those the mass-change guard staged instead (not "0")."""
+    staged = run.get("fixes_staged") or 0
+    if not staged:
+        return str(run["fixes_queued"])
+    return f"{run['fixes_queued']} +{staged} staged"
 
 
 def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:

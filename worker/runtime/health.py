@@ -668,6 +668,8 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
     last: dict[str, Any] | None = None
     deadman: dict[str, Any] | None = None
     failures: list[dict[str, Any]] = []
+    paused: dict[str, Any] = {}
+    breaker: dict[str, Any] = {}
     db_ok = False
     url = make_url(settings.state_db_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
@@ -682,6 +684,8 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
                 deadman = kv_get(session, settings.practice, "deadman")
                 failures = recent_failures(session, settings, now,
                                            client=client if beats is not None else None)
+                paused = kv_get(session, settings.practice, "paused") or {}
+                breaker = kv_get(session, settings.practice, "breaker") or {}
             db_ok = True
             checks.append(Check("state db", True, f"reachable ({mask_url(settings.state_db_url)})"))
         except SQLAlchemyError as err:
@@ -699,6 +703,7 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
     client.close()
     checks.extend(source_checks(settings, failures))
     if db_ok:
+        checks.append(fixes_check(paused, breaker))
         check = deadman_check(settings, last, deadman, now)
         if failures:
             # The newest scan failed: say which part and why, and do not call it healthy.
@@ -709,6 +714,23 @@ def cluster_checks(settings: Settings, now: datetime | None = None) -> list[Chec
     else:
         checks.append(Check("last scan", False, "unknown: state database unreachable"))
     return checks
+
+
+def fixes_check(paused: dict[str, Any], breaker: dict[str, Any]) -> Check:
+    """Fixes stopped by on-call (pause) or by the portal breaker: not healthy, because
+    nothing is being repaired, even though everything runs."""
+    problems = []
+    if paused.get("paused"):
+        problems.append(f"PAUSED since {paused.get('at', '?')}: {paused.get('reason', '')} "
+                        "(oprecon resume)")
+    if breaker.get("state") == "open":
+        problems.append("portal breaker open: too many portal errors, fixes wait "
+                        "(it probes and closes by itself)")
+    if problems:
+        return Check("fixes", False, "; ".join(problems),
+                     {"paused": bool(paused.get("paused")), "breaker": breaker.get("state")})
+    return Check("fixes", True, "running (not paused, portal breaker closed)",
+                 {"paused": False, "breaker": breaker.get("state", "closed")})
 
 
 def mask_url(url: str) -> str:

@@ -153,10 +153,17 @@ def unsilence(session: Session, row: FindingRow, now: datetime, cause: str) -> b
 
 
 def set_paused(session: Session, practice: str, paused: bool, reason: str,
-               now: datetime) -> None:
-    """The pause switch every run reads before planning fixes (engine.FixGate)."""
-    kv_set(session, practice, "paused",
-           {"paused": paused, "reason": reason, "at": now.isoformat()}, now)
+               now: datetime) -> dict[str, Any]:
+    """The pause switch every run reads before planning fixes (engine.FixGate). Returns
+    the switch as it was. A second pause keeps when the pause began ("since"; the reason
+    is the latest one); resuming what is not paused changes nothing."""
+    prev = kv_get(session, practice, "paused") or {}
+    was_paused = bool(prev.get("paused"))
+    if not paused and not was_paused:
+        return prev
+    since = prev.get("at") if paused and was_paused else now.isoformat()
+    kv_set(session, practice, "paused", {"paused": paused, "reason": reason, "at": since}, now)
+    return prev
 
 
 def paused_state(session: Session, practice: str) -> dict[str, Any]:
