@@ -956,8 +956,11 @@ def test_preview_right_after_deployment_shows_what_the_next_digest_will_carry(
     for n in range(3):
         e.add("authority_invalid", "open", first_scan, patient=f"P{n}", contact=f"C{n}")
     out = io.StringIO()
-    digest_command(e.settings, preview=True, now=NOW, out=out)
+    page = tmp_path / "next.html"
+    digest_command(e.settings, preview=True, html=page, now=NOW, out=out)
     text = out.getvalue()
+    # Examples stay apart in HTML as in text: "|" between families, ";" within one.
+    assert "chart P0; contact C0 | chart P1; contact C1" in page.read_text()
     header = next(ln for ln in text.splitlines() if ln.startswith("====="))
     assert "nothing would be sent" not in header, text
     assert "first report 2026-11-26, 3 open item(s)" in text  # the first digest it sends
