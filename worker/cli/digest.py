@@ -100,12 +100,60 @@ def send_due(settings: Settings, sessions: sessionmaker[Session], now: datetime,
     return sent
 
 
+def send_test(settings: Settings, recipient: str, now: datetime, out: TextIO) -> None:
+    """`digest --test RECIPIENT`: one short message now, through the configured relay or
+    webhook, to a configured recipient (digests go to no one else). Nothing is recorded:
+    it proves the channel, not a window. A failure is one line and exit status 2."""
+    from email.message import EmailMessage
+
+    from worker.cli.errors import CannotStart
+    from worker.digest.send import (
+        AmbiguousDeliveryError,
+        PermanentDeliveryError,
+        TransientDeliveryError,
+        post_webhook,
+        send_email,
+    )
+
+    recipients = b.resolve_recipients(settings)
+    wanted = recipient.strip().lower()
+    match = next((r for r in recipients if r.channel == wanted
+                  or (r.channel == "email" and r.address.lower() == wanted)), None)
+    if match is None:
+        configured = ", ".join(r.label for r in recipients) or "none"
+        raise CannotStart(f"{recipient} is not a configured digest recipient (configured: "
+                          f"{configured}); a test goes only where digests go")
+    stamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
+    text = (f"This is a test from oprecon for practice {settings.practice}, sent {stamp} by "
+            f"`oprecon digest --test`. Digests for {match.label} will arrive this way.")
+    try:
+        if match.channel == "webhook":
+            post_webhook(match.address, {"text": f"[oprecon] test message: {text}"},
+                         attempts=1)
+            where = "the webhook"
+        else:
+            msg = EmailMessage()
+            msg["Subject"] = f"[oprecon] test message for {settings.practice}"
+            msg["From"] = settings.smtp_sender
+            msg["To"] = match.address
+            msg.set_content(text + "\n")
+            send_email(settings, msg, match.address, attempts=1)
+            where = f"SMTP {settings.smtp_host}:{settings.smtp_port}"
+    except (TransientDeliveryError, PermanentDeliveryError, AmbiguousDeliveryError) as err:
+        raise CannotStart(f"test message to {match.label} not sent: {err}") from None
+    out.write(f"test message sent to {match.label} through {where}\n")
+
+
 def digest_command(settings: Settings, *, preview: bool = False, html: Path | None = None,
-                   now: datetime | None = None, out: TextIO | None = None) -> None:
+                   test: str | None = None, now: datetime | None = None,
+                   out: TextIO | None = None) -> None:
     from worker.scan.wiring import dry_run_sessions, state_sessions
 
     out = out or sys.stdout
     now = now or datetime.now(UTC)
+    if test is not None:
+        send_test(settings, test, now, out)
+        return
     if preview:
         preview_digests(settings, dry_run_sessions(settings), now, out, html)
         return

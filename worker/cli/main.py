@@ -25,7 +25,8 @@ app = typer.Typer(
     help="Reconcile OP family contacts with OP Portal access.",
     pretty_exceptions_enable=False,
 )
-fixes_app = typer.Typer(help="Staged fix batches held back by the mass-change guard.")
+fixes_app = typer.Typer(help="Staged fix batches held back by the mass-change guard, and the "
+                              "audit of fixes applied.")
 app.add_typer(fixes_app, name="fixes")
 users_app = typer.Typer(help="Staff accounts of the web console (oprecon web).")
 app.add_typer(users_app, name="users")
@@ -233,13 +234,33 @@ def migrate() -> None:
 def findings(
     check: Annotated[str | None, typer.Option(help="Only this check id.")] = None,
     state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    patient: Annotated[str | None, typer.Option(help="Only findings about this chart.")] = None,
+    contact: Annotated[str | None, typer.Option(
+        help="Only findings naming this contact (duplicate groups included).")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_csv: Annotated[bool, typer.Option(
+        "--csv", help="CSV for spreadsheets (formula-like cells start with ').")] = False,
     limit: Annotated[int, typer.Option()] = 200,
 ) -> None:
     """Findings held in the state database."""
     from worker.cli.state import list_findings
 
-    list_findings(_settings(), check, state, as_json, limit)
+    list_findings(_settings(), check, state, as_json, limit, patient=patient, contact=contact,
+                  as_csv=as_csv)
+
+
+@app.command()
+def history(
+    target: Annotated[str, typer.Argument(metavar="ID", help="A patient, contact or portal "
+                                                              "user id.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A family's timeline: what oprecon saw and did, with run ids and reasons."""
+    from worker.cli.audit import show_history
+    from worker.cli.state import read_sessions
+
+    settings = _settings()
+    show_history(settings, target, as_json, sys.stdout, read_sessions(settings))
 
 
 @app.command()
@@ -295,6 +316,24 @@ def fixes_show(run: int, as_json: Annotated[bool, typer.Option("--json")] = Fals
     show_staged(_settings(), run, as_json)
 
 
+@fixes_app.command("applied")
+def fixes_applied(
+    since: Annotated[str | None, typer.Option(
+        help="From this date or time (ISO 8601), or a span back: 7d (default), 12h, 30m."
+    )] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What oprecon changed in the portal, when, and with what outcome."""
+    from worker.cli.audit import parse_since, show_applied
+    from worker.cli.state import read_sessions
+    from worker.scan.engine import utcnow
+
+    settings = _settings()
+    now = utcnow()
+    show_applied(settings, parse_since(since, now), as_json, sys.stdout,
+                 read_sessions(settings), now)
+
+
 @fixes_app.command("approve")
 def fixes_approve(run: int) -> None:
     """Release a staged batch: its fixes are queued on the worker (applied here if the
@@ -337,11 +376,47 @@ def health(
 def digest(
     preview: Annotated[bool, typer.Option("--preview", help="Render without sending.")] = False,
     html: Annotated[Path | None, typer.Option(help="Write the HTML part here.")] = None,
+    test: Annotated[str | None, typer.Option(
+        "--test", metavar="RECIPIENT",
+        help="Send a short test message now to this configured recipient (or 'webhook').",
+    )] = None,
 ) -> None:
-    """Render the next digest (with --preview) or send the digests that are due."""
+    """Render the next digest (with --preview), send a test message (--test), or send
+    the digests that are due."""
     from worker.cli.digest import digest_command
 
-    digest_command(_settings(), preview=preview, html=html)
+    digest_command(_settings(), preview=preview, html=html, test=test)
+
+
+def flower_argv(settings: Settings, address: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """Flower on this app, behind basic auth from OPRECON_FLOWER_USER/PASSWORD (passed in
+    Flower's environment, not on the command line where `ps` shows it)."""
+    import importlib.util
+    import os
+
+    if settings.flower_password is None or not settings.flower_password.get_secret_value():
+        raise CannotStart("invalid setting OPRECON_FLOWER_PASSWORD: required: Flower shows "
+                          "every task and is never served without basic auth")
+    if importlib.util.find_spec("flower") is None:
+        raise CannotStart("Flower is not installed: pip install -e '.[flower]'")
+    argv = [sys.executable, "-m", "celery", "-A", "worker.runtime.celery_app", "flower",
+            f"--address={address}", f"--port={port}"]
+    env = {**os.environ, "FLOWER_BASIC_AUTH":
+           f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"}
+    return argv, env
+
+
+@app.command()
+def flower(
+    address: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 5555,
+) -> None:
+    """Celery's Flower dashboard without Docker, behind basic auth (needs the `flower`
+    extra)."""
+    import os
+
+    argv, env = flower_argv(_settings(), address, port)
+    os.execve(argv[0], argv, env)
 
 
 # -- the staff console --------------------------------------------------------------------

@@ -99,16 +99,25 @@ def list_findings(
     as_json: bool,
     limit: int,
     *,
+    patient: str | None = None,
+    contact: str | None = None,
+    as_csv: bool = False,
     now: datetime | None = None,
     out: IO[str] | None = None,
 ) -> None:
     """Unresolved findings by default, most severe and oldest first; `--state all` or
-    `--state resolved` to see the rest."""
+    `--state resolved` to see the rest; `--patient`/`--contact` narrow them to findings
+    naming that id (a duplicate group counts for each of its contacts)."""
     from worker.checks.catalog import CHECK_IDS
+    from worker.cli import audit
     from worker.scan.report import table
 
     out = _out(out)
     now = now or utcnow()
+    if patient and contact:
+        raise _cannot("choose one of --patient ID, --contact ID")
+    if as_json and as_csv:
+        raise _cannot("choose one of --json, --csv")
     if check is not None and check not in CHECK_IDS:
         raise _cannot(f"--check: unknown check id {check!r}")
     states = [str(s) for s in S]
@@ -124,12 +133,28 @@ def list_findings(
     elif state != "all":
         where.append(FindingRow.state == state)
     rank = case(SEVERITY_ORDER, value=FindingRow.severity, else_=9)
+    target = patient or contact
     with read_sessions(settings)() as session:
-        total = session.scalar(select(func.count()).select_from(FindingRow).where(*where)) or 0
-        rows = list(session.scalars(
-            select(FindingRow).where(*where)
-            .order_by(rank, FindingRow.first_seen_at, FindingRow.id).limit(limit)
-        ))
+        if target is None:
+            total = session.scalar(
+                select(func.count()).select_from(FindingRow).where(*where)) or 0
+            rows = list(session.scalars(
+                select(FindingRow).where(*where)
+                .order_by(rank, FindingRow.first_seen_at, FindingRow.id).limit(limit)
+            ))
+        else:
+            if patient:
+                where.append(FindingRow.patient_id == patient)
+            else:
+                where.append(audit.involves([target]))
+            found = [r for r in session.scalars(
+                select(FindingRow).where(*where)
+                .order_by(rank, FindingRow.first_seen_at, FindingRow.id))
+                if patient or audit.row_involves(r, {target})]
+            total, rows = len(found), found[:limit]
+    if as_csv:
+        audit.write_csv((finding_json(r, now, settings) for r in rows), out)
+        return
     if as_json:
         for row in rows:
             _print(out, json.dumps(finding_json(row, now, settings)))
@@ -144,7 +169,8 @@ def list_findings(
     what = "finding(s)" if state in (None, "all") else f"{state} finding(s)"
     scope = "" if state is not None else " unresolved"
     shown = f"{len(rows)} of {total}" if total > len(rows) else f"{total}"
-    _print(out, f"{shown}{scope} {what}" + (f" for {check}" if check else ""))
+    about = f" about {'patient' if patient else 'contact'} {target}" if target else ""
+    _print(out, f"{shown}{scope} {what}" + (f" for {check}" if check else "") + about)
 
 
 # -- staged fix batches --------------------------------------------------------------------
