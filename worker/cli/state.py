@@ -293,6 +293,16 @@ def set_paused(
 # -- status --------------------------------------------------------------------------------
 
 
+def _failure_lines(failures: list[dict[str, Any]]) -> Iterable[str]:
+    """One line per cause: a retried outage fails several runs the same way."""
+    by_cause: dict[tuple[str, str], list[int]] = {}
+    for f in failures:
+        by_cause.setdefault((f["status"], f["cause"]), []).append(f["run_id"])
+    for (status, cause), ids in by_cause.items():
+        runs = f"run {ids[0]}" if len(ids) == 1 else "runs " + ", ".join(map(str, ids))
+        yield f"{runs} {status}: {cause}"
+
+
 def _fixes_cell(run: dict[str, Any]) -> str:
     """Queued fixes, and those the mass-change guard staged instead (not "0")."""
     staged = run.get("fixes_staged") or 0
@@ -356,8 +366,7 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
                   r["records_read"], r["findings_new"], r["findings_resolved"],
                   _fixes_cell(r), r["alerts"]) for r in st["runs"]],
             )
-            for f in st.get("failures", []):
-                yield f"run {f['run_id']} {f['status']}: {f['cause']}"
+            yield from _failure_lines(st.get("failures") or [])
         else:
             yield "(no runs yet)"
     yield ""

@@ -424,7 +424,7 @@ def alive_key(settings: Settings, task_id: str) -> str:
 
 
 def lost_cause(settings: Settings) -> str:
-    return (f"lost: its worker stopped heart-beating (no sign of life for over "
+    return (f"its worker stopped heart-beating (no sign of life for over "
             f"{fmt_seconds(stale_after(settings))}): killed or crashed")
 
 
