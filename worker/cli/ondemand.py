@@ -242,8 +242,8 @@ def _follow(settings: Settings, sessions: sessionmaker[Session], client: Any, ta
             run = f"run {p.run.id} " if p.run else ""
             if p.state == "lost":
                 cause = run_cause(p.run, "lost", settings) if p.run else "lost"
-                _line(err, f"oprecon: {run}lost: {cause}. The worker died mid-run: its scan lock is "
-                           "freed within a minute by any live worker, and the broker gives "
+                _line(err, f"oprecon: {run}lost: {cause}. The worker died mid-run: its scan "
+                           "lock is freed within a minute by any live worker, and the broker gives "
                            "the message to a worker again after the visibility timeout ("
                            f"{fmt_seconds(settings.broker_visibility_timeout_seconds)}); "
                            "check oprecon health, then run this command again")
