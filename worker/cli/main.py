@@ -245,8 +245,9 @@ def findings(
     """Findings held in the state database."""
     from worker.cli.state import list_findings
 
-    list_findings(_settings(), check, state, as_json, limit, patient=patient, contact=contact,
-                  as_csv=as_csv)
+    list_findings(_settings(), check, state, as_json, limit,
+                  patient=_id_option("--patient", patient),
+                  contact=_id_option("--contact", contact), as_csv=as_csv)
 
 
 @app.command()
@@ -260,7 +261,8 @@ def history(
     from worker.cli.state import read_sessions
 
     settings = _settings()
-    show_history(settings, target, as_json, sys.stdout, read_sessions(settings))
+    show_history(settings, _id_option("ID", target) or target, as_json, sys.stdout,
+                 read_sessions(settings))
 
 
 @app.command()
