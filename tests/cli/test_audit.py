@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.cli.test_statecli import finding, run_cli, use_env
-from tests.factory import MemoryPortal, clean_family, contact, fc
+from tests.factory import MemoryPortal, clean_family, contact, fc, patient
 from tests.scan.test_lifecycle import T0, scan_at
 from worker.model.records import Authority
 from worker.scan.engine import Deps
@@ -38,11 +38,12 @@ def settings(request: pytest.FixtureRequest, make_settings: Any) -> Any:
 
 
 def family_day(settings: Any) -> Deps:
-    """P1's mother C1 has lost her portal link (a refresh restores it); C7, a second
-    contact on P1 with no authority, is a parent with an email: an alert only. First
-    read at T0, confirmed and fixed at T0+15m, verified at T0+35m."""
+    """P1's mother C1 has lost her portal link (a refresh restores it); on P2's chart C7
+    is a father with an email and no authority: an alert only. First read at T0,
+    confirmed and fixed at T0+15m, verified at T0+35m."""
     records = [r for r in clean_family() if type(r).__name__ != "CaregiverLink"]
-    records += [contact("C7"), fc("P1", "C7", role="Father", authority=Authority.NONE)]
+    records += [patient("P2"), contact("C7"),
+                fc("P2", "C7", role="Father", authority=Authority.NONE)]
     portal = MemoryPortal(records, {"U1": ["U2"]})
     deps = Deps(settings, state_sessions(settings), portal, portal, portal_writable=True)
     for minutes in (0, 15, 35):
@@ -69,9 +70,10 @@ def test_findings_for_one_patient_or_contact(settings: Any, monkeypatch: pytest.
     use_env(monkeypatch, settings)
     code, out, _ = cli("findings", "--patient", "P1", "--state", "all")
     assert code == 0
-    assert "caregiver_link_missing" in out and "authority_invalid" in out
+    assert "caregiver_link_missing" in out and "patient=P1" in out
+    assert "authority_invalid" not in out  # P2's
     assert "fp-other" not in out and "fp-dup" not in out
-    assert out.splitlines()[-1] == "2 finding(s) about patient P1"
+    assert out.splitlines()[-1] == "1 finding(s) about patient P1"
     code, out, _ = cli("findings", "--contact", "C7", "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert {r["check"] for r in rows} == {"authority_invalid", "contact_duplicate"}
@@ -92,7 +94,7 @@ def test_history_is_the_familys_timeline_with_runs_and_reasons(
     assert any("→ held" in ln for ln in link) and any("→ resolved" in ln for ln in link)
     assert any("fix refresh_source (action" in ln and "applied" in ln for ln in link)
     assert "verified after the hold: fixed" in out
-    assert "authority_invalid" in out  # the father's alert belongs to the family too
+    assert "authority_invalid" not in out  # another family's
     assert "about P1 and its family" in out.splitlines()[-1]
     code, out, _ = cli("history", "U1", "--json")
     entries = [json.loads(line) for line in out.splitlines()]
