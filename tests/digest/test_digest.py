@@ -967,6 +967,20 @@ def test_preview_right_after_deployment_shows_what_the_next_digest_will_carry(
     assert "(authority_invalid): 3 open" in text and "chart P2; contact C2" in text
 
 
+def test_steps_point_at_ids_when_the_digest_hides_names(env: Any, smtp: SmtpSink) -> None:
+    """Issue 16 #9: "search by last name" is no help in a digest that shows no names."""
+    e = env(digest_recipients={"front_desk": [FD]})
+    after_yesterday(e)
+    e.add("contact_inactive", "open", NOW - timedelta(hours=2), patient="P1", contact="C1")
+    out = io.StringIO()
+    digest_command(e.settings, preview=True, now=NOW, out=out)
+    text = out.getvalue()
+    assert "contact C1" in text
+    assert "last name" not in text
+    assert "search by the contact id shown above, then" not in text
+    assert "Contact Manager and search by the contact id shown above." in text
+
+
 def test_cli_without_preview_sends_what_is_due(env: Any, smtp: SmtpSink) -> None:
     e = env()
     after_yesterday(e)

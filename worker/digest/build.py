@@ -572,6 +572,26 @@ def root_causes(session: Session, settings: Settings) -> RootCauses:
     )))
 
 
+# The guide's steps find records by name; a digest that hides names (the default) gives
+# ids instead, so the step must point at the id it shows.
+_BY_NAME = (
+    ("search by last name, then by email address", "search by the contact id shown above"),
+    ("search by the last name", "search by the contact ids shown above"),
+    ("find the contact by last name", "find the contact by the id shown above"),
+    ("search by last name", "search by the contact id shown above"),
+    ("search last name+first name", "search by the portal user id shown above"),
+)
+
+
+def steps_for_ids(steps: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    out = []
+    for step in steps:
+        for by_name, by_id in _BY_NAME:
+            step = step.replace(by_name, by_id)
+        out.append(step)
+    return tuple(out)
+
+
 def _item(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo,
           names: Names | None, since: datetime, causes: RootCauses | None = None) -> Item:
     escalated = row.state == S.ESCALATED
@@ -581,6 +601,8 @@ def _item(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo,
         # Root cause first: the step to take is the OP-side blocker's, not OP support.
         steps = wait_steps(row, blocker)
     detail = row.detail if settings.digest_show_names and names else scrub_text(row.detail)
+    if not (settings.digest_show_names and names):
+        steps = steps_for_ids(steps)
     return Item(
         fingerprint=row.fingerprint, check=row.check, severity=row.severity,
         who=who_of(row, names), what=detail, steps=tuple(steps),
@@ -817,7 +839,8 @@ def build_daily(
         if backlog:
             b = backlog_rows.setdefault(row.check, BacklogRow(
                 row.check, _title(row.check), _severity(row.check), 0, 0, [],
-                tuple(REMEDIES.get(row.check, ()))))
+                tuple(REMEDIES.get(row.check, ())) if settings.digest_show_names and names
+                else steps_for_ids(REMEDIES.get(row.check, ()))))
             b.count += 1
             b.escalated += escalated
             if len(b.examples) < BACKLOG_EXAMPLES:
@@ -952,7 +975,7 @@ def _cap_items(groups: list[Group], max_items: int) -> None:
         group.hidden += len(group.items) - keep[i]
         del group.items[keep[i]:]
         if group.hidden and not group.items:
-            group.steps = tuple(REMEDIES.get(group.check, ()))
+            group.steps = steps_for_ids(REMEDIES.get(group.check, ()))
 
 
 def build(
