@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from config.settings import load_settings
 from tests.cli.test_statecli import finding, run_cli, use_env
 from tests.factory import MemoryPortal, clean_family, contact, fc, patient
 from tests.scan.test_lifecycle import T0, scan_at
@@ -29,12 +30,15 @@ from worker.state.db import migrate
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def settings(request: pytest.FixtureRequest, make_settings: Any) -> Any:
+def settings(request: pytest.FixtureRequest, make_settings: Any) -> Iterator[Any]:
     if request.param == "sqlite":
-        return make_settings()
+        yield make_settings()
+        return
     url: str = request.getfixturevalue("pg_database")
     migrate(url)
-    return make_settings(state_db_url=url, practice=f"audit-{uuid.uuid4().hex[:8]}")
+    yield make_settings(state_db_url=url, practice=f"audit-{uuid.uuid4().hex[:8]}")
+    # Close the cached engine's pooled connections now (not when the cache drops it).
+    state_sessions(load_settings(state_db_url=url)).kw["bind"].dispose()
 
 
 def family_day(settings: Any) -> Deps:

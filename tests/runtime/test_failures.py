@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,18 @@ def use_env(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def state_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+def state_url(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[str]:
     if request.param == "sqlite":
-        return sqlite_url
+        yield sqlite_url
+        return
     url: str = request.getfixturevalue("pg_database")
     migrate(url)
-    return url
+    yield url
+    # The runtime caches an engine per URL; close its pooled connections now, not when
+    # the cache drops it (a psycopg connection collected while open is a warning).
+    from worker.scan.wiring import _sessions_for
+
+    _sessions_for(url).kw["bind"].dispose()
 
 
 def test_scan_failing_before_its_run_row_records_one_and_on_call_sees_the_cause(
