@@ -304,3 +304,8 @@ def alternatives(name: str) -> tuple[str, ...]:
 def is_known(name: str) -> bool:
     """True for a common given name (or any name in the nickname table)."""
     return name in KNOWN_GIVEN_NAMES
+
+
+def group_ids(name: str) -> frozenset[int]:
+    """Ids of the nickname lines `name` sits on (empty for a name not in the table)."""
+    return _GROUP_IDS.get(name, _EMPTY)

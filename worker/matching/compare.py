@@ -1,0 +1,235 @@
+"""Graded comparisons: how closely two contacts agree, field by field (the γ vectors).
+
+Each field of a candidate pair gets a *level*; -1 means a value is missing on either side
+(no evidence either way, as in Fellegi–Sunter). String similarity is computed once per
+distinct pair of values, with rapidfuzz's vectorised `cpdist`.
+
+| field | levels (highest first) |
+|---|---|
+| first, last | 4 same · 3 one name holds the other (nickname, middle name, married or double name "Smith"/"Smith-Doe") · 2 Jaro-Winkler ≥ 0.92 · 1 ≥ 0.80 · 0 |
+| dob | 3 same · 2 one digit, two adjacent digits transposed, or day/month swapped · 1 two digits · 0 |
+| email, phone | 3 same (one person's) · 2 same, but shared by people with different first names (a family's) · 1 one edit apart · 0 |
+| address | 3 same house, street and postcode · 2 same house number with same postcode or similar street · 1 same postcode or street · 0 |
+| city | 2 same · 1 Jaro-Winkler ≥ 0.88 · 0 |
+
+Swapped names: when first-vs-last and last-vs-first agree better than the straight
+comparison (both at least level 2), the swapped levels are used and the pair says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rapidfuzz.distance import JaroWinkler, Levenshtein
+from rapidfuzz.process import cpdist
+
+from worker.matching.columns import Columns
+
+FIELDS = ("first", "last", "dob", "email", "phone", "address", "city")
+LEVELS = {"first": 5, "last": 5, "dob": 4, "email": 4, "phone": 4, "address": 4, "city": 3}
+F_FIRST, F_LAST, F_DOB, F_EMAIL, F_PHONE, F_ADDR, F_CITY = range(len(FIELDS))
+WORKERS = 2
+
+
+@dataclass(slots=True)
+class Compared:
+    """γ matrix (pairs x fields, int8, -1 missing) and the facts the rules need."""
+
+    gamma: np.ndarray
+    swapped: np.ndarray  # names matched first-to-last
+    related: np.ndarray  # first names on one nickname line (Bob/Robert)
+    dob_swap: np.ndarray  # day and month swapped
+    years_apart: np.ndarray  # |birth year difference|, 0 when a DOB is missing
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct (a, b) code pairs and, per input pair, its index among them."""
+    key = a.astype(np.int64) << 32 | (b.astype(np.int64) & 0xFFFFFFFF)
+    uniq, inverse = np.unique(key, return_inverse=True)
+    return (uniq >> 32).astype(np.int64), (uniq & 0xFFFFFFFF).astype(np.int64), inverse
+
+
+def _similarity(values: list[str], a: np.ndarray, b: np.ndarray, scorer: object) -> np.ndarray:
+    """scorer(values[a[k]], values[b[k]]) for each k, on distinct pairs only."""
+    if not len(a):
+        return np.empty(0, dtype=np.float64)
+    ua, ub, inv = _unique_pairs(a, b)
+    va = [values[x] for x in ua.tolist()]
+    vb = [values[x] for x in ub.tolist()]
+    sims = cpdist(va, vb, scorer=scorer, workers=WORKERS)
+    return np.asarray(sims)[inv]
+
+
+def _shares_word(cols: Columns, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One name's words include a word (2+ letters) of the other: "Mary Ann"/"Mary"."""
+    out = np.zeros(len(a), dtype=bool)
+    words = cols.name_words
+    multi = np.array([len(w) > 1 for w in words], dtype=bool) if words else np.zeros(0, bool)
+    if not len(a):
+        return out
+    idx = np.flatnonzero(multi[a] | multi[b])
+    if not len(idx):
+        return out
+    ua, ub, inv = _unique_pairs(a[idx], b[idx])
+    hit = np.array([
+        any(len(w) > 1 for w in set(words[x]) & set(words[y]))
+        for x, y in zip(ua.tolist(), ub.tolist(), strict=True)
+    ], dtype=bool)
+    out[idx] = hit[inv]
+    return out
+
+
+def _related(cols: Columns, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two names on one nickname line (first words compared)."""
+    ga, gb = cols.name_groups[a], cols.name_groups[b]
+    out = np.zeros(len(a), dtype=bool)
+    for x in range(3):
+        for y in range(3):
+            out |= (ga[:, x] >= 0) & (ga[:, x] == gb[:, y])
+    return out
+
+
+def name_levels(cols: Columns, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Levels of two name-code arrays, and whether they are nickname-related."""
+    level = np.zeros(len(a), dtype=np.int8)
+    missing = (a < 0) | (b < 0)
+    same = (a == b) & ~missing
+    level[same] = 4
+    rest = np.flatnonzero(~same & ~missing)
+    related = np.zeros(len(a), dtype=bool)
+    if len(rest):
+        ra, rb = a[rest], b[rest]
+        sim = _similarity(cols.name_compact, ra, rb, JaroWinkler.normalized_similarity)
+        lv = np.where(sim >= 0.92, 2, np.where(sim >= 0.80, 1, 0)).astype(np.int8)
+        lv[sim >= 1.0] = 4  # the same letters, spaced differently ("Kayl a")
+        rel = _related(cols, ra, rb)
+        lv[rel | _shares_word(cols, ra, rb)] = 3
+        level[rest] = lv
+        related[rest] = rel
+    level[missing] = -1
+    return level, related
+
+
+def _digits(cols: Columns) -> np.ndarray:
+    """The 8 digits YYYYMMDD of each DOB, as a (n, 8) int8 array."""
+    out = np.zeros((cols.n, 8), dtype=np.int8)
+    y, m, d = cols.y.astype(np.int32), cols.m.astype(np.int32), cols.d.astype(np.int32)
+    for pos, div in enumerate((1000, 100, 10, 1)):
+        out[:, pos] = (y // div) % 10
+    out[:, 4], out[:, 5] = m // 10, m % 10
+    out[:, 6], out[:, 7] = d // 10, d % 10
+    return out
+
+
+def _dob_levels(cols: Columns, i: np.ndarray, j: np.ndarray,
+                digits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    di, dj = cols.dob[i], cols.dob[j]
+    missing = (di < 0) | (dj < 0)
+    level = np.zeros(len(i), dtype=np.int8)
+    xi, xj = digits[i], digits[j]
+    diff = xi != xj
+    ham = diff.sum(axis=1)
+    adjacent = np.zeros(len(i), dtype=bool)
+    for k in range(7):
+        adjacent |= diff[:, k] & diff[:, k + 1] & (xi[:, k] == xj[:, k + 1]) & (
+            xi[:, k + 1] == xj[:, k])
+    swap = (cols.y[i] == cols.y[j]) & (cols.m[i] == cols.d[j]) & (cols.d[i] == cols.m[j]) & (
+        cols.m[i] != cols.m[j])
+    level[ham == 2] = 1
+    level[(ham == 1) | ((ham == 2) & adjacent) | swap] = 2
+    level[ham == 0] = 3
+    level[missing] = -1
+    apart = np.abs(cols.y[i].astype(np.int32) - cols.y[j].astype(np.int32))
+    apart[missing] = 0
+    return level, swap & ~missing, apart
+
+
+def _id_levels(values: list[str], ci: np.ndarray, cj: np.ndarray,
+               family: np.ndarray) -> np.ndarray:
+    """Email / phone: 3 same, 2 same family value, 1 one edit apart, 0 different."""
+    missing = (ci < 0) | (cj < 0)
+    level = np.zeros(len(ci), dtype=np.int8)
+    same = (ci == cj) & ~missing
+    level[same] = np.where(family[ci[same]], 2, 3)
+    rest = np.flatnonzero(~same & ~missing)
+    if len(rest):
+        dist = _similarity(values, ci[rest], cj[rest], Levenshtein.distance)
+        level[rest[dist <= 1]] = 1
+    level[missing] = -1
+    return level
+
+
+def _family_values(codes: np.ndarray, ci: np.ndarray, cj: np.ndarray,
+                   first: np.ndarray, size: int) -> np.ndarray:
+    """Values (emails, phones) that people with different first names share."""
+    family = np.zeros(max(size, 1), dtype=bool)
+    shared = (ci == cj) & (ci >= 0) & (first <= 1)
+    family[ci[shared]] = True
+    del codes
+    return family
+
+
+def compare(cols: Columns, i: np.ndarray, j: np.ndarray) -> Compared:
+    """The γ matrix of candidate pairs (i[k], j[k])."""
+    n = len(i)
+    gamma = np.full((n, len(FIELDS)), -1, dtype=np.int8)
+    fi, fj, li, lj = cols.first[i], cols.first[j], cols.last[i], cols.last[j]
+    first, related = name_levels(cols, fi, fj)
+    last, _ = name_levels(cols, li, lj)
+    weak = np.flatnonzero((first < 3) | (last < 3))
+    swapped = np.zeros(n, dtype=bool)
+    if len(weak):
+        c1, _ = name_levels(cols, fi[weak], lj[weak])
+        c2, _ = name_levels(cols, li[weak], fj[weak])
+        better = (np.minimum(c1, c2) >= 1) & (np.maximum(c1, c2) >= 2) & (
+            c1.astype(np.int16) + c2 > first[weak].astype(np.int16) + last[weak])
+        sel = weak[better]
+        first[sel], last[sel] = c1[better], c2[better]
+        related[sel] = False
+        swapped[sel] = True
+    gamma[:, F_FIRST], gamma[:, F_LAST] = first, last
+    dob, dob_swap, apart = _dob_levels(cols, i, j, _digits(cols))
+    gamma[:, F_DOB] = dob
+    ei, ej, pi, pj = cols.email[i], cols.email[j], cols.phone[i], cols.phone[j]
+    fam_e = _family_values(cols.email, ei, ej, first, len(cols.emails))
+    fam_p = _family_values(cols.phone, pi, pj, first, len(cols.phones))
+    gamma[:, F_EMAIL] = _id_levels(cols.emails, ei, ej, fam_e)
+    gamma[:, F_PHONE] = _id_levels(cols.phones, pi, pj, fam_p)
+    gamma[:, F_ADDR] = _address_levels(cols, i, j)
+    gamma[:, F_CITY] = _city_levels(cols, i, j)
+    return Compared(gamma, swapped, related, dob_swap, apart)
+
+
+def _address_levels(cols: Columns, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    si, sj, pi, pj = cols.street[i], cols.street[j], cols.postcode[i], cols.postcode[j]
+    ni, nj = cols.number[i], cols.number[j]
+    missing = ((si < 0) & (pi < 0)) | ((sj < 0) & (pj < 0))
+    level = np.zeros(len(i), dtype=np.int8)
+    both = np.flatnonzero((si >= 0) & (sj >= 0))
+    street_sim = np.zeros(len(i), dtype=np.float64)
+    if len(both):
+        street_sim[both] = _similarity(cols.streets, si[both], sj[both],
+                                       JaroWinkler.normalized_similarity)
+    same_post = (pi == pj) & (pi >= 0)
+    same_num = (ni == nj) & (ni >= 0)
+    similar_street = street_sim >= 0.9
+    level[same_post | similar_street] = 1
+    level[same_num & (same_post | similar_street)] = 2
+    ai, aj = cols.addr[i], cols.addr[j]
+    level[(ai == aj) & (ai >= 0)] = 3
+    level[missing] = -1
+    return level
+
+
+def _city_levels(cols: Columns, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    ci, cj = cols.city[i], cols.city[j]
+    missing = (ci < 0) | (cj < 0)
+    level = np.zeros(len(i), dtype=np.int8)
+    level[ci == cj] = 2
+    rest = np.flatnonzero((ci != cj) & ~missing)
+    if len(rest):
+        sim = _similarity(cols.cities, ci[rest], cj[rest], JaroWinkler.normalized_similarity)
+        level[rest[sim >= 0.88]] = 1
+    level[missing] = -1
+    return level

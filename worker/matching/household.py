@@ -1,0 +1,65 @@
+"""Household rules: named reasons why a pair that scores like one person is NOT one.
+
+Why on top of the weights: a family shares an address, a landline and often one email,
+and parents name children after themselves. Fellegi–Sunter adds evidence up, so two
+spouses with similar names (Daniel/Danielle) at one address with one family email score
+as high as a re-registration. Staff merging two different parents is the worst outcome
+of the Contact Manager step, so each rule below vetoes a pair outright:
+
+- `different_given_names`: the first names are two different known given names, not
+  forms of one name (Daniel/Danielle, Mary/Mark, John/Joan), and not first/last swapped
+  - unless the DOB is identical and the last names alike (then a typo or a mix-up that
+  happens to make another real name, Dean/Dan, is far likelier than two people; twins
+  sharing a family email are the price, and rare among parents).
+- `generation_apart`: both DOBs are known and 14 or more years apart, and not one
+  typed digit apart (a parent and an adult child or grandparent with one name: Jr/Sr).
+- `different_suffix`: both names carry a generational suffix and they differ (Jr/Sr).
+- `family_contact_only`: the first names are not the same, the DOBs do not agree (or one
+  is missing), and no email or phone of one person is shared, but a family's email or
+  landline is: shared family contact details are weak evidence and never enough alone.
+
+`RULES` maps each rule to its one-line reason; `veto` returns, per pair, the index of
+the first rule that applies (-1 for none).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.matching.columns import Columns
+from worker.matching.compare import F_DOB, F_EMAIL, F_FIRST, F_LAST, F_PHONE, Compared
+
+GENERATION_YEARS = 14
+
+RULES = {
+    "different_given_names": "two different given names",
+    "generation_apart": "dates of birth a generation apart",
+    "different_suffix": "different generational suffixes (Jr/Sr)",
+    "family_contact_only": "only a family's shared email or phone agrees",
+}
+RULE_NAMES = tuple(RULES)
+
+
+def veto(cols: Columns, i: np.ndarray, j: np.ndarray, cmp: Compared) -> np.ndarray:
+    """Per pair, the index in `RULE_NAMES` of the first rule that applies, else -1."""
+    g = cmp.gamma
+    out = np.full(len(i), -1, dtype=np.int8)
+    first, last, dob = g[:, F_FIRST], g[:, F_LAST], g[:, F_DOB]
+    email, phone = g[:, F_EMAIL], g[:, F_PHONE]
+
+    fi, fj = cols.first[i], cols.first[j]
+    known = np.zeros(len(i), dtype=bool)
+    ok = (fi >= 0) & (fj >= 0)
+    known[ok] = cols.name_known[fi[ok]] & cols.name_known[fj[ok]]
+    identical_else = (dob == 3) & (last >= 1)
+    contactable = ((cols.email[i] >= 0) | (cols.phone[i] >= 0)) & (
+        (cols.email[j] >= 0) | (cols.phone[j] >= 0))
+    rules = [
+        known & (fi != fj) & (first < 3) & ~cmp.swapped & ~cmp.related & ~identical_else,
+        (cmp.years_apart >= GENERATION_YEARS) & (dob >= 0) & (dob <= 1) & contactable,
+        (cols.suffix[i] > 0) & (cols.suffix[j] > 0) & (cols.suffix[i] != cols.suffix[j]),
+        (first < 4) & (dob < 2) & (email != 3) & (phone != 3) & ((email == 2) | (phone == 2)),
+    ]
+    for pos in range(len(rules) - 1, -1, -1):
+        out[rules[pos]] = pos
+    return out
