@@ -8,7 +8,7 @@ distinct pair of values, with rapidfuzz's vectorised `cpdist`.
 |---|---|
 | first, last | 4 same · 3 one name holds the other (nickname, middle name, married or double name "Smith"/"Smith-Doe") · 2 Jaro-Winkler ≥ 0.92 · 1 ≥ 0.80 · 0 |
 | dob | 3 same · 2 one digit, two adjacent digits transposed, or day/month swapped · 1 two digits · 0 |
-| email, phone | 3 same (one person's) · 2 same, but shared by people with different first names (a family's) · 1 one edit apart · 0 |
+| email, phone | 3 same (one person's) · 2 same, but shared by two people (different first names or DOBs, or a name's male and female forms: a family's) · 1 one edit apart · 0 |
 | address | 3 same house, street and postcode · 2 same house number with same postcode or similar street · 1 same postcode or street · 0 |
 | city | 2 same · 1 Jaro-Winkler ≥ 0.88 · 0 |
 
@@ -41,6 +41,7 @@ class Compared:
     related: np.ndarray  # first names on one nickname line (Bob/Robert)
     dob_swap: np.ndarray  # day and month swapped
     years_apart: np.ndarray  # |birth year difference|, 0 when a DOB is missing
+    gendered: np.ndarray  # first names are one name's forms for two sexes (Joel/Joelle)
 
 
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,8 +62,9 @@ def _similarity(values: list[str], a: np.ndarray, b: np.ndarray, scorer: object)
     return np.asarray(sims)[inv]
 
 
-def _shares_word(cols: Columns, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """One name's words include a word (2+ letters) of the other: "Mary Ann"/"Mary"."""
+def _shares_word(cols: Columns, a: np.ndarray, b: np.ndarray, first_word: bool) -> np.ndarray:
+    """The names share a word of 2+ letters: for a last name any word ("Smith"/"Smith-Doe"),
+    for a first name the first word ("Mary"/"Mary Ann", not "José María"/"María Elena")."""
     out = np.zeros(len(a), dtype=bool)
     words = cols.name_words
     multi = np.array([len(w) > 1 for w in words], dtype=bool) if words else np.zeros(0, bool)
@@ -72,10 +74,16 @@ def _shares_word(cols: Columns, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if not len(idx):
         return out
     ua, ub, inv = _unique_pairs(a[idx], b[idx])
-    hit = np.array([
-        any(len(w) > 1 for w in set(words[x]) & set(words[y]))
-        for x, y in zip(ua.tolist(), ub.tolist(), strict=True)
-    ], dtype=bool)
+    if first_word:
+        hit = np.array([
+            words[x][0] == words[y][0] and len(words[x][0]) > 1
+            for x, y in zip(ua.tolist(), ub.tolist(), strict=True)
+        ], dtype=bool)
+    else:
+        hit = np.array([
+            any(len(w) > 1 for w in set(words[x]) & set(words[y]))
+            for x, y in zip(ua.tolist(), ub.tolist(), strict=True)
+        ], dtype=bool)
     out[idx] = hit[inv]
     return out
 
@@ -90,7 +98,39 @@ def _related(cols: Columns, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def name_levels(cols: Columns, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+_FEMININE_ENDINGS = ("a", "e", "ie", "le", "ne", "na", "ia", "elle", "ette", "ine")
+_SWAPPED_ENDINGS = (frozenset("oa"), frozenset({"y", "ie"}), frozenset({"e", "ie"}))
+
+
+def gender_variant(a: str, b: str) -> bool:
+    """Two forms of a name for two sexes: Daniel/Danielle, Justin/Justine, Paul/Paula,
+    Mario/Maria, Bobby/Bobbie, Jesse/Jessie. Different people's names, not a typo."""
+    if a == b:
+        return False
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    if len(short) >= 3 and long.startswith(short) and long[len(short):] in _FEMININE_ENDINGS:
+        return True
+    for ends in _SWAPPED_ENDINGS:
+        for x in ends:
+            for y in ends:
+                if x != y and a.endswith(x) and b.endswith(y) and len(a) - len(x) >= 3 and (
+                        a[: len(a) - len(x)] == b[: len(b) - len(y)]):
+                    return True
+    return False
+
+
+def _gendered(cols: Columns, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if not len(a):
+        return np.zeros(0, dtype=bool)
+    ua, ub, inv = _unique_pairs(a, b)
+    words = cols.name_words
+    hit = np.array([gender_variant(words[x][0], words[y][0])
+                    for x, y in zip(ua.tolist(), ub.tolist(), strict=True)], dtype=bool)
+    return hit[inv]
+
+
+def name_levels(cols: Columns, a: np.ndarray, b: np.ndarray,
+                first_word: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Levels of two name-code arrays, and whether they are nickname-related."""
     level = np.zeros(len(a), dtype=np.int8)
     missing = (a < 0) | (b < 0)
@@ -104,7 +144,7 @@ def name_levels(cols: Columns, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray
         lv = np.where(sim >= 0.92, 2, np.where(sim >= 0.80, 1, 0)).astype(np.int8)
         lv[sim >= 1.0] = 4  # the same letters, spaced differently ("Kayl a")
         rel = _related(cols, ra, rb)
-        lv[rel | _shares_word(cols, ra, rb)] = 3
+        lv[rel | _shares_word(cols, ra, rb, first_word)] = 3
         level[rest] = lv
         related[rest] = rel
     level[missing] = -1
@@ -160,13 +200,12 @@ def _id_levels(values: list[str], ci: np.ndarray, cj: np.ndarray,
     return level
 
 
-def _family_values(codes: np.ndarray, ci: np.ndarray, cj: np.ndarray,
-                   first: np.ndarray, size: int) -> np.ndarray:
-    """Values (emails, phones) that people with different first names share."""
+def _family_values(ci: np.ndarray, cj: np.ndarray, two_people: np.ndarray,
+                   size: int) -> np.ndarray:
+    """Values (emails, phones) shared by two people: different first names or DOBs."""
     family = np.zeros(max(size, 1), dtype=bool)
-    shared = (ci == cj) & (ci >= 0) & (first <= 1)
+    shared = (ci == cj) & (ci >= 0) & two_people
     family[ci[shared]] = True
-    del codes
     return family
 
 
@@ -175,7 +214,7 @@ def compare(cols: Columns, i: np.ndarray, j: np.ndarray) -> Compared:
     n = len(i)
     gamma = np.full((n, len(FIELDS)), -1, dtype=np.int8)
     fi, fj, li, lj = cols.first[i], cols.first[j], cols.last[i], cols.last[j]
-    first, related = name_levels(cols, fi, fj)
+    first, related = name_levels(cols, fi, fj, first_word=True)
     last, _ = name_levels(cols, li, lj)
     weak = np.flatnonzero((first < 3) | (last < 3))
     swapped = np.zeros(n, dtype=bool)
@@ -189,16 +228,20 @@ def compare(cols: Columns, i: np.ndarray, j: np.ndarray) -> Compared:
         related[sel] = False
         swapped[sel] = True
     gamma[:, F_FIRST], gamma[:, F_LAST] = first, last
+    gendered = np.zeros(n, dtype=bool)
+    similar = np.flatnonzero((first == 1) | (first == 2))
+    gendered[similar] = _gendered(cols, fi[similar], fj[similar])
     dob, dob_swap, apart = _dob_levels(cols, i, j, _digits(cols))
     gamma[:, F_DOB] = dob
     ei, ej, pi, pj = cols.email[i], cols.email[j], cols.phone[i], cols.phone[j]
-    fam_e = _family_values(cols.email, ei, ej, first, len(cols.emails))
-    fam_p = _family_values(cols.phone, pi, pj, first, len(cols.phones))
+    others = (first <= 1) | (dob == 0) | gendered  # certainly two people
+    fam_e = _family_values(ei, ej, others, len(cols.emails))
+    fam_p = _family_values(pi, pj, others, len(cols.phones))
     gamma[:, F_EMAIL] = _id_levels(cols.emails, ei, ej, fam_e)
     gamma[:, F_PHONE] = _id_levels(cols.phones, pi, pj, fam_p)
     gamma[:, F_ADDR] = _address_levels(cols, i, j)
     gamma[:, F_CITY] = _city_levels(cols, i, j)
-    return Compared(gamma, swapped, related, dob_swap, apart)
+    return Compared(gamma, swapped, related, dob_swap, apart, gendered)
 
 
 def _address_levels(cols: Columns, i: np.ndarray, j: np.ndarray) -> np.ndarray:

@@ -205,14 +205,13 @@ def _find(
     st.oversized_blocks = cand.oversized_blocks
     st.comparisons = len(cand.i)
     cmp = compare(cols, cand.i, cand.j)
-    model = fellegi_sunter.train(cols, cmp.gamma, cand.passes, blocking.IDENTIFIER_PASSES,
-                                 blocking.NAME_PASSES)
+    vetoes = household.veto(cols, cand.i, cand.j, cmp)
+    model = fellegi_sunter.train(cols, cmp.gamma, cand.passes, vetoes < 0)
     st.prior, st.trained = model.prior, model.trained
     tf_first = fellegi_sunter.tf_bonus(cols, cols.first, model.u[F_FIRST, 4])
     tf_last = fellegi_sunter.tf_bonus(cols, cols.last, model.u[F_LAST, 4])
     weight = fellegi_sunter.weights(model, cmp.gamma, tf_first[cand.i], tf_last[cand.i])
     prob = fellegi_sunter.probability(weight)
-    vetoes = household.veto(cols, cand.i, cand.j, cmp)
     above = prob >= threshold
     for pos, rule in enumerate(household.RULE_NAMES):
         count = int((above & (vetoes == pos)).sum())

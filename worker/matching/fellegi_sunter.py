@@ -8,11 +8,11 @@ How the parameters are learned (the way Splink does it, no labelled pairs needed
 
 - u: the exact-agreement level from value frequencies (the chance that two random
   contacts share a value is Σ p_v²); the other levels from comparing random pairs.
-- m: expectation-maximisation on the candidate pairs, in two sessions so that a field
-  never trains on pairs that were chosen for agreeing on it: pairs found through a shared
-  email, phone or address train names and DOB; pairs found through names train email,
-  phone, address and city. Each session starts from `DEFAULT_M`, so a small practice
-  (too few pairs to learn from) keeps sensible weights.
+- m: expectation-maximisation on the candidate pairs, in two sessions (`SESSIONS`) so
+  that a field never trains on pairs that were chosen for agreeing on it: pairs found
+  through one DOB train the names; pairs found through both names' Soundex train DOB,
+  email, phone, address and city. Pairs a household rule vetoes never train. Each session starts from
+  `DEFAULT_M`, so a small practice (too few pairs to learn from) keeps sensible weights.
 - prior: the chance that two random contacts are one person: the share of candidate
   pairs that match (EM with m and u held fixed) times candidates / all pairs. A larger
   practice so needs more evidence per pair, as coincidences grow with its size.
@@ -26,10 +26,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from worker.matching.blocking import BIT
 from worker.matching.columns import Columns
 from worker.matching.compare import F_CITY, F_FIRST, F_LAST, FIELDS, LEVELS, compare
 
 MAX_LEVELS = max(LEVELS.values())
+# EM sessions: (blocking passes whose pairs train, fields trained). A field never trains
+# on pairs chosen for agreeing on it, and no field trains on pairs chosen for sharing
+# what a household shares (address, phone, email, or a last name with a postcode): there
+# the larger cluster is "same household", not "same person" - the failure the issue
+# describes in Splink's default set-up.
+SESSIONS = (
+    (BIT["dob_name"] | BIT["dob"], [F_FIRST, F_LAST]),
+    (BIT["names"], [2, 3, 4, 5, F_CITY]),
+)
 EM_ITERATIONS = 25
 MIN_TRAINING_PAIRS = 200
 MIN_TF_CONTACTS = 500
@@ -162,30 +172,32 @@ def estimate_u(cols: Columns, rng: np.random.Generator) -> np.ndarray:
     return u
 
 
-def train(cols: Columns, gamma: np.ndarray, passes: np.ndarray, identifier_bits: int,
-          name_bits: int, seed: int = 0) -> Model:
-    """Learn m, u and the prior from the candidate pairs (see the module docstring)."""
+def train(cols: Columns, gamma: np.ndarray, passes: np.ndarray, usable: np.ndarray,
+          seed: int = 0) -> Model:
+    """Learn m, u and the prior from the candidate pairs (see the module docstring).
+
+    `usable` marks the pairs EM may learn from: not vetoed by a household rule (those are
+    known to be two people, and a family outnumbers its re-registrations).
+    """
     model = Model()
     rng = np.random.default_rng(seed)
     model.u = estimate_u(cols, rng)
-    by_ids = np.flatnonzero(passes & identifier_bits)
-    by_names = np.flatnonzero(passes & name_bits)
-    sessions = ((by_ids, [F_FIRST, F_LAST, 2]), (by_names, [3, 4, 5, F_CITY]))
-    for rows, fields in sessions:
+    for bits, fields in SESSIONS:
+        rows = np.flatnonzero((passes & bits).astype(bool) & usable)
         if len(rows) < MIN_TRAINING_PAIRS:
             continue
         if len(rows) > EM_SAMPLE:
             rows = rng.choice(rows, EM_SAMPLE, replace=False)
         _em(gamma[rows], fields, model, learn_m=True)
         model.trained = True
-    if len(gamma) >= MIN_TRAINING_PAIRS:
-        rows = np.arange(len(gamma))
+    rows = np.flatnonzero(usable)
+    if len(rows) >= MIN_TRAINING_PAIRS:
         if len(rows) > EM_SAMPLE:
             rows = rng.choice(rows, EM_SAMPLE, replace=False)
         share = _em(gamma[rows], list(range(len(FIELDS))), model, learn_m=False)
         # From "share of candidate pairs" to "chance two random contacts match".
         all_pairs = cols.n * (cols.n - 1) / 2
-        model.prior = min(max(share * len(gamma) / all_pairs, 1e-12), 0.5)
+        model.prior = min(max(share * int(usable.sum()) / all_pairs, 1e-12), 0.5)
     return model
 
 

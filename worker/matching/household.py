@@ -7,7 +7,9 @@ as high as a re-registration. Staff merging two different parents is the worst o
 of the Contact Manager step, so each rule below vetoes a pair outright:
 
 - `different_given_names`: the first names are two different known given names, not
-  forms of one name (Daniel/Danielle, Mary/Mark, John/Joan), and not first/last swapped
+  forms of one name (Mary/Mark, John/Joan), or one name's forms for two sexes, known or
+  not (Daniel/Danielle, Joel/Joelle, Mario/Maria: `compare.gender_variant`), and not
+  first/last swapped
   - unless the DOB is identical and the last names alike (then a typo or a mix-up that
   happens to make another real name, Dean/Dan, is far likelier than two people; twins
   sharing a family email are the price, and rare among parents).
@@ -17,6 +19,17 @@ of the Contact Manager step, so each rule below vetoes a pair outright:
 - `family_contact_only`: the first names are not the same, the DOBs do not agree (or one
   is missing), and no email or phone of one person is shared, but a family's email or
   landline is: shared family contact details are weak evidence and never enough alone.
+- `similar_name_at_home`: the first names are merely similar (a typo's distance, not a
+  nickname: Justin/Justine, Joel/Joelle), the DOBs do not agree, and nothing of one
+  person's (email, phone) is shared - only the home: a household, not a re-registration.
+- `name_only`: nothing but the names (and the town) agrees - no DOB within a typo, no
+  email, phone or anything of the address: two people who share a name are commoner than a
+  re-registration that changed everything else.
+
+Practice data versus a bare list: `generation_apart` and `similar_name_at_home` need an
+email or phone on either record. On a list with neither (FEBRL), a different DOB or a
+similar first name at one address is as likely a mistyped field as another person, and
+there is nothing to tell them apart, so the weights decide.
 
 `RULES` maps each rule to its one-line reason; `veto` returns, per pair, the index of
 the first rule that applies (-1 for none).
@@ -27,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from worker.matching.columns import Columns
-from worker.matching.compare import F_DOB, F_EMAIL, F_FIRST, F_LAST, F_PHONE, Compared
+from worker.matching.compare import F_ADDR, F_DOB, F_EMAIL, F_FIRST, F_LAST, F_PHONE, Compared
 
 GENERATION_YEARS = 14
 
@@ -36,6 +49,8 @@ RULES = {
     "generation_apart": "dates of birth a generation apart",
     "different_suffix": "different generational suffixes (Jr/Sr)",
     "family_contact_only": "only a family's shared email or phone agrees",
+    "similar_name_at_home": "similar first names sharing only a home",
+    "name_only": "only the name agrees",
 }
 RULE_NAMES = tuple(RULES)
 
@@ -52,13 +67,17 @@ def veto(cols: Columns, i: np.ndarray, j: np.ndarray, cmp: Compared) -> np.ndarr
     ok = (fi >= 0) & (fj >= 0)
     known[ok] = cols.name_known[fi[ok]] & cols.name_known[fj[ok]]
     identical_else = (dob == 3) & (last >= 1)
-    contactable = ((cols.email[i] >= 0) | (cols.phone[i] >= 0)) & (
-        (cols.email[j] >= 0) | (cols.phone[j] >= 0))
+    practice = (cols.email[i] >= 0) | (cols.phone[i] >= 0) | (cols.email[j] >= 0) | (
+        cols.phone[j] >= 0)
+    nothing_personal = (dob < 2) & (email != 3) & (phone != 3)
     rules = [
-        known & (fi != fj) & (first < 3) & ~cmp.swapped & ~cmp.related & ~identical_else,
-        (cmp.years_apart >= GENERATION_YEARS) & (dob >= 0) & (dob <= 1) & contactable,
+        ((known & (fi != fj) & (first < 3) & ~cmp.related) | cmp.gendered) & ~cmp.swapped
+        & ~identical_else,
+        (cmp.years_apart >= GENERATION_YEARS) & (dob >= 0) & (dob <= 1) & practice,
         (cols.suffix[i] > 0) & (cols.suffix[j] > 0) & (cols.suffix[i] != cols.suffix[j]),
-        (first < 4) & (dob < 2) & (email != 3) & (phone != 3) & ((email == 2) | (phone == 2)),
+        (first < 4) & nothing_personal & ((email == 2) | (phone == 2)),
+        (first < 3) & ~cmp.related & nothing_personal & (g[:, F_ADDR] >= 1) & practice,
+        (dob < 2) & (email < 1) & (phone < 1) & (g[:, F_ADDR] < 1),
     ]
     for pos in range(len(rules) - 1, -1, -1):
         out[rules[pos]] = pos
