@@ -19,7 +19,9 @@ misses (a DOB typo *and* a move; swapped first and last names; a married name).
 | `dob` | DOB alone (small blocks only) | both names mistyped |
 
 A key held by more than the pass's cap of contacts makes a block too big to compare
-(a very common name in one year); it is skipped and counted in `oversized_blocks`.
+(a very common name in one year); it is skipped and counted in `oversized_blocks`. The
+cap is `max_block` (50) for most passes and `SMALL_BLOCK` (12) for the three loosest:
+they only help where their key is rare, and elsewhere would cost most of the pairs.
 Emails, phones and addresses held by that many contacts were already made missing as
 placeholders (`Columns.blank_common`). Pairs found by several passes are compared once;
 `passes` records, per pair, which passes found it (bit mask), for EM training.
@@ -39,7 +41,7 @@ BIT = {name: 1 << pos for pos, name in enumerate(PASSES)}
 IDENTIFIER_PASSES = BIT["email"] | BIT["phone"] | BIT["address"]
 NAME_PASSES = (BIT["dob_name"] | BIT["names"] | BIT["name_year"] | BIT["postcode_name"]
                | BIT["number_name"] | BIT["city_name"] | BIT["dob"])
-SMALL_BLOCK = 12  # the DOB-alone pass: only where a DOB is rare
+SMALL_BLOCK = 12  # the loosest passes (name_year, city_name, dob): only small blocks
 
 
 @dataclass(slots=True)
@@ -112,19 +114,20 @@ def candidates(cols: Columns, cap: int, focus: np.ndarray | None = None) -> Cand
         "address": (_combine(cols.postcode, cols.number), rows, cap),
         "dob_name": (_combine(np.concatenate([dob, dob]), either_sx), both, cap),
         "names": (names, rows, cap),
-        "name_year": (_combine(np.concatenate([year, year]), either_sx), both, cap),
+        "name_year": (_combine(np.concatenate([year, year]), either_sx), both, SMALL_BLOCK),
         "postcode_name": (_combine(np.concatenate([cols.postcode, cols.postcode]), either_sx),
                           both, cap),
         "number_name": (_combine(np.concatenate([cols.number, cols.number]), either_sx),
                         both, cap),
-        "city_name": (_combine(np.concatenate([cols.city, cols.city]), either_sx), both, cap),
+        "city_name": (_combine(np.concatenate([cols.city, cols.city]), either_sx), both,
+                      SMALL_BLOCK),
         "dob": (dob, rows, SMALL_BLOCK),
     }
     keys_all, bits_all = [], []
     oversized = 0
     for name, (keys, which, limit) in passes.items():
         bi, bj, over = _block_pairs(keys, which, limit)
-        if name != "dob":
+        if limit == cap:
             oversized += over
         lo_ij, hi_ij = np.minimum(bi, bj), np.maximum(bi, bj)
         keep = lo_ij != hi_ij

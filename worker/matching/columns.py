@@ -8,7 +8,7 @@ the (far fewer) distinct value pairs. Code -1 means missing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -27,23 +27,14 @@ from worker.matching.normalise import (
 from worker.model.records import Contact
 
 
-class Vocab:
-    """Distinct values of one field, each with a small integer code."""
-
-    __slots__ = ("codes", "values")
-
-    def __init__(self) -> None:
-        self.codes: dict[str, int] = {}
-        self.values: list[str] = []
-
-    def code(self, value: str) -> int:
-        if not value:
-            return -1
-        got = self.codes.get(value)
-        if got is None:
-            got = self.codes[value] = len(self.values)
-            self.values.append(value)
-        return got
+def _codes(raw: list, normalise: Callable[[Any], str]) -> tuple[np.ndarray, list[str]]:
+    """Normalise each distinct raw value once; integer codes (-1 for "") and the values."""
+    norm_of = {value: normalise(value) if value else "" for value in dict.fromkeys(raw)}
+    values = list(dict.fromkeys(v for v in norm_of.values() if v))
+    code_of_norm = {v: k for k, v in enumerate(values)}
+    code_of_norm[""] = -1
+    code_of_raw = {value: code_of_norm[norm] for value, norm in norm_of.items()}
+    return np.fromiter((code_of_raw[v] for v in raw), dtype=np.int32, count=len(raw)), values
 
 
 class Columns:
@@ -55,82 +46,66 @@ class Columns:
     """
 
     def __init__(self, contacts: Iterable[Contact]) -> None:
-        names, sx, emails, phones = Vocab(), Vocab(), Vocab(), Vocab()
-        streets, numbers, postcodes, cities, addrs = Vocab(), Vocab(), Vocab(), Vocab(), Vocab()
-        cols: dict[str, list[int]] = {k: [] for k in (
-            "first", "last", "suffix", "email", "phone", "street", "number", "postcode",
-            "city", "addr", "y", "m", "d")}
-        ids: list[str] = []
-        f_add, l_add, s_add = cols["first"].append, cols["last"].append, cols["suffix"].append
-        e_add, p_add = cols["email"].append, cols["phone"].append
-        st_add, nu_add, pc_add = cols["street"].append, cols["number"].append, cols[
-            "postcode"].append
-        ci_add, ad_add = cols["city"].append, cols["addr"].append
-        y_add, m_add, d_add = cols["y"].append, cols["m"].append, cols["d"].append
+        rows = contacts if isinstance(contacts, list | tuple) else list(contacts)
+        self.ids = [c.contact_id if c.contact_id.__class__ is str else str(c.contact_id)
+                    for c in rows]
+        self.n = n = len(rows)
+        # Names: one vocabulary for both fields; the suffix (Jr/Sr) split off.
+        first_raw = [c.first_name or "" for c in rows]
+        last_raw = [c.last_name or "" for c in rows]
+        keys = {v: name_key(v) for v in dict.fromkeys(first_raw + last_raw)}
+        names = list(dict.fromkeys(k[1] for k in keys.values() if k[1]))
+        name_code = {v: pos for pos, v in enumerate(names)}
+        name_code[""] = -1
+        code_of = {raw: name_code[k[1]] for raw, k in keys.items()}
+        self.first = np.fromiter((code_of[v] for v in first_raw), dtype=np.int32, count=n)
+        self.last = np.fromiter((code_of[v] for v in last_raw), dtype=np.int32, count=n)
         suffixes: dict[str, int] = {"": 0}
-        addr_cache: dict[str, tuple[str, str]] = {}
-        for c in contacts:
-            cid = c.contact_id
-            ids.append(cid if cid.__class__ is str else str(cid))
-            fk = name_key(c.first_name or "")
-            lk = name_key(c.last_name or "")
-            f_add(names.code(fk[1]))
-            l_add(names.code(lk[1]))
-            suffix = fk[2] + lk[2]
-            s_add(suffixes.setdefault(suffix, len(suffixes)))
-            e_add(emails.code(normalise_email(c.email) if c.email else ""))
-            p_add(phones.code(normalise_phone(c.phone) if c.phone else ""))
-            raw_addr = c.address or ""
-            parts = addr_cache.get(raw_addr)
-            if parts is None:
-                parts = addr_cache[raw_addr] = address_parts(raw_addr)
-            code = normalise_postcode(c.postcode) if c.postcode else ""
-            nu_add(numbers.code(parts[0]))
-            st_add(streets.code(parts[1]))
-            pc_add(postcodes.code(code))
-            ci_add(cities.code(fold(c.city).strip() if c.city else ""))
-            ad_add(addrs.code(f"{parts[0]} {parts[1]}|{code}" if code and parts[1] else ""))
-            y, m, d = dob_parts(c.dob)
-            y_add(y)
-            m_add(m)
-            d_add(d)
-        self.ids = ids
-        self.n = len(ids)
-        i32 = np.int32
-        self.first = np.array(cols["first"], dtype=i32)
-        self.last = np.array(cols["last"], dtype=i32)
-        self.suffix = np.array(cols["suffix"], dtype=i32)
-        self.email = np.array(cols["email"], dtype=i32)
-        self.phone = np.array(cols["phone"], dtype=i32)
-        self.street = np.array(cols["street"], dtype=i32)
-        self.number = np.array(cols["number"], dtype=i32)
-        self.postcode = np.array(cols["postcode"], dtype=i32)
-        self.city = np.array(cols["city"], dtype=i32)
-        self.addr = np.array(cols["addr"], dtype=i32)
-        self.y = np.array(cols["y"], dtype=np.int16)
-        self.m = np.array(cols["m"], dtype=np.int8)
-        self.d = np.array(cols["d"], dtype=np.int8)
+        self.suffix = np.fromiter(
+            (suffixes.setdefault(keys[f][2] + keys[last][2], len(suffixes))
+             for f, last in zip(first_raw, last_raw, strict=True)), dtype=np.int32, count=n)
+        del first_raw, last_raw, keys, code_of
+        self.email, self.emails = _codes([c.email for c in rows], normalise_email)
+        self.phone, self.phones = _codes([c.phone for c in rows], normalise_phone)
+        self.city, self.cities = _codes([c.city for c in rows], lambda v: fold(v).strip())
+        self.postcode, _ = _codes([c.postcode for c in rows], normalise_postcode)
+        address_raw = [c.address or "" for c in rows]
+        parts = {v: address_parts(v) for v in dict.fromkeys(address_raw)}
+        self.number, _ = _codes([parts[v][0] for v in address_raw], str)
+        self.street, self.streets = _codes([parts[v][1] for v in address_raw], str)
+        del address_raw, parts
+        # The whole address (house, street, postcode) as one code; -1 without a street
+        # or postcode.
+        key = self.street.astype(np.int64) * (len(self.streets) + 1) + self.number
+        key = key * (int(self.postcode.max(initial=0)) + 2) + self.postcode
+        key[(self.street < 0) | (self.postcode < 0)] = -1
+        _, self.addr = np.unique(key, return_inverse=True)
+        self.addr = self.addr.astype(np.int32)
+        self.addr[key < 0] = -1
+        ymd = [dob_parts(c.dob) for c in rows]
+        self.y = np.fromiter((t[0] for t in ymd), dtype=np.int16, count=n)
+        self.m = np.fromiter((t[1] for t in ymd), dtype=np.int8, count=n)
+        self.d = np.fromiter((t[2] for t in ymd), dtype=np.int8, count=n)
+        del ymd
         self.dob = self.y.astype(np.int32) * 10000 + self.m.astype(np.int32) * 100 + self.d
         self.dob[self.y == 0] = -1
-        self.names = names.values
-        self.name_words = [v.split(" ") for v in names.values]
-        compact = [v.replace(" ", "") for v in names.values]
+        self.names = names
+        self.name_words = [v.split(" ") for v in names]
+        compact = [v.replace(" ", "") for v in names]
         self.name_compact = compact
         self.name_known = np.array(
-            [nicknames.is_known(v) or nicknames.is_known(v.split(" ")[0]) for v in compact],
+            [nicknames.is_known(v) or nicknames.is_known(v.split(" ")[0]) for v in names],
             dtype=bool)
-        groups = np.full((len(compact), 3), -1, dtype=np.int32)
-        for pos, v in enumerate(compact):
+        groups = np.full((len(names), 3), -1, dtype=np.int32)
+        for pos, v in enumerate(names):
             for k, gid in enumerate(sorted(nicknames.group_ids(v.split(" ")[0]))[:3]):
                 groups[pos, k] = gid
         self.name_groups = groups
-        self.name_sx = np.array([sx.code(soundex(v)) for v in compact], dtype=i32)
-        self.emails = emails.values
-        self.phones = phones.values
-        self.streets = streets.values
-        self.cities = cities.values
+        sx_codes: dict[str, int] = {}
+        self.name_sx = np.array([sx_codes.setdefault(soundex(v), len(sx_codes))
+                                 for v in compact], dtype=np.int32)
         self.suffix_names = list(suffixes)
-        # Filled by blocking: values so common they identify nobody (placeholders).
+        # Filled by blank_common: values so common they identify nobody (placeholders).
         self.placeholder_values = 0
         self.placeholder_contacts = 0
 

@@ -4,13 +4,16 @@ Each field of a candidate pair gets a *level*; -1 means a value is missing on ei
 (no evidence either way, as in Fellegi–Sunter). String similarity is computed once per
 distinct pair of values, with rapidfuzz's vectorised `cpdist`.
 
-| field | levels (highest first) |
-|---|---|
-| first, last | 4 same · 3 one name holds the other (nickname, middle name, married or double name "Smith"/"Smith-Doe") · 2 Jaro-Winkler ≥ 0.92 · 1 ≥ 0.80 · 0 |
-| dob | 3 same · 2 one digit, two adjacent digits transposed, or day/month swapped · 1 two digits · 0 |
-| email, phone | 3 same (one person's) · 2 same, but shared by two people (different first names or DOBs, or a name's male and female forms: a family's) · 1 one edit apart · 0 |
-| address | 3 same house, street and postcode · 2 same house number with same postcode or similar street · 1 same postcode or street · 0 |
-| city | 2 same · 1 Jaro-Winkler ≥ 0.88 · 0 |
+- first, last: 4 same · 3 one name holds the other (nickname, middle name, married or
+  double name "Smith"/"Smith-Doe") · 2 Jaro-Winkler ≥ 0.92 · 1 ≥ 0.80 · 0 other.
+- dob: 3 same · 2 one digit, two adjacent digits transposed, or day/month swapped ·
+  1 two digits · 0 other.
+- email, phone: 3 same (one person's) · 2 same, but shared by two people (different
+  first names or DOBs, or a name's male and female forms: a family's) · 1 one edit
+  apart · 0 other.
+- address: 3 same house, street and postcode · 2 same house number with the same
+  postcode or a similar street · 1 same postcode or similar street · 0 other.
+- city: 2 same · 1 Jaro-Winkler ≥ 0.88 · 0 other.
 
 Swapped names: when first-vs-last and last-vs-first agree better than the straight
 comparison (both at least level 2), the swapped levels are used and the pair says so.
@@ -19,6 +22,7 @@ comparison (both at least level 2), the swapped levels are used and the pair say
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from rapidfuzz.distance import JaroWinkler, Levenshtein
@@ -51,7 +55,7 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return (uniq >> 32).astype(np.int64), (uniq & 0xFFFFFFFF).astype(np.int64), inverse
 
 
-def _similarity(values: list[str], a: np.ndarray, b: np.ndarray, scorer: object) -> np.ndarray:
+def _similarity(values: list[str], a: np.ndarray, b: np.ndarray, scorer: Any) -> np.ndarray:
     """scorer(values[a[k]], values[b[k]]) for each k, on distinct pairs only."""
     if not len(a):
         return np.empty(0, dtype=np.float64)
@@ -186,13 +190,17 @@ def _dob_levels(cols: Columns, i: np.ndarray, j: np.ndarray,
 
 
 def _id_levels(values: list[str], ci: np.ndarray, cj: np.ndarray,
-               family: np.ndarray) -> np.ndarray:
-    """Email / phone: 3 same, 2 same family value, 1 one edit apart, 0 different."""
+               family: np.ndarray, named: np.ndarray) -> np.ndarray:
+    """Email / phone: 3 same, 2 same family value, 1 one edit apart, 0 different.
+
+    The one-edit level is looked for only where the names agree (`named`): elsewhere it
+    could not change the outcome, and it is the costliest comparison.
+    """
     missing = (ci < 0) | (cj < 0)
     level = np.zeros(len(ci), dtype=np.int8)
     same = (ci == cj) & ~missing
     level[same] = np.where(family[ci[same]], 2, 3)
-    rest = np.flatnonzero(~same & ~missing)
+    rest = np.flatnonzero(~same & ~missing & named)
     if len(rest):
         dist = _similarity(values, ci[rest], cj[rest], Levenshtein.distance)
         level[rest[dist <= 1]] = 1
@@ -237,8 +245,9 @@ def compare(cols: Columns, i: np.ndarray, j: np.ndarray) -> Compared:
     others = (first <= 1) | (dob == 0) | gendered  # certainly two people
     fam_e = _family_values(ei, ej, others, len(cols.emails))
     fam_p = _family_values(pi, pj, others, len(cols.phones))
-    gamma[:, F_EMAIL] = _id_levels(cols.emails, ei, ej, fam_e)
-    gamma[:, F_PHONE] = _id_levels(cols.phones, pi, pj, fam_p)
+    named = (first >= 2) & (last >= 2)
+    gamma[:, F_EMAIL] = _id_levels(cols.emails, ei, ej, fam_e, named)
+    gamma[:, F_PHONE] = _id_levels(cols.phones, pi, pj, fam_p, named)
     gamma[:, F_ADDR] = _address_levels(cols, i, j)
     gamma[:, F_CITY] = _city_levels(cols, i, j)
     return Compared(gamma, swapped, related, dob_swap, apart, gendered)

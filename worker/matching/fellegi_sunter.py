@@ -11,8 +11,9 @@ How the parameters are learned (the way Splink does it, no labelled pairs needed
 - m: expectation-maximisation on the candidate pairs, in two sessions (`SESSIONS`) so
   that a field never trains on pairs that were chosen for agreeing on it: pairs found
   through one DOB train the names; pairs found through both names' Soundex train DOB,
-  email, phone, address and city. Pairs a household rule vetoes never train. Each session starts from
-  `DEFAULT_M`, so a small practice (too few pairs to learn from) keeps sensible weights.
+  email, phone, address and city. Pairs a household rule vetoes never train. Each
+  session starts from `DEFAULT_M`, so a small practice (too few pairs to learn from)
+  keeps sensible weights.
 - prior: the chance that two random contacts are one person: the share of candidate
   pairs that match (EM with m and u held fixed) times candidates / all pairs. A larger
   practice so needs more evidence per pair, as coincidences grow with its size.
@@ -44,7 +45,7 @@ EM_ITERATIONS = 25
 MIN_TRAINING_PAIRS = 200
 MIN_TF_CONTACTS = 500
 TF_CAP = 4.0
-RANDOM_PAIRS = 200_000
+RANDOM_PAIRS = 100_000
 EM_SAMPLE = 400_000
 _FLOOR = 1e-7
 
