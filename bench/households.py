@@ -171,7 +171,7 @@ class _Maker:
         family = self.email(f"{self.ascii(last)}.family") if rng.random() < 0.25 else ""
         roll = rng.random()
         names: list[tuple[str, str, date]] = []
-        if roll < 0.015:
+        if roll < 0.003:
             f, surname = rng.choice(COMMON)
             last = surname
             names.append((f, last, self.dob(1968, 2002)))

@@ -15,12 +15,12 @@ misses (a DOB typo *and* a move; swapped first and last names; a married name).
 | `name_year` | Soundex of either name + birth year | a nickname *and* a DOB typo *and* a move |
 | `postcode_name` | postcode + Soundex of either name | missing DOB, new email and phone |
 | `number_name` | house number + Soundex of either name | the same with a postcode typo |
-| `city_name` | city + Soundex of either name | the same after a move across town |
 | `dob` | DOB alone (small blocks only) | both names mistyped |
 
 A key held by more than the pass's cap of contacts makes a block too big to compare
 (a very common name in one year); it is skipped and counted in `oversized_blocks`. The
-cap is `max_block` (50) for most passes and `SMALL_BLOCK` (12) for the three loosest:
+cap is `max_block` (50) for the identifier and DOB passes, `LOOSE_BLOCK` (20) for names
+alone or with a postcode or house number, and `SMALL_BLOCK` (12) for the two loosest:
 they only help where their key is rare, and elsewhere would cost most of the pairs.
 Emails, phones and addresses held by that many contacts were already made missing as
 placeholders (`Columns.blank_common`). Pairs found by several passes are compared once;
@@ -36,12 +36,13 @@ import numpy as np
 from worker.matching.columns import Columns
 
 PASSES = ("email", "phone", "address", "dob_name", "names", "name_year", "postcode_name",
-          "number_name", "city_name", "dob")
+          "number_name", "dob")
 BIT = {name: 1 << pos for pos, name in enumerate(PASSES)}
 IDENTIFIER_PASSES = BIT["email"] | BIT["phone"] | BIT["address"]
 NAME_PASSES = (BIT["dob_name"] | BIT["names"] | BIT["name_year"] | BIT["postcode_name"]
-               | BIT["number_name"] | BIT["city_name"] | BIT["dob"])
-SMALL_BLOCK = 12  # the loosest passes (name_year, city_name, dob): only small blocks
+               | BIT["number_name"] | BIT["dob"])
+SMALL_BLOCK = 12  # the loosest passes (name_year, dob): only small blocks
+LOOSE_BLOCK = 20  # passes on names alone or with a postcode or house number
 
 
 @dataclass(slots=True)
@@ -113,14 +114,12 @@ def candidates(cols: Columns, cap: int, focus: np.ndarray | None = None) -> Cand
         "phone": (cols.phone.astype(np.int64), rows, cap),
         "address": (_combine(cols.postcode, cols.number), rows, cap),
         "dob_name": (_combine(np.concatenate([dob, dob]), either_sx), both, cap),
-        "names": (names, rows, cap),
+        "names": (names, rows, min(cap, LOOSE_BLOCK)),
         "name_year": (_combine(np.concatenate([year, year]), either_sx), both, SMALL_BLOCK),
         "postcode_name": (_combine(np.concatenate([cols.postcode, cols.postcode]), either_sx),
-                          both, cap),
+                          both, min(cap, LOOSE_BLOCK)),
         "number_name": (_combine(np.concatenate([cols.number, cols.number]), either_sx),
-                        both, cap),
-        "city_name": (_combine(np.concatenate([cols.city, cols.city]), either_sx), both,
-                      SMALL_BLOCK),
+                        both, min(cap, LOOSE_BLOCK)),
         "dob": (dob, rows, SMALL_BLOCK),
     }
     keys_all, bits_all = [], []
@@ -133,8 +132,10 @@ def candidates(cols: Columns, cap: int, focus: np.ndarray | None = None) -> Cand
         keep = lo_ij != hi_ij
         if focus is not None:
             keep &= focus[lo_ij] | focus[hi_ij]
-        keys_all.append(lo_ij[keep] * n + hi_ij[keep])
-        bits_all.append(np.full(int(keep.sum()), BIT[name], dtype=np.int16))
+        found = np.unique(lo_ij[keep] * n + hi_ij[keep])
+        del bi, bj, lo_ij, hi_ij, keep
+        keys_all.append(found)
+        bits_all.append(np.full(len(found), BIT[name], dtype=np.int16))
     pair_keys = np.concatenate(keys_all) if keys_all else np.empty(0, dtype=np.int64)
     bits = np.concatenate(bits_all) if bits_all else np.empty(0, dtype=np.int16)
     order = np.argsort(pair_keys, kind="stable")
@@ -143,4 +144,6 @@ def candidates(cols: Columns, cap: int, focus: np.ndarray | None = None) -> Cand
         pair_keys) else np.empty(0, dtype=np.int64)
     uniq = pair_keys[starts]
     merged = np.bitwise_or.reduceat(bits, starts) if len(starts) else bits
-    return Candidates(uniq // n, uniq % n, merged, oversized)
+    del pair_keys, bits
+    return Candidates((uniq // n).astype(np.int32), (uniq % n).astype(np.int32), merged,
+                      oversized)

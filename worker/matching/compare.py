@@ -44,7 +44,7 @@ class Compared:
     swapped: np.ndarray  # names matched first-to-last
     related: np.ndarray  # first names on one nickname line (Bob/Robert)
     dob_swap: np.ndarray  # day and month swapped
-    years_apart: np.ndarray  # |birth year difference|, 0 when a DOB is missing
+    years_apart: np.ndarray  # |birth year difference| (int16), 0 when a DOB is missing
     gendered: np.ndarray  # first names are one name's forms for two sexes (Joel/Joelle)
 
 
@@ -208,19 +208,48 @@ def _id_levels(values: list[str], ci: np.ndarray, cj: np.ndarray,
     return level
 
 
-def _family_values(ci: np.ndarray, cj: np.ndarray, two_people: np.ndarray,
-                   size: int) -> np.ndarray:
-    """Values (emails, phones) shared by two people: different first names or DOBs."""
-    family = np.zeros(max(size, 1), dtype=bool)
+def _mark_family(ci: np.ndarray, cj: np.ndarray, two_people: np.ndarray,
+                 family: np.ndarray) -> None:
+    """Mark values (emails, phones) shared by two people: different first names or DOBs."""
     shared = (ci == cj) & (ci >= 0) & two_people
     family[ci[shared]] = True
-    return family
+
+
+CHUNK = 1_000_000  # pairs compared at once: bounds the temporaries at a million contacts
 
 
 def compare(cols: Columns, i: np.ndarray, j: np.ndarray) -> Compared:
-    """The γ matrix of candidate pairs (i[k], j[k])."""
+    """The γ matrix of candidate pairs (i[k], j[k]), computed a chunk at a time.
+
+    Two passes over the chunks: a family's shared email or phone is known only once
+    every pair sharing it has had its names and DOBs compared.
+    """
     n = len(i)
-    gamma = np.full((n, len(FIELDS)), -1, dtype=np.int8)
+    out = Compared(
+        np.full((n, len(FIELDS)), -1, dtype=np.int8), np.zeros(n, dtype=bool),
+        np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int16),
+        np.zeros(n, dtype=bool))
+    digits = _digits(cols)
+    fam_e = np.zeros(max(len(cols.emails), 1), dtype=bool)
+    fam_p = np.zeros(max(len(cols.phones), 1), dtype=bool)
+    for lo in range(0, n, CHUNK):
+        part = slice(lo, min(lo + CHUNK, n))
+        _people(cols, i[part], j[part], digits, out, part, fam_e, fam_p)
+    for lo in range(0, n, CHUNK):
+        part = slice(lo, min(lo + CHUNK, n))
+        ci, cj, g = i[part], j[part], out.gamma[part]
+        named = (g[:, F_FIRST] >= 2) & (g[:, F_LAST] >= 2)
+        g[:, F_EMAIL] = _id_levels(cols.emails, cols.email[ci], cols.email[cj], fam_e, named)
+        g[:, F_PHONE] = _id_levels(cols.phones, cols.phone[ci], cols.phone[cj], fam_p, named)
+        g[:, F_ADDR] = _address_levels(cols, ci, cj)
+        g[:, F_CITY] = _city_levels(cols, ci, cj)
+    return out
+
+
+def _people(cols: Columns, i: np.ndarray, j: np.ndarray, digits: np.ndarray, out: Compared,
+            part: slice, fam_e: np.ndarray, fam_p: np.ndarray) -> None:
+    """Names and DOB of one chunk; marks the emails and phones two people share."""
+    n = len(i)
     fi, fj, li, lj = cols.first[i], cols.first[j], cols.last[i], cols.last[j]
     first, related = name_levels(cols, fi, fj, first_word=True)
     last, _ = name_levels(cols, li, lj)
@@ -235,22 +264,17 @@ def compare(cols: Columns, i: np.ndarray, j: np.ndarray) -> Compared:
         first[sel], last[sel] = c1[better], c2[better]
         related[sel] = False
         swapped[sel] = True
-    gamma[:, F_FIRST], gamma[:, F_LAST] = first, last
     gendered = np.zeros(n, dtype=bool)
     similar = np.flatnonzero((first == 1) | (first == 2))
     gendered[similar] = _gendered(cols, fi[similar], fj[similar])
-    dob, dob_swap, apart = _dob_levels(cols, i, j, _digits(cols))
-    gamma[:, F_DOB] = dob
-    ei, ej, pi, pj = cols.email[i], cols.email[j], cols.phone[i], cols.phone[j]
+    dob, dob_swap, apart = _dob_levels(cols, i, j, digits)
+    g = out.gamma[part]
+    g[:, F_FIRST], g[:, F_LAST], g[:, F_DOB] = first, last, dob
+    out.swapped[part], out.related[part], out.dob_swap[part] = swapped, related, dob_swap
+    out.years_apart[part], out.gendered[part] = apart, gendered
     others = (first <= 1) | (dob == 0) | gendered  # certainly two people
-    fam_e = _family_values(ei, ej, others, len(cols.emails))
-    fam_p = _family_values(pi, pj, others, len(cols.phones))
-    named = (first >= 2) & (last >= 2)
-    gamma[:, F_EMAIL] = _id_levels(cols.emails, ei, ej, fam_e, named)
-    gamma[:, F_PHONE] = _id_levels(cols.phones, pi, pj, fam_p, named)
-    gamma[:, F_ADDR] = _address_levels(cols, i, j)
-    gamma[:, F_CITY] = _city_levels(cols, i, j)
-    return Compared(gamma, swapped, related, dob_swap, apart, gendered)
+    _mark_family(cols.email[i], cols.email[j], others, fam_e)
+    _mark_family(cols.phone[i], cols.phone[j], others, fam_p)
 
 
 def _address_levels(cols: Columns, i: np.ndarray, j: np.ndarray) -> np.ndarray:

@@ -218,8 +218,13 @@ def _find(
         if count:
             st.vetoed[rule] = count
     keep = np.flatnonzero(above & (vetoes < 0))
-    vetoed = np.flatnonzero(above & (vetoes >= 0))
+    # Vetoed pairs matter only where a group could join them: both ends in kept pairs.
+    linked = np.zeros(cols.n, dtype=bool)
+    linked[cand.i[keep]] = True
+    linked[cand.j[keep]] = True
+    vetoed = np.flatnonzero(above & (vetoes >= 0) & linked[cand.i] & linked[cand.j])
     blocked = {(int(a), int(b)) for a, b in zip(cand.i[vetoed], cand.j[vetoed], strict=True)}
+    del weight, above, vetoes, linked
     groups = _group(cols, cand.i, cand.j, prob, keep, cmp, blocked, st)
     if focus is not None:
         wanted = set(focus)

@@ -19,15 +19,20 @@ of the Contact Manager step, so each rule below vetoes a pair outright:
 - `family_contact_only`: the first names are not the same, the DOBs do not agree (or one
   is missing), and no email or phone of one person is shared, but a family's email or
   landline is: shared family contact details are weak evidence and never enough alone.
-- `similar_name_at_home`: the first names are merely similar (a typo's distance, not a
-  nickname: Justin/Justine, Joel/Joelle), the DOBs do not agree, and nothing of one
-  person's (email, phone) is shared - only the home: a household, not a re-registration.
+- `relative_at_home`: the first names are not the same (similar, or a nickname:
+  Kathleen/Kathy, a grandmother Katelyn and a granddaughter Kaitlyn), the DOBs do not
+  agree, and nothing of one person's (email, phone) is shared - only the home: a
+  household, not a re-registration.
+- `different_last_name`: the last names have nothing in common (not similar, not one
+  inside the other, not swapped) and no email or phone of one person is shared: a
+  married name keeps its owner's email or phone; without them, one first name and DOB
+  is a coincidence among thousands of contacts.
 - `name_only`: nothing but the names (and the town) agrees - no DOB within a typo, no
   email, phone or anything of the address: two people who share a name are commoner than a
   re-registration that changed everything else.
 
-Practice data versus a bare list: `generation_apart` and `similar_name_at_home` need an
-email or phone on either record. On a list with neither (FEBRL), a different DOB or a
+Practice data versus a bare list: `generation_apart`, `relative_at_home` and
+`different_last_name` need an email or phone on either record. On a list with neither (FEBRL), a different DOB or a
 similar first name at one address is as likely a mistyped field as another person, and
 there is nothing to tell them apart, so the weights decide.
 
@@ -49,7 +54,8 @@ RULES = {
     "generation_apart": "dates of birth a generation apart",
     "different_suffix": "different generational suffixes (Jr/Sr)",
     "family_contact_only": "only a family's shared email or phone agrees",
-    "similar_name_at_home": "similar first names sharing only a home",
+    "relative_at_home": "different first names sharing only a home",
+    "different_last_name": "different last names with no email or phone in common",
     "name_only": "only the name agrees",
 }
 RULE_NAMES = tuple(RULES)
@@ -76,7 +82,8 @@ def veto(cols: Columns, i: np.ndarray, j: np.ndarray, cmp: Compared) -> np.ndarr
         (cmp.years_apart >= GENERATION_YEARS) & (dob >= 0) & (dob <= 1) & practice,
         (cols.suffix[i] > 0) & (cols.suffix[j] > 0) & (cols.suffix[i] != cols.suffix[j]),
         (first < 4) & nothing_personal & ((email == 2) | (phone == 2)),
-        (first < 3) & ~cmp.related & nothing_personal & (g[:, F_ADDR] >= 1) & practice,
+        (first < 4) & nothing_personal & (g[:, F_ADDR] >= 1) & practice,
+        (last == 0) & ~cmp.swapped & (email != 3) & (phone != 3) & practice,
         (dob < 2) & (email < 1) & (phone < 1) & (g[:, F_ADDR] < 1),
     ]
     for pos in range(len(rules) - 1, -1, -1):
