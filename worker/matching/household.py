@@ -32,9 +32,10 @@ of the Contact Manager step, so each rule below vetoes a pair outright:
   re-registration that changed everything else.
 
 Practice data versus a bare list: `generation_apart`, `relative_at_home` and
-`different_last_name` need an email or phone on either record. On a list with neither (FEBRL), a different DOB or a
-similar first name at one address is as likely a mistyped field as another person, and
-there is nothing to tell them apart, so the weights decide.
+`different_last_name` need an email or phone on either record. On a list with neither
+(FEBRL), a different DOB, a similar first name at one address or a new last name is as
+likely a mistyped field as another person, there is nothing to tell them apart, and the
+weights decide.
 
 `RULES` maps each rule to its one-line reason; `veto` returns, per pair, the index of
 the first rule that applies (-1 for none).
