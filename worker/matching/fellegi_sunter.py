@@ -10,8 +10,9 @@ How the parameters are learned (the way Splink does it, no labelled pairs needed
   contacts share a value is Σ p_v²); the other levels from comparing random pairs.
 - m: expectation-maximisation on the candidate pairs, in two sessions (`SESSIONS`) so
   that a field never trains on pairs that were chosen for agreeing on it: pairs found
-  through one DOB train the names; pairs found through both names' Soundex train DOB,
-  email, phone, address and city. Pairs a household rule vetoes never train. Each
+  through both names' Soundex train DOB, email, phone, address and city; then pairs
+  found through one DOB train the names (with the identifiers' m just learned taking
+  part, so the two latent classes are well defined). Pairs a household rule vetoes never train. Each
   session starts from `DEFAULT_M`, so a small practice (too few pairs to learn from)
   keeps sensible weights.
 - prior: the chance that two random contacts are one person: the share of candidate
@@ -37,9 +38,9 @@ MAX_LEVELS = max(LEVELS.values())
 # what a household shares (address, phone, email, or a last name with a postcode): there
 # the larger cluster is "same household", not "same person" - the failure the issue
 # describes in Splink's default set-up.
-SESSIONS = (
-    (BIT["dob_name"] | BIT["dob"], [F_FIRST, F_LAST]),
-    (BIT["names"], [2, 3, 4, 5, F_CITY]),
+SESSIONS = (  # (passes, fields used, fields whose m is learned)
+    (BIT["names"], [2, 3, 4, 5, F_CITY], [2, 3, 4, 5, F_CITY]),
+    (BIT["dob_name"] | BIT["dob"], [F_FIRST, F_LAST, 3, 4, 5, F_CITY], [F_FIRST, F_LAST]),
 )
 EM_ITERATIONS = 25
 MIN_TRAINING_PAIRS = 200
@@ -51,26 +52,27 @@ EM_SAMPLE = 400_000
 _FLOOR = 1e-7
 
 # Starting points (and the weights of a practice too small to learn from): what EM
-# learned on the household benchmark, rounded. Rows: fields; columns: level 0, 1, 2...
+# learned on 100,000 contacts of the household benchmark (bench/households.py, seed 3),
+# rounded. Rows: fields; columns: level 0, 1, 2...
 DEFAULT_M = np.array([
-    [0.02, 0.05, 0.10, 0.13, 0.70],  # first
-    [0.03, 0.03, 0.06, 0.04, 0.84],  # last
-    [0.04, 0.03, 0.10, 0.83, 0.0],   # dob
-    [0.35, 0.02, 0.03, 0.60, 0.0],   # email
-    [0.40, 0.02, 0.03, 0.55, 0.0],   # phone
-    [0.40, 0.10, 0.05, 0.45, 0.0],   # address
-    [0.10, 0.05, 0.85, 0.0, 0.0],    # city
+    [0.02, 0.051, 0.126, 0.094, 0.709],  # first
+    [0.034, 0.022, 0.073, 0.056, 0.815],  # last
+    [0.003, 0.001, 0.25, 0.746, 0.0],     # dob
+    [0.198, 0.031, 0.214, 0.557, 0.0],    # email
+    [0.284, 0.001, 0.104, 0.611, 0.0],    # phone
+    [0.205, 0.009, 0.003, 0.783, 0.0],    # address
+    [0.197, 0.001, 0.802, 0.0, 0.0],      # city
 ])
 DEFAULT_U = np.array([
-    [0.95, 0.04, 0.005, 0.002, 0.003],
-    [0.95, 0.04, 0.005, 0.0005, 0.0045],
-    [0.99, 0.008, 0.0019, 0.0001, 0.0],
-    [0.9999, 0.00005, 0.00002, 0.00003, 0.0],
-    [0.9999, 0.00005, 0.00002, 0.00003, 0.0],
-    [0.98, 0.019, 0.0009, 0.0001, 0.0],
-    [0.5, 0.05, 0.45, 0.0, 0.0],
+    [0.98937, 0.00569, 0.00109, 0.00074, 0.00319],
+    [0.99363, 0.00349, 0.00048, 0.00001, 0.00231],
+    [0.97773, 0.02028, 0.00199, 0.00008, 0.0],
+    [0.99997, 0.00001, 0.00001, 0.00001, 0.0],
+    [0.99997, 0.00001, 0.00001, 0.00001, 0.0],
+    [0.99904, 0.00096, 0.00001, 0.00002, 0.0],
+    [0.99337, 0.00323, 0.00341, 0.0, 0.0],
 ])
-DEFAULT_PRIOR = 1e-6  # about one duplicate pair per contact in a practice of 10,000
+DEFAULT_PRIOR = 1e-6  # as learned on 100,000 household contacts
 
 
 @dataclass(slots=True)
@@ -110,8 +112,9 @@ def _patterns(gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, counts
 
 
-def _em(gamma: np.ndarray, fields: list[int], model: Model, learn_m: bool) -> float:
-    """EM over the given fields; updates model.m for them (when `learn_m`); the prior."""
+def _em(gamma: np.ndarray, fields: list[int], model: Model, learn: list[int]) -> float:
+    """EM over `fields`; re-estimates m of the fields in `learn` (the others' m and every
+    u stay fixed); returns the share of matching pairs."""
     pats, counts = _patterns(gamma[:, fields])
     if not len(pats):
         return model.prior
@@ -127,8 +130,8 @@ def _em(gamma: np.ndarray, fields: list[int], model: Model, learn_m: bool) -> fl
         post = 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
         wsum = post * counts
         new_lam = float(wsum.sum() / counts.sum())
-        if learn_m:
-            for k in range(len(fields)):
+        for k, f in enumerate(fields):
+            if f in learn:
                 ok = present[:, k]
                 total = wsum[ok].sum()
                 if total <= 0:
@@ -136,8 +139,7 @@ def _em(gamma: np.ndarray, fields: list[int], model: Model, learn_m: bool) -> fl
                 levels = np.bincount(pats[ok, k], weights=wsum[ok], minlength=m.shape[1])
                 m[k] = (levels + 1e-3) / (total + 1e-3 * m.shape[1])
         lam = min(max(new_lam, 1e-6), 1 - 1e-6)
-    if learn_m:
-        model.m[fields] = m
+    model.m[fields] = m
     return lam
 
 
@@ -193,19 +195,19 @@ def train(cols: Columns, gamma: np.ndarray, passes: np.ndarray, usable: np.ndarr
     model = Model()
     rng = np.random.default_rng(seed)
     model.u = estimate_u(cols, rng)
-    for bits, fields in SESSIONS:
+    for bits, fields, learn in SESSIONS:
         rows = np.flatnonzero(((passes & bits) != 0) & usable)
         if len(rows) < MIN_TRAINING_PAIRS:
             continue
         if len(rows) > EM_SAMPLE:
             rows = rng.choice(rows, EM_SAMPLE, replace=False)
-        _em(gamma[rows], fields, model, learn_m=True)
+        _em(gamma[rows], fields, model, learn)
         model.trained = True
     rows = np.flatnonzero(usable)
     if len(rows) >= MIN_TRAINING_PAIRS:
         if len(rows) > EM_SAMPLE:
             rows = rng.choice(rows, EM_SAMPLE, replace=False)
-        share = _em(gamma[rows], list(range(len(FIELDS))), model, learn_m=False)
+        share = _em(gamma[rows], list(range(len(FIELDS))), model, [])
         # From "share of candidate pairs" to "chance two random contacts match".
         all_pairs = cols.n * (cols.n - 1) / 2
         model.prior = min(max(share * int(usable.sum()) / all_pairs, 1e-12), 0.5)
