@@ -146,9 +146,10 @@ def name_levels(cols: Columns, a: np.ndarray, b: np.ndarray,
         ra, rb = a[rest], b[rest]
         sim = _similarity(cols.name_compact, ra, rb, JaroWinkler.normalized_similarity)
         lv = np.where(sim >= 0.92, 2, np.where(sim >= 0.80, 1, 0)).astype(np.int8)
-        lv[sim >= 1.0] = 4  # the same letters, spaced differently ("Kayl a")
-        rel = _related(cols, ra, rb)
-        lv[rel | _shares_word(cols, ra, rb, first_word)] = 3
+        shares = _shares_word(cols, ra, rb, first_word)
+        rel = _related(cols, ra, rb) & ~shares  # "Mary"/"Mary Ann" is a middle name
+        lv[(rel | shares) & (lv < 3)] = 3
+        lv[sim >= 1.0] = 4  # the same letters, spaced differently ("Kayl a", "O Brien")
         level[rest] = lv
         related[rest] = rel
     level[missing] = -1
@@ -272,7 +273,7 @@ def _people(cols: Columns, i: np.ndarray, j: np.ndarray, digits: np.ndarray, out
     g[:, F_FIRST], g[:, F_LAST], g[:, F_DOB] = first, last, dob
     out.swapped[part], out.related[part], out.dob_swap[part] = swapped, related, dob_swap
     out.years_apart[part], out.gendered[part] = apart, gendered
-    others = (first <= 1) | (dob == 0) | gendered  # certainly two people
+    others = ((first >= 0) & (first <= 1)) | (dob == 0) | gendered  # certainly two people
     _mark_family(cols.email[i], cols.email[j], others, fam_e)
     _mark_family(cols.phone[i], cols.phone[j], others, fam_p)
 

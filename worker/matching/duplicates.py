@@ -121,16 +121,21 @@ REASON_ORDER = (
 def _pair_reasons(cmp: Compared, k: int) -> set[str]:
     g = cmp.gamma[k]
     out: set[str] = set()
-    first = int(g[F_FIRST])
-    if first == 3:
-        out.add("nickname" if cmp.related[k] else "middle name")
-    elif first in _FIRST_REASONS:
-        out.add(_FIRST_REASONS[first])
+    first, last = int(g[F_FIRST]), int(g[F_LAST])
+    tables: tuple[tuple[int, dict[int, str]], ...] = (
+        (F_DOB, _DOB_REASONS), (F_EMAIL, _EMAIL_REASONS), (F_PHONE, _PHONE_REASONS),
+        (F_ADDR, _ADDR_REASONS))
     if cmp.swapped[k]:
         out.add("first/last swapped")
-    for col, table in ((F_LAST, _LAST_REASONS), (F_DOB, _DOB_REASONS),
-                       (F_EMAIL, _EMAIL_REASONS), (F_PHONE, _PHONE_REASONS),
-                       (F_ADDR, _ADDR_REASONS)):
+        if min(first, last) < 4:
+            out.add("similar last name" if first == 4 else "similar first name")
+    else:
+        if first == 3:
+            out.add("nickname" if cmp.related[k] else "middle name")
+        elif first in _FIRST_REASONS:
+            out.add(_FIRST_REASONS[first])
+        tables = ((F_LAST, _LAST_REASONS), *tables)
+    for col, table in tables:
         level = int(g[col])
         if level in table:
             out.add(table[level])
