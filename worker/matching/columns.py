@@ -46,7 +46,8 @@ class Columns:
     """
 
     def __init__(self, contacts: Iterable[Contact]) -> None:
-        rows = contacts if isinstance(contacts, list | tuple) else list(contacts)
+        # In id order: random samples (u, EM) then do not depend on the input order.
+        rows = sorted(contacts, key=lambda c: str(c.contact_id))
         self.ids = [c.contact_id if c.contact_id.__class__ is str else str(c.contact_id)
                     for c in rows]
         self.n = n = len(rows)

@@ -23,7 +23,7 @@ The pipeline, one small module per step:
 5. `household`: named rules that veto a kept pair (two different given names; DOBs a
    generation apart; Jr/Sr; only a family's email or landline agrees).
 6. Groups: union-find over kept pairs, strongest first; a link that would put two
-   conflicting DOBs, or a vetoed pair, into one group is dropped. Each group reports the
+   conflicting DOBs, or a pair a rule calls two people, into one group is dropped. Each group reports the
    fields that agreed (`reasons`) and its weakest pair's probability (`score`).
 
 Results do not depend on input order. `score_pair` scores one pair with the default
@@ -227,9 +227,10 @@ def _find(
     linked = np.zeros(cols.n, dtype=bool)
     linked[cand.i[keep]] = True
     linked[cand.j[keep]] = True
-    vetoed = np.flatnonzero(above & (vetoes >= 0) & linked[cand.i] & linked[cand.j])
+    two_people = np.isin(vetoes, list(household.TWO_PEOPLE))
+    vetoed = np.flatnonzero(above & two_people & linked[cand.i] & linked[cand.j])
     blocked = {(int(a), int(b)) for a, b in zip(cand.i[vetoed], cand.j[vetoed], strict=True)}
-    del weight, above, vetoes, linked
+    del weight, above, vetoes, linked, two_people
     groups = _group(cols, cand.i, cand.j, prob, keep, cmp, blocked, st)
     if focus is not None:
         wanted = set(focus)

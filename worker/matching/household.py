@@ -27,6 +27,8 @@ of the Contact Manager step, so each rule below vetoes a pair outright:
   inside the other, not swapped) and no email or phone of one person is shared: a
   married name keeps its owner's email or phone; without them, one first name and DOB
   is a coincidence among thousands of contacts.
+- `no_name`: neither name can be compared (missing on one record or the other):
+  whatever else is shared, staff could not tell who the person is.
 - `name_only`: nothing but the names (and the town) agrees - no DOB within a typo, no
   email, phone or anything of the address: two people who share a name are commoner than a
   re-registration that changed everything else.
@@ -38,7 +40,9 @@ likely a mistyped field as another person, there is nothing to tell them apart, 
 weights decide.
 
 `RULES` maps each rule to its one-line reason; `veto` returns, per pair, the index of
-the first rule that applies (-1 for none).
+the first rule that applies (-1 for none). The first three say "two people": a group
+never joins such a pair through a third record. The others say "not enough evidence for
+one person", and a third record with better evidence may still link the two.
 """
 
 from __future__ import annotations
@@ -57,9 +61,13 @@ RULES = {
     "family_contact_only": "only a family's shared email or phone agrees",
     "relative_at_home": "different first names sharing only a home",
     "different_last_name": "different last names with no email or phone in common",
+    "no_name": "no name to compare",
     "name_only": "only the name agrees",
 }
 RULE_NAMES = tuple(RULES)
+# Rules that say "two people" (a group never joins such a pair through a third record),
+# as against "not enough evidence for one" (a third record may still link them).
+TWO_PEOPLE = frozenset({0, 1, 2})
 
 
 def veto(cols: Columns, i: np.ndarray, j: np.ndarray, cmp: Compared) -> np.ndarray:
@@ -85,6 +93,7 @@ def veto(cols: Columns, i: np.ndarray, j: np.ndarray, cmp: Compared) -> np.ndarr
         (first < 4) & nothing_personal & ((email == 2) | (phone == 2)),
         (first < 4) & nothing_personal & (g[:, F_ADDR] >= 1) & practice,
         (last == 0) & ~cmp.swapped & (email != 3) & (phone != 3) & practice,
+        (first < 0) & (last < 0),
         (dob < 2) & (email < 1) & (phone < 1) & (g[:, F_ADDR] < 1),
     ]
     for pos in range(len(rules) - 1, -1, -1):
