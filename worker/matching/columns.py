@@ -106,6 +106,12 @@ class Columns:
         self.name_sx = np.array([sx_codes.setdefault(soundex(v), len(sx_codes))
                                  for v in compact], dtype=np.int32)
         self.suffix_names = list(suffixes)
+        # The vocabularies as object arrays: comparisons index them by code in C.
+        self.name_obj = np.array(compact, dtype=object)
+        self.email_obj = np.array(self.emails, dtype=object)
+        self.phone_obj = np.array(self.phones, dtype=object)
+        self.street_obj = np.array(self.streets, dtype=object)
+        self.city_obj = np.array(self.cities, dtype=object)
         # Filled by blank_common: values so common they identify nobody (placeholders).
         self.placeholder_values = 0
         self.placeholder_contacts = 0
