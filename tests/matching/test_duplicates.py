@@ -227,10 +227,16 @@ def test_rule_different_given_names_spouses_daniel_and_danielle() -> None:
 
 
 def test_rule_different_given_names_yields_when_dob_and_last_name_agree() -> None:
-    """A typo that happens to make another real name (Dean for Dan), same DOB: one person."""
+    """A typo that happens to make another real name (Dean for Dan), same DOB and phone:
+    one person. Same DOB with nothing personal shared: twins, or strangers."""
     one_group(
-        contact("c1", "Dean", "Ortiz", dob=date(1975, 8, 1), email="do@x.org"),
+        contact("c1", "Dean", "Ortiz", dob=date(1975, 8, 1), email="do@x.org",
+                phone="555-123-0000"),
         contact("c2", "Dan", "Ortiz", dob=date(1975, 8, 1), phone="5551230000"),
+    )
+    no_groups(
+        contact("c1", "Teresa", "Santacruz", dob=date(1989, 10, 7), email="ts@x.org"),
+        contact("c2", "Amalia", "Santacruz", dob=date(1989, 10, 7), email="as@y.org"),
     )
 
 

@@ -105,12 +105,15 @@ _SWAPPED_ENDINGS = (frozenset("oa"), frozenset({"y", "ie"}), frozenset({"e", "ie
 
 def gender_variant(a: str, b: str) -> bool:
     """Two forms of a name for two sexes: Daniel/Danielle, Justin/Justine, Paul/Paula,
-    Mario/Maria, Bobby/Bobbie, Jesse/Jessie. Different people's names, not a typo."""
+    Mario/Maria, Bobby/Bobbie, Jesse/Jessie, Ryan/Ryann. Different people's names, not a
+    typo (a typo that makes one is possible, and then the DOB has to agree)."""
     if a == b:
         return False
     short, long = (a, b) if len(a) <= len(b) else (b, a)
     if len(short) >= 3 and long.startswith(short) and long[len(short):] in _FEMININE_ENDINGS:
         return True
+    if len(short) >= 4 and short.endswith("n") and long == short + "n":
+        return True  # Ryan/Ryann, Brian/Briann
     for ends in _SWAPPED_ENDINGS:
         for x in ends:
             for y in ends:

@@ -10,9 +10,10 @@ of the Contact Manager step, so each rule below vetoes a pair outright:
   forms of one name (Mary/Mark, John/Joan), or one name's forms for two sexes, known or
   not (Daniel/Danielle, Joel/Joelle, Mario/Maria: `compare.gender_variant`), and not
   first/last swapped
-  - unless the DOB is identical and the last names alike (then a typo or a mix-up that
-  happens to make another real name, Dean/Dan, is far likelier than two people; twins
-  sharing a family email are the price, and rare among parents).
+  - unless the DOB is identical, the last names alike and (on practice data) a personal
+  email or phone or the home shared too: then a typo or a mix-up that happens to make
+  another real name, Dean/Dan, is far likelier than two people (twins at home are the
+  price, and rare among parents).
 - `generation_apart`: both DOBs are known and 14 or more years apart, and not one
   typed digit apart (a parent and an adult child or grandparent with one name: Jr/Sr).
 - `different_suffix`: both names carry a generational suffix and they differ (Jr/Sr).
@@ -81,10 +82,13 @@ def veto(cols: Columns, i: np.ndarray, j: np.ndarray, cmp: Compared) -> np.ndarr
     known = np.zeros(len(i), dtype=bool)
     ok = (fi >= 0) & (fj >= 0)
     known[ok] = cols.name_known[fi[ok]] & cols.name_known[fj[ok]]
-    identical_else = (dob == 3) & (last >= 1)
     practice = (cols.email[i] >= 0) | (cols.phone[i] >= 0) | (cols.email[j] >= 0) | (
         cols.phone[j] >= 0)
     nothing_personal = (dob < 2) & (email != 3) & (phone != 3)
+    # Same DOB and last name: a typo that made another real name, unless practice data
+    # shows nothing of one person's in common (then: twins, or strangers born one day).
+    identical_else = (dob == 3) & (last >= 1) & (
+        ~practice | (email == 3) | (phone == 3) | (g[:, F_ADDR] >= 2))
     rules = [
         ((known & (fi != fj) & (first < 3) & ~cmp.related) | cmp.gendered) & ~cmp.swapped
         & ~identical_else,
