@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     source_refresh_hold_minutes: float = Field(20, ge=0)
     verify_max_retries: int = Field(2, ge=0, le=10)
     welcome_window_days: float = Field(7, gt=0)
+    # contact_duplicate: the match probability (Fellegi-Sunter, learned from the practice's
+    # own contacts) a pair needs before the household rules look at it.
+    duplicate_match_threshold: float = Field(0.9, gt=0, lt=1)
 
     # -- policy and safety ------------------------------------------------------------
     dry_run: bool = False

@@ -4,17 +4,17 @@ guide's cases (spouses, a parent and a namesake child, family emails), not gener
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 from datetime import date
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.matching import blocking, duplicates, fellegi_sunter, household, nicknames
+from worker.matching import blocking, duplicates, household, nicknames
+from worker.matching.columns import Columns
+from worker.matching.compare import gender_variant
 from worker.matching.duplicates import (
     DuplicateGroup,
     DuplicateStats,
@@ -24,8 +24,6 @@ from worker.matching.duplicates import (
     normalise_phone,
     score_pair,
 )
-from worker.matching.columns import Columns
-from worker.matching.compare import compare, gender_variant
 from worker.model.records import Contact
 
 REASONS = set(duplicates.REASON_ORDER)
@@ -254,8 +252,8 @@ def test_rule_generation_apart_father_and_son_one_name() -> None:
 def test_rule_different_suffix_jr_and_sr() -> None:
     home = {"phone": "415-555-0111", "address": "1 Bay St", "postcode": "94110"}
     stats = DuplicateStats()
-    no_groups(contact("c1", "John", "Moore Sr.", **home), contact("c2", "John", "Moore Jr.", **home),
-              stats=stats)
+    no_groups(contact("c1", "John", "Moore Sr.", **home),
+              contact("c2", "John", "Moore Jr.", **home), stats=stats)
     assert stats.vetoed == {"different_suffix": 1}
 
 

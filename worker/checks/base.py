@@ -29,6 +29,7 @@ class CheckContext:
     now: datetime
     propagation_delay: timedelta = timedelta(minutes=15)
     welcome_window: timedelta = timedelta(days=7)
+    duplicate_threshold: float = 0.9  # settings.duplicate_match_threshold
     # Cross-system candidates skipped because an OP record changed too recently.
     suppressed_recent: int = 0
     memo: dict[str, object] = field(default_factory=dict)

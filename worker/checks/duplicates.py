@@ -1,23 +1,30 @@
-"""contact_duplicate: one finding per group of contact records that are one person."""
+"""contact_duplicate: one finding per group of contact records that are one person.
+
+The detail says why the records matched (the fields that agreed, e.g. "nickname, same
+last name, same email") and the group's weakest match probability, so staff can judge
+before *Merge Contacts*. See worker/matching/duplicates.py for how groups are found.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
 from worker.checks.base import CheckContext, finding, register
-from worker.matching.duplicates import find_duplicate_groups
+from worker.matching.duplicates import DEFAULT_THRESHOLD, find_duplicate_groups
 from worker.model.findings import Finding
 from worker.model.records import Contact
 
 
-def duplicate_findings(contacts: Iterable[Contact]) -> Iterator[Finding]:
+def duplicate_findings(
+    contacts: Iterable[Contact], threshold: float = DEFAULT_THRESHOLD
+) -> Iterator[Finding]:
     """Also used by `oprecon duplicates` on a bare contacts export."""
-    for group in find_duplicate_groups(contacts):
+    for group in find_duplicate_groups(contacts, threshold):
         ids = tuple(sorted(group.contact_ids))
         yield finding(
             "contact_duplicate",
             f"{len(ids)} contact records look like one person ({', '.join(group.reasons)}; "
-            f"score {group.score:.2f}): {', '.join(ids)}",
+            f"match probability {group.score:.2f}): {', '.join(ids)}",
             contact_id=ids[0],
             contact_ids=ids,
         )
@@ -25,4 +32,9 @@ def duplicate_findings(contacts: Iterable[Contact]) -> Iterator[Finding]:
 
 @register("contact_duplicate")
 def contact_duplicate(ctx: CheckContext) -> Iterator[Finding]:
-    return duplicate_findings(ctx.snapshot.contacts.values())
+    """A full scan compares every contact; an incremental one its neighbourhood with every
+    contact of the practice (`Snapshot.duplicate_pool`): the same blocks and the same
+    learned weights, and its scope keeps only the groups holding a contact it covers."""
+    pool = ctx.snapshot.duplicate_pool
+    contacts = ctx.snapshot.contacts.values() if pool is None else pool
+    return duplicate_findings(contacts, ctx.duplicate_threshold)

@@ -213,8 +213,9 @@ def seed_example(sessions: sessionmaker[Session], practice: str, now: datetime) 
             "with Role/Reason Self: the Welcome email is never sent",
             patient="P10077", contact="C20417"),
         row("contact_duplicate", "warning", "open", timedelta(hours=9),
-            "2 contact records look like one person (same last name, same email; score "
-            "0.94): C20118, C20877", contact="C20118", contacts=["C20118", "C20877"]),
+            "2 contact records look like one person (same first name, same last name, "
+            "same email; match probability 0.94): C20118, C20877", contact="C20118",
+            contacts=["C20118", "C20877"]),
         row("patient_email_present", "warning", "open", 14 * day + timedelta(hours=3),
             "chart P10990 is a dependent but holds an email address: it will not appear "
             "under the parent's portal account", patient="P10990"),

@@ -181,7 +181,7 @@ def duplicates(
     from worker.sources.csv_source import read_contacts_file
 
     records = [r for r in read_contacts_file(contacts) if isinstance(r, Contact)]
-    found = list(duplicate_findings(records))
+    found = list(duplicate_findings(records, _settings().duplicate_match_threshold))
     if as_json:
         _print_json_lines(f.to_json() for f in found)
         return

@@ -23,8 +23,9 @@ The pipeline, one small module per step:
 5. `household`: named rules that veto a kept pair (two different given names; DOBs a
    generation apart; Jr/Sr; only a family's email or landline agrees).
 6. Groups: union-find over kept pairs, strongest first; a link that would put two
-   conflicting DOBs, or a pair a rule calls two people, into one group is dropped. Each group reports the
-   fields that agreed (`reasons`) and its weakest pair's probability (`score`).
+   conflicting DOBs, or a pair a rule calls two people, into one group is dropped.
+   Each group reports the fields that agreed (`reasons`) and its weakest pair's
+   probability (`score`).
 
 Results do not depend on input order. `score_pair` scores one pair with the default
 (untrained) weights, for tests and data generators.

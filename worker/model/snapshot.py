@@ -142,6 +142,9 @@ class Snapshot:
     # What unreadable rows describe (see `Unknowns`), and rows read per table.
     unknown: Unknowns = field(default_factory=lambda: Unknowns())
     audit_rows: int = 0
+    # Every contact of the practice, when the snapshot holds only a neighbourhood (an
+    # incremental scan): `contact_duplicate` compares the neighbourhood with all of them.
+    duplicate_pool: list[Contact] | None = None
 
     # -- building ---------------------------------------------------------------------
 

@@ -234,6 +234,7 @@ def reconcile(
             unreadable_percent=settings.unreadable_alert_percent,
             unreadable_min_rows=settings.unreadable_alert_min_rows,
             whole=whole,
+            duplicate_threshold=settings.duplicate_match_threshold,
         )
         every = run_checks(ctx)
         findings = [f for f in every if scope.covers_finding(f)]

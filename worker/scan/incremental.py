@@ -22,10 +22,15 @@ full scans almost nothing changes, so an incremental scan:
    adapters' targeted reads (`select_*`; a filtered full stream for adapters without);
 5. runs the ordinary `reconcile` on that partial snapshot.
 
-What it leaves to the nightly full scan (docs/benchmarks.md): `contact_duplicate`
-(compares every contact with every other, so the scope excludes it and never resolves
-it), portal links added or removed by hand (links carry no change time; our own fixes
-are verified through their hold), and silences that expired.
+`contact_duplicate`: when contacts changed, the scan also streams the whole contacts
+table (`Snapshot.duplicate_pool`) and the matcher runs over all of it, as in a full scan
+(same blocks, same learned weights); the scope keeps the groups that hold an affected
+contact, so a new group is raised and a group that no longer holds is resolved, and other
+groups are left alone. With no contact changed, the check is skipped.
+
+What it leaves to the nightly full scan (docs/benchmarks.md): portal links added or
+removed by hand (links carry no change time; our own fixes are verified through their
+hold), and silences that expired.
 tests/scan/test_incremental.py shows that after random changes, deletions among them,
 an incremental scan leaves the same open findings as a full scan.
 """
@@ -68,7 +73,8 @@ log = structlog.get_logger(__name__)
 
 WATERMARK = "watermark"
 OVERLAP_SLACK = timedelta(minutes=5)
-# Checks that need the whole practice, not a neighbourhood: left to the full scan.
+# Checks that need the whole practice, not a neighbourhood: skipped unless contacts
+# changed (then the contacts table is read whole for them).
 FULL_SCAN_ONLY = frozenset({"contact_duplicate"})
 
 
@@ -145,6 +151,10 @@ class Reads:
         self.op = op
         self.portal = portal
         self.rows = 0
+
+    def counted(self, records: Iterable[Any]) -> Iterator[Any]:
+        """A whole table, streamed and counted (the duplicate pool)."""
+        return self._count(records)
 
     def _count(self, records: Iterable[Any]) -> Iterator[Any]:
         for record in records:
@@ -537,12 +547,19 @@ def incremental_reconcile(
     scope_ids = affected(reads, changes)
     scope_ids.update(due)
     snap = neighbourhood(reads, scope_ids, changes.audit, changes.users)
+    excluded = FULL_SCAN_ONLY
+    if changes.op_contacts or due.contacts:
+        # Contacts changed (or a finding about contacts is due its confirming read):
+        # compare them with every contact of the practice, as a full scan does.
+        snap.duplicate_pool = [c for c in reads.counted(deps.op.contacts())
+                               if isinstance(c, Contact)]
+        excluded = frozenset()
     t_read = time.perf_counter() - t0
     label = (f"changed since {since.isoformat(timespec='seconds')}: "
              f"{len(scope_ids.patients)}p/{len(scope_ids.contacts)}c/{len(scope_ids.users)}u")
     scope = Scope(
         "entities", label, frozenset(scope_ids.patients), frozenset(scope_ids.contacts),
-        frozenset(scope_ids.users), exclude_checks=FULL_SCAN_ONLY,
+        frozenset(scope_ids.users), exclude_checks=excluded,
     )
     result = reconcile(
         deps, ScopeRequest("entities", label), kind="incremental", now=now, task_id=task_id,
