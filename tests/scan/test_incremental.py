@@ -424,10 +424,12 @@ def test_targeted_reads_match_a_filtered_full_read(
     sql_store.close()
 
 
-def test_contact_duplicate_is_never_resolved_by_an_incremental_scan(
+def test_incremental_scan_decides_a_changed_contacts_duplicate_group(
     practice: Path, tmp_path: Path, make_settings: Any
 ) -> None:
-    """Even when a duplicate's contact changes, only the full scan decides the group."""
+    """A duplicate group whose record is corrected to another person is resolved by the
+    next incremental scan (it compares the changed contact with every contact); a new
+    re-registration is raised by it; groups of unchanged contacts are left alone."""
     tables = read_tables(practice)
     store = Store("csv", tmp_path / "src", None)
     store.write(tables)
@@ -435,23 +437,41 @@ def test_contact_duplicate_is_never_resolved_by_an_incremental_scan(
     deps = state_deps(tmp_path / "s.sqlite", make_settings(), op, portal)
     full_reconcile(deps, NOW)
     with deps.sessions() as session:
-        group = session.scalars(select(FindingRow).where(
-            FindingRow.check == "contact_duplicate")).first()
-    assert group is not None and group.contact_ids
+        groups = session.scalars(select(FindingRow).where(
+            FindingRow.check == "contact_duplicate")).all()
+    assert len(groups) >= 2
+    group, other = groups[0], groups[1]
+    changed = (NOW + timedelta(minutes=1)).isoformat()
     for row in tables["contacts"]:
-        if row["contact_id"] in group.contact_ids[1:]:
-            row["last_name"] = "Someone Else Entirely"
-            row["email"] = "other@example.net"
-            row["updated_at"] = (NOW + timedelta(minutes=1)).isoformat()
+        if row["contact_id"] in group.contact_ids[1:]:  # staff corrected it: someone else
+            row.update(first_name="Quentin", last_name="Abernathy-Voss", dob="1949-02-03",
+                       email="qav@example.net", phone="207-555-0188",
+                       address="1 Lighthouse Rd", postcode="04101", updated_at=changed)
+    original = next(r for r in tables["contacts"] if r["contact_id"] == other.contact_ids[0])
+    copy = dict(original, contact_id="C9999999", first_name=original["first_name"].upper(),
+                updated_at=changed)  # a re-registration typed in capitals
+    tables["contacts"].append(copy)
     store.write(tables)
     result = incremental_reconcile(deps, NOW + timedelta(minutes=30))
-    assert group.contact_ids[1] in result.scope.contact_ids
-    with deps.sessions() as session:
-        assert session.get(FindingRow, group.id).state == S.OPEN
-    # The full scan does resolve it.
-    reconcile(deps, kind="full", now=NOW + timedelta(minutes=40))
+    assert "contact_duplicate" not in result.scope.exclude_checks
     with deps.sessions() as session:
         assert session.get(FindingRow, group.id).state == S.RESOLVED
+        rows = session.scalars(select(FindingRow).where(
+            FindingRow.check == "contact_duplicate")).all()
+        grown = [r for r in rows if "C9999999" in (r.contact_ids or ())]
+        assert grown and set(other.contact_ids) <= set(grown[0].contact_ids)
+        untouched = [r for r in groups[2:] if session.get(FindingRow, r.id).state != S.OPEN]
+        assert untouched == []
+    # The nightly full scan agrees.
+    before = _open_duplicates(deps)
+    reconcile(deps, kind="full", now=NOW + timedelta(minutes=40))
+    assert _open_duplicates(deps) == before
+
+
+def _open_duplicates(deps: Any) -> set[tuple[str, ...]]:
+    with deps.sessions() as session:
+        return {tuple(r.contact_ids) for r in session.scalars(select(FindingRow).where(
+            FindingRow.check == "contact_duplicate")) if r.state != S.RESOLVED}
 
 
 # -- deletions ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ before *Merge Contacts*. See worker/matching/duplicates.py for how groups are fo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 from worker.checks.base import CheckContext, finding, register
 from worker.matching.duplicates import DEFAULT_THRESHOLD, find_duplicate_groups
@@ -16,10 +16,12 @@ from worker.model.records import Contact
 
 
 def duplicate_findings(
-    contacts: Iterable[Contact], threshold: float = DEFAULT_THRESHOLD
+    contacts: Iterable[Contact], threshold: float = DEFAULT_THRESHOLD,
+    focus: Collection[str] | None = None,
 ) -> Iterator[Finding]:
-    """Also used by `oprecon duplicates` on a bare contacts export."""
-    for group in find_duplicate_groups(contacts, threshold):
+    """Also used by `oprecon duplicates` on a bare contacts export, and by incremental
+    scans (`focus`: only the groups holding one of those contacts)."""
+    for group in find_duplicate_groups(contacts, threshold, focus=focus):
         ids = tuple(sorted(group.contact_ids))
         yield finding(
             "contact_duplicate",
@@ -32,9 +34,9 @@ def duplicate_findings(
 
 @register("contact_duplicate")
 def contact_duplicate(ctx: CheckContext) -> Iterator[Finding]:
-    """A full scan compares every contact; an incremental one its neighbourhood with every
-    contact of the practice (`Snapshot.duplicate_pool`): the same blocks and the same
-    learned weights, and its scope keeps only the groups holding a contact it covers."""
-    pool = ctx.snapshot.duplicate_pool
-    contacts = ctx.snapshot.contacts.values() if pool is None else pool
-    return duplicate_findings(contacts, ctx.duplicate_threshold)
+    """A full scan compares every contact; an incremental one has already compared its
+    changed contacts with every contact of the practice (`Snapshot.duplicate_findings`)."""
+    decided = ctx.snapshot.duplicate_findings
+    if decided is not None:
+        return iter(decided)
+    return duplicate_findings(ctx.snapshot.contacts.values(), ctx.duplicate_threshold)

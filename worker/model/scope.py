@@ -23,6 +23,10 @@ class Scope:
     # Checks this run neither reports nor resolves: an incremental run reads only a
     # neighbourhood, too little for checks that compare every contact with every other.
     exclude_checks: frozenset[str] = field(default_factory=frozenset)
+    # Contacts whose duplicate groups this run decides (contact_duplicate only): an
+    # incremental scan's changed contacts and every member of their groups, so a group
+    # replaced by a larger one is resolved even if none of its members changed.
+    duplicate_contact_ids: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def label(self) -> str:
@@ -38,8 +42,13 @@ class Scope:
         contact_id: str | None,
         portal_user_id: str | None,
         contact_ids: list[str] | tuple[str, ...] | None = None,
+        check: str | None = None,
     ) -> bool:
         if self.is_all:
+            return True
+        if check == "contact_duplicate" and any(
+            c in self.duplicate_contact_ids for c in contact_ids or ()
+        ):
             return True
         return (
             (patient_id is not None and patient_id in self.patient_ids)
@@ -53,7 +62,7 @@ class Scope:
 
     def covers_finding(self, f: Finding) -> bool:
         return self.covers_check(f.check) and self.covers(
-            f.patient_id, f.contact_id, f.portal_user_id, f.contact_ids
+            f.patient_id, f.contact_id, f.portal_user_id, f.contact_ids, f.check
         )
 
 

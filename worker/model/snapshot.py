@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from worker.model.findings import Finding
 from worker.model.records import (
     WELCOME_ACTION,
     AuditEvent,
@@ -142,9 +143,9 @@ class Snapshot:
     # What unreadable rows describe (see `Unknowns`), and rows read per table.
     unknown: Unknowns = field(default_factory=lambda: Unknowns())
     audit_rows: int = 0
-    # Every contact of the practice, when the snapshot holds only a neighbourhood (an
-    # incremental scan): `contact_duplicate` compares the neighbourhood with all of them.
-    duplicate_pool: list[Contact] | None = None
+    # `contact_duplicate` findings an incremental scan decided over every contact of the
+    # practice (its snapshot holds only a neighbourhood); None: decide from `contacts`.
+    duplicate_findings: list[Finding] | None = None
 
     # -- building ---------------------------------------------------------------------
 

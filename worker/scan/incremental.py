@@ -23,10 +23,11 @@ full scans almost nothing changes, so an incremental scan:
 5. runs the ordinary `reconcile` on that partial snapshot.
 
 `contact_duplicate`: when contacts changed, the scan also streams the whole contacts
-table (`Snapshot.duplicate_pool`) and the matcher runs over all of it, as in a full scan
-(same blocks, same learned weights); the scope keeps the groups that hold an affected
-contact, so a new group is raised and a group that no longer holds is resolved, and other
-groups are left alone. With no contact changed, the check is skipped.
+table and the matcher runs over all of it, as in a full scan (same blocks, same learned
+weights), keeping the groups that hold a changed contact (`Snapshot.duplicate_findings`).
+The scope decides those groups and any open group sharing a member with them
+(`Scope.duplicate_contact_ids`): a new group is raised, a group that no longer holds or
+grew is resolved, other groups are left alone. With no contact changed, it is skipped.
 
 What it leaves to the nightly full scan (docs/benchmarks.md): portal links added or
 removed by hand (links carry no change time; our own fixes are verified through their
@@ -47,6 +48,7 @@ import structlog
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from worker.checks.duplicates import duplicate_findings
 from worker.model.records import (
     WELCOME_ACTION,
     AuditEvent,
@@ -547,12 +549,16 @@ def incremental_reconcile(
     scope_ids = affected(reads, changes)
     scope_ids.update(due)
     snap = neighbourhood(reads, scope_ids, changes.audit, changes.users)
-    excluded = FULL_SCAN_ONLY
+    excluded, duplicate_ids = FULL_SCAN_ONLY, frozenset[str]()
     if changes.op_contacts or due.contacts:
         # Contacts changed (or a finding about contacts is due its confirming read):
         # compare them with every contact of the practice, as a full scan does.
-        snap.duplicate_pool = [c for c in reads.counted(deps.op.contacts())
-                               if isinstance(c, Contact)]
+        focus = changes.op_contacts | due.contacts
+        pool = [c for c in reads.counted(deps.op.contacts()) if isinstance(c, Contact)]
+        found = list(duplicate_findings(pool, settings.duplicate_match_threshold, focus))
+        del pool
+        snap.duplicate_findings = found
+        duplicate_ids = frozenset(focus).union(*(f.contact_ids for f in found))
         excluded = frozenset()
     t_read = time.perf_counter() - t0
     label = (f"changed since {since.isoformat(timespec='seconds')}: "
@@ -560,6 +566,7 @@ def incremental_reconcile(
     scope = Scope(
         "entities", label, frozenset(scope_ids.patients), frozenset(scope_ids.contacts),
         frozenset(scope_ids.users), exclude_checks=excluded,
+        duplicate_contact_ids=duplicate_ids,
     )
     result = reconcile(
         deps, ScopeRequest("entities", label), kind="incremental", now=now, task_id=task_id,

@@ -142,7 +142,8 @@ def _load_rows(
         covered = [
             r.id for r in session.execute(ids)
             if scope.covers_check(r.check)
-            and scope.covers(r.patient_id, r.contact_id, r.portal_user_id, r.contact_ids)
+            and scope.covers(r.patient_id, r.contact_id, r.portal_user_id, r.contact_ids,
+                             r.check)
         ]
         for i in range(0, len(covered), 500):
             q = select(FindingRow).where(FindingRow.id.in_(covered[i : i + 500]))

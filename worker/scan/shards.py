@@ -107,7 +107,7 @@ class ShardScope(Scope):
 
     def covers(
         self, patient_id: str | None, contact_id: str | None, portal_user_id: str | None,
-        contact_ids: list[str] | tuple[str, ...] | None = None,
+        contact_ids: list[str] | tuple[str, ...] | None = None, check: str | None = None,
     ) -> bool:
         return self.owner(patient_id, contact_id, portal_user_id, contact_ids) == self.index
 
