@@ -43,7 +43,7 @@ SESSIONS = (  # (passes, fields used, fields whose m is learned)
     (BIT["dob_name"] | BIT["dob"], [F_FIRST, F_LAST, 3, 4, 5, F_CITY], [F_FIRST, F_LAST]),
 )
 EM_ITERATIONS = 25
-MIN_TRAINING_PAIRS = 200
+MIN_TRAINING_PAIRS = 100
 MIN_TF_CONTACTS = 500
 TF_CAP = 4.0  # bits a rare name may add
 TF_FLOOR = -10.0  # bits a very common name may take away
