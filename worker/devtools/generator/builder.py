@@ -99,6 +99,8 @@ class _Core:
         self.out: dict[str, list[Any]] = {t: [] for t in TABLES}
         self.lines: dict[str, int] = dict.fromkeys(TABLES, 1)
         self.findings: list[Finding] = []
+        # Pairs of contacts planted to look like one person and not be (no finding).
+        self.traps: list[tuple[str, str, str]] = []
         self.stats: Counter[str] = Counter()
         self.suppressed: Counter[str] = Counter()
         self.op_only_recent: Counter[str] = Counter()

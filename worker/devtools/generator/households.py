@@ -14,7 +14,13 @@ from worker.devtools.generator.people import _Adult, _Kid
 from worker.model.records import Contact, Patient
 
 
+TRAP_SHARE = 0.02  # of clean households: a duplicate-matcher trap (generator.duplicates)
+
+
 class _Households(_Core):
+    def trap_household(self, kind: str, n_kids: int) -> int:
+        raise NotImplementedError  # generator.duplicates._Duplicates
+
     # households ---------------------------------------------------------------------
 
     def household(self, adults: list[_Adult], kids: list[_Kid]) -> None:
@@ -111,6 +117,10 @@ class _Households(_Core):
     def clean(self, budget: int) -> int:
         """One defect-free household of at most `budget` patients; returns its size."""
         rng = self.rng
+        r = rng.random()
+        if budget >= 1 and r < TRAP_SHARE:  # looks like duplicates, is a family
+            return self.trap_household(rng.choice(("similar_spouses", "father_and_son")),
+                                       min(budget, 2))
         r = rng.random()
         if budget < 2 and r < 0.70:
             r = 0.95  # a lone adult, or a one-child household below

@@ -7,7 +7,7 @@ is one decision (the patient budget must come out exact); the planters only buil
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,8 @@ class PracticeRecords:
     rows: dict[str, list[Any]]
     findings: list[Finding]
     stats: dict[str, Any]
+    # (kind, contact id, contact id): household traps, two people who look like one
+    traps: list[tuple[str, str, str]] = field(default_factory=list)
 
     def records(self, table: str) -> list[Any]:
         """Parsed records of a table, as a correct reader sees them (bad rows dropped)."""
@@ -102,7 +104,8 @@ def generate_records(patients: int, seed: int = 0, now: datetime | None = None,
     now = _resolve_now(now)
     builder = _Builder(seed, now, rates or DefectRates())
     _run(builder, patients)
-    return PracticeRecords(now, seed, builder.out, builder.findings, _stats(builder, patients))
+    return PracticeRecords(now, seed, builder.out, builder.findings, _stats(builder, patients),
+                           builder.traps)
 
 
 def _stats(b: _Builder, patients: int) -> dict[str, Any]:
