@@ -13,7 +13,6 @@ from worker.devtools.generator.builder import _Core
 from worker.devtools.generator.people import _Adult, _Kid
 from worker.model.records import Contact, Patient
 
-
 TRAP_SHARE = 0.02  # of clean households: a duplicate-matcher trap (generator.duplicates)
 
 
