@@ -9,6 +9,7 @@ the (far fewer) distinct value pairs. Code -1 means missing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ class Columns:
 
     def __init__(self, contacts: Iterable[Contact]) -> None:
         # In id order: random samples (u, EM) then do not depend on the input order.
-        rows = sorted(contacts, key=lambda c: str(c.contact_id))
+        rows = sorted(contacts, key=attrgetter("contact_id"))
         self.ids = [c.contact_id if c.contact_id.__class__ is str else str(c.contact_id)
                     for c in rows]
         self.n = n = len(rows)
@@ -83,7 +84,10 @@ class Columns:
         _, self.addr = np.unique(key, return_inverse=True)
         self.addr = self.addr.astype(np.int32)
         self.addr[key < 0] = -1
-        ymd = [dob_parts(c.dob) for c in rows]
+        dobs = [c.dob for c in rows]
+        parts_of = {d: dob_parts(d) for d in dict.fromkeys(dobs)}  # ~20,000 distinct
+        ymd = [parts_of[d] for d in dobs]
+        del dobs, parts_of
         self.y = np.fromiter((t[0] for t in ymd), dtype=np.int16, count=n)
         self.m = np.fromiter((t[1] for t in ymd), dtype=np.int8, count=n)
         self.d = np.fromiter((t[2] for t in ymd), dtype=np.int8, count=n)
