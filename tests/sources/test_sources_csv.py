@@ -31,6 +31,7 @@ from worker.sources.base import OPReader, PortalReader, PortalWriter, ReadOnlyPo
 from worker.sources.csv_source import (
     CsvOPSource,
     CsvPortalSource,
+    read_contacts_file,
     write_op_csv,
     write_portal_csv,
 )
@@ -460,3 +461,24 @@ def test_any_file_body_reads_without_crashing(body: bytes) -> None:
             assert isinstance(record, Contact | InvalidRecord)
             if isinstance(record, InvalidRecord):
                 assert record.line is not None and record.line >= 2
+
+
+def test_a_contact_with_an_unreadable_dob_is_kept_without_it(tmp_path: Path) -> None:
+    """Issue 15: the bad field is missing, not the record; the row still raises its
+    invalid_record (same file and line) through the snapshot."""
+    path = tmp_path / "contacts.csv"
+    path.write_text(
+        "contact_id,first_name,last_name,email,dob,phone,address,city,postcode,active,"
+        "patient_id,updated_at\n"
+        "C1,Ines,Mora,im@example.org,1990-13-05,5553331212,,,,true,,\n"
+        "C2,Ana,Ruiz,ar@example.org,1990-13-05,5553331213,,,,maybe,,\n",
+        encoding="utf-8",
+    )
+    records = list(read_contacts_file(path))
+    kept, rejected = records
+    assert isinstance(kept, Contact) and kept.dob is None and kept.dob_text == "1990-13-05"
+    assert isinstance(rejected, InvalidRecord)  # a second problem: the row is unreadable
+    snap = Snapshot.build(records)
+    assert set(snap.contacts) == {"C1"}
+    assert [(r.line, r.contact_id) for r in snap.invalid] == [(2, "C1"), (3, "C2")]
+    assert "bad dob" in snap.invalid[0].reason

@@ -84,7 +84,7 @@ class Columns:
         _, self.addr = np.unique(key, return_inverse=True)
         self.addr = self.addr.astype(np.int32)
         self.addr[key < 0] = -1
-        dobs = [c.dob for c in rows]
+        dobs = [c.dob if c.dob is not None else (c.dob_text or None) for c in rows]
         parts_of = {d: dob_parts(d) for d in dict.fromkeys(dobs)}  # ~20,000 distinct
         ymd = [parts_of[d] for d in dobs]
         del dobs, parts_of

@@ -100,6 +100,12 @@ class Contact:
     active: bool
     patient_id: str | None = None
     updated_at: datetime | None = None
+    # A DOB the source could not read (month 13): the contact is kept without it, the
+    # text is kept for duplicate matching (its digits), and `invalid` is the
+    # `invalid_record` the row still raises. Issue 15: a bad field is missing, not the
+    # whole record.
+    dob_text: str = ""
+    invalid: InvalidRecord | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass(slots=True, frozen=True)

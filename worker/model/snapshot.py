@@ -164,6 +164,8 @@ class Snapshot:
                     self.contacts[record.contact_id] = record
                     if record.patient_id:
                         self.contacts_by_patient_id[record.patient_id].append(record)
+                if record.invalid is not None:  # kept without its unreadable DOB
+                    self.invalid.append(record.invalid)
             case FamilyContact():
                 self.family.append(record)
                 self.fc_by_patient[record.patient_id].append(record)

@@ -281,15 +281,24 @@ def parse_patient(
 def parse_contact(
     row: Row, source: str, line: int, zone: tzinfo | None = None
 ) -> Contact | InvalidRecord:
+    """A contact whose only problem is an unreadable DOB is kept without it (and still
+    raises its `invalid_record`): the person exists, and duplicate matching can use the
+    DOB's digits (a month of 13 is most often a day/month swap)."""
     p = _Problems()
     _controls(row, p)
     contact_id = _required_id(row, "contact_id", p)
     own_patient = _optional_id(row, "patient_id", p)
+    before = len(p.reasons)
     dob = _date(row, "dob", p, phi=True)
+    dob_problem = before == 0 and len(p.reasons) == 1
     active = _bool(row, "active", p)
     updated_at = _time(row, "updated_at", p, zone)
+    dob_text, bad = "", None
     if p.reasons:
-        return _bad("contacts", row, source, line, p)
+        if not (dob_problem and len(p.reasons) == 1):
+            return _bad("contacts", row, source, line, p)
+        dob_text = (row.get("dob") or "").strip()
+        bad = _bad("contacts", row, source, line, p)
     return Contact(
         contact_id=contact_id,
         first_name=_text(row, "first_name"),
@@ -303,6 +312,8 @@ def parse_contact(
         active=active,
         patient_id=own_patient,
         updated_at=updated_at,
+        dob_text=dob_text,
+        invalid=bad,
     )
 
 
