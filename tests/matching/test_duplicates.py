@@ -455,7 +455,7 @@ def test_blocking_skips_oversized_blocks_and_counts_them() -> None:
     people = [contact(f"c{i:03d}", "Ann", "Ray", postcode="11111") for i in range(30)]
     stats = DuplicateStats()
     find_duplicate_groups(people, stats=stats)
-    assert stats.oversized_blocks >= 1  # 30 contacts on one name and postcode: > 20
+    assert stats.oversized_blocks >= 1  # 30 contacts on one name and postcode: > 12
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,7 +19,7 @@ misses (a DOB typo *and* a move; swapped first and last names; a married name).
 
 A key held by more than the pass's cap of contacts makes a block too big to compare
 (a very common name in one year); it is skipped and counted in `oversized_blocks`. The
-cap is `max_block` (50) for the identifier and DOB passes, `LOOSE_BLOCK` (20) for names
+cap is `max_block` (50) for the identifier and DOB passes, `LOOSE_BLOCK` (12) for names
 alone or with a postcode or house number, and `SMALL_BLOCK` (12) for the two loosest:
 they only help where their key is rare, and elsewhere would cost most of the pairs.
 Emails, phones and addresses held by that many contacts were already made missing as
@@ -42,7 +42,7 @@ IDENTIFIER_PASSES = BIT["email"] | BIT["phone"] | BIT["address"]
 NAME_PASSES = (BIT["dob_name"] | BIT["names"] | BIT["name_year"] | BIT["postcode_name"]
                | BIT["number_name"] | BIT["dob"])
 SMALL_BLOCK = 12  # the loosest passes (name_year, dob): only small blocks
-LOOSE_BLOCK = 20  # passes on names alone or with a postcode or house number
+LOOSE_BLOCK = 12  # passes on names alone or with a postcode or house number
 
 
 @dataclass(slots=True)
