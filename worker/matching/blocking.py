@@ -126,7 +126,7 @@ def candidates(cols: Columns, cap: int, focus: np.ndarray | None = None) -> Cand
     oversized = 0
     for name, (keys, which, limit) in passes.items():
         bi, bj, over = _block_pairs(keys, which, limit)
-        if limit != SMALL_BLOCK:  # the loosest passes skip big blocks by design
+        if name not in ("name_year", "dob"):  # these skip big blocks by design
             oversized += over
         lo_ij, hi_ij = np.minimum(bi, bj), np.maximum(bi, bj)
         keep = lo_ij != hi_ij
