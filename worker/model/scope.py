@@ -23,9 +23,10 @@ class Scope:
     # Checks this run neither reports nor resolves: an incremental run reads only a
     # neighbourhood, too little for checks that compare every contact with every other.
     exclude_checks: frozenset[str] = field(default_factory=frozenset)
-    # Contacts whose duplicate groups this run decides (contact_duplicate only): an
-    # incremental scan's changed contacts and every member of their groups, so a group
-    # replaced by a larger one is resolved even if none of its members changed.
+    # Contacts whose duplicate groups this run decides (contact_duplicate only; when set,
+    # the only ones): an incremental scan's changed contacts and every member of their
+    # groups, so a group replaced by another is resolved even if none of its members
+    # changed, and groups of unchanged contacts nearby are left alone.
     duplicate_contact_ids: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -46,10 +47,10 @@ class Scope:
     ) -> bool:
         if self.is_all:
             return True
-        if check == "contact_duplicate" and any(
-            c in self.duplicate_contact_ids for c in contact_ids or ()
-        ):
-            return True
+        if check == "contact_duplicate" and self.duplicate_contact_ids:
+            # Decided for these contacts only: a group elsewhere in the neighbourhood was
+            # not compared, so it must be neither raised nor resolved.
+            return any(c in self.duplicate_contact_ids for c in contact_ids or ())
         return (
             (patient_id is not None and patient_id in self.patient_ids)
             or (contact_id is not None and contact_id in self.contact_ids)

@@ -396,6 +396,21 @@ def due_ids(session: Session, practice: str, now: datetime, delay: timedelta) ->
     return out
 
 
+def grouped_with(deps: Deps, practice: str, contacts: set[str]) -> set[str]:
+    """`contacts` and every member of an unresolved duplicate group holding one of them:
+    when a member is deleted or changes, the rest of its group is decided again (the
+    group may shrink to a new one that holds no changed contact)."""
+    out = set(contacts)
+    with deps.sessions() as session:
+        for ids in session.scalars(select(FindingRow.contact_ids).where(
+            FindingRow.practice == practice, FindingRow.check == "contact_duplicate",
+            FindingRow.state != S.RESOLVED,
+        )):
+            if ids and not out.isdisjoint(ids):
+                out |= set(ids)
+    return out
+
+
 def affected(reads: Reads, changes: Changes) -> Ids:
     """Every id whose findings may depend on a changed record: the run's scope.
 
@@ -553,7 +568,7 @@ def incremental_reconcile(
     if changes.op_contacts or due.contacts:
         # Contacts changed (or a finding about contacts is due its confirming read):
         # compare them with every contact of the practice, as a full scan does.
-        focus = changes.op_contacts | due.contacts
+        focus = grouped_with(deps, practice, changes.op_contacts | due.contacts)
         pool = [c for c in reads.counted(deps.op.contacts()) if isinstance(c, Contact)]
         found = list(duplicate_findings(pool, settings.duplicate_match_threshold, focus))
         del pool
