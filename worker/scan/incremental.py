@@ -22,12 +22,14 @@ full scans almost nothing changes, so an incremental scan:
    adapters' targeted reads (`select_*`; a filtered full stream for adapters without);
 5. runs the ordinary `reconcile` on that partial snapshot.
 
-`contact_duplicate`: when contacts changed, the scan also streams the whole contacts
-table and the matcher runs over all of it, as in a full scan (same blocks, same learned
-weights), keeping the groups that hold a changed contact (`Snapshot.duplicate_findings`).
-The scope decides those groups and any open group sharing a member with them
-(`Scope.duplicate_contact_ids`): a new group is raised, a group that no longer holds or
-grew is resolved, other groups are left alone. With no contact changed, it is skipped.
+`contact_duplicate`: when contacts changed (deleted ones included), the scan also
+streams the whole contacts table and the matcher runs over all of it, as in a full scan
+(same blocks, same learned weights). The contacts it decides are the changed ones and
+every member of an open group holding one (`grouped_with`); it keeps the groups holding
+one of those (`Snapshot.duplicate_findings`), and the scope decides exactly the groups
+that hold one (`Scope.duplicate_contact_ids`): a new group is raised, a group that no
+longer holds, grew or shrank is resolved, groups of unchanged contacts nearby are left
+alone. With no contact changed, the check is skipped.
 
 What it leaves to the nightly full scan (docs/benchmarks.md): portal links added or
 removed by hand (links carry no change time; our own fixes are verified through their
