@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import Settings, SettingsError
 from worker.scan.engine import time_rules, utcnow
 from worker.scan.lifecycle import transition
 from worker.state.db import kv_get, kv_set
@@ -206,15 +206,20 @@ def _apply_here(
     leaves the fix `retrying` for the worker's resume task."""
     from worker.fixes.apply import TransientPortalError, apply_action
     from worker.fixes.rails import portal_guard
-    from worker.scan.wiring import portal_adapter
+    from worker.scan.wiring import op_reader, portal_adapter
 
     portal = portal_adapter(settings)
+    try:
+        op = op_reader(settings)
+    except SettingsError:  # only a Welcome resend needs OP; without it, it says so
+        op = None
     guard = portal_guard(settings, sessions=sessions)
     rules = time_rules(settings)
     outcome: Counter[str] = Counter()
     for action_id in ids:
         try:
-            outcome[apply_action(sessions, portal, action_id, rules, guard=guard, now=now)] += 1
+            outcome[apply_action(sessions, portal, action_id, rules, guard=guard, now=now,
+                                         op=op, lease=settings.fix_lease)] += 1
         except TransientPortalError:
             outcome["retrying"] += 1
     return outcome

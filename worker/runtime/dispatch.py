@@ -23,6 +23,9 @@ def send_fixes(settings: Settings, ids: list[int]) -> None:
         for action_id in ids:
             app.send_task(FIX_TASK, args=(action_id,), connection=conn, queue="fix",
                           retry=False)
+    from worker.runtime.service import fixes_enqueued
+
+    fixes_enqueued(settings, ids)
 
 
 def enqueue_shards(parent_id: int, count: int) -> None:
