@@ -22,6 +22,9 @@ SOFT_LIMIT, HARD_LIMIT = get_settings().fix_time_limits
     name="oprecon.fix.apply",
     bind=True,
     max_retries=MAX_RETRIES,
+    retry_backoff=RETRY_BACKOFF,
+    retry_backoff_max=RETRY_BACKOFF_MAX,
+    retry_jitter=True,
     soft_time_limit=SOFT_LIMIT,
     time_limit=HARD_LIMIT,
 )
@@ -29,7 +32,7 @@ def apply_fix(self: Any, action_id: int) -> str:
     """The retry's countdown is chosen first, so the claim is kept for exactly that long
     (a retry keeps its claim; nobody else takes the fix meanwhile)."""
     countdown = get_exponential_backoff_interval(
-        RETRY_BACKOFF, self.request.retries, RETRY_BACKOFF_MAX, True)
+        self.retry_backoff, self.request.retries, self.retry_backoff_max, self.retry_jitter)
     try:
         return service.apply_fix(get_settings(), int(action_id), owner=self.request.id,
                                  retry_in=countdown)

@@ -179,7 +179,7 @@ def test_each_fix_kind_is_applied_once_and_shows_after_the_delay(
     assert sorted(result.action_ids) == sorted(a.id for a in actions.values())
     guard = portal_guard(settings, client=redis_client)
     for a in actions.values():
-        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings),
+        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings), op=deps.op,
                             guard=guard, now=at(T0)) == "applied"
         assert finding(deps.sessions, a).state == "held"
 
@@ -204,7 +204,7 @@ def test_each_fix_kind_is_applied_once_and_shows_after_the_delay(
 
     # Applying the same actions again does not reach the portal.
     for a in actions.values():
-        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings),
+        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings), op=deps.op,
                             guard=guard, now=at(T0)) == "applied"
     assert [world.requests(route) for route in ROUTES.values()] == [1, 1, 1]
 
@@ -215,23 +215,34 @@ def test_each_fix_kind_is_applied_once_and_shows_after_the_delay(
         assert finding(deps.sessions, a).state == "resolved"
 
 
-def test_a_lost_outcome_is_retried_under_the_same_key_and_applied_once(world: World) -> None:
-    """A worker that died after the portal call: the rerun sends the same key again and
-    the portal recognises it."""
+def test_a_lost_outcome_is_not_called_again_but_held_for_verification(world: World) -> None:
+    """A worker that died after the portal call: its claim lapses with the call marked;
+    the next attempt re-reads (the change is not visible yet, the portal takes 15 minutes),
+    does not call a second time, and holds the finding from the time of the lost call."""
     settings = world.settings_for()
     deps = world.deps(settings)
     reconcile(deps, kind="full", now=T0)
     email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
                         now=at(T0)) == "applied"
     with deps.sessions() as s, s.begin():  # as if the outcome had never been recorded
         row = s.get(ActionRow, email.id)
         assert row is not None
-        row.status = ActionStatus.INTENT
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                        now=at(T0)) == "applied"
-    assert world.requests("PATCH /users/{user_id}") == 2
-    assert [w["applied"] for w in world.calls()["writes"]] == [1]
+        row.status, row.applied_at = ActionStatus.APPLYING, None
+        found = s.get(FindingRow, row.finding_id)
+        assert found is not None and found.fix_attempts == 1
+        found.state, found.fix_attempts = "fix_queued", 0
+    later = T0 + timedelta(seconds=settings.fix_lease_seconds + 1)
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                        now=at(later)) == "unconfirmed"
+    assert world.requests("PATCH /users/{user_id}") == 1
+    held = finding(deps.sessions, email)
+    assert held.state == "held" and held.next_check_at == T0 + settings.hold
+    # The hold's verification decides: the change shows, the finding is resolved.
+    world.sim.clock.set(T0 + timedelta(minutes=15))
+    reconcile(deps, kind="full", now=T0 + timedelta(minutes=15))
+    assert finding(deps.sessions, email).state == "resolved"
+    assert world.requests("PATCH /users/{user_id}") == 1
 
 
 def test_a_problem_that_comes_back_after_it_was_resolved_is_fixed_again(world: World) -> None:
@@ -242,7 +253,8 @@ def test_a_problem_that_comes_back_after_it_was_resolved_is_fixed_again(world: W
     first = reconcile(deps, kind="full", now=T0)
     old = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
     for action_id in first.action_ids:
-        apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), now=at(T0))
+        apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
+                     now=at(T0))
     world.sim.clock.set(T0 + timedelta(minutes=20))
     reconcile(deps, kind="full", now=T0 + timedelta(minutes=20))
     assert finding(deps.sessions, old).state == "resolved"
@@ -255,7 +267,7 @@ def test_a_problem_that_comes_back_after_it_was_resolved_is_fixed_again(world: W
     (action_id,) = again.action_ids
     new = action_row(deps.sessions, action_id)
     assert new.kind == FixKind.SET_DUMMY_EMAIL and new.idempotency_key != old.idempotency_key
-    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
                         now=at(T0 + timedelta(minutes=40))) == "applied"
     keys = {w["key"] for w in world.calls()["writes"] if w["endpoint"] == ROUTES[new.kind]}
     assert keys == {old.idempotency_key, "staff-edit", new.idempotency_key}
@@ -274,16 +286,17 @@ def test_transient_500_leaves_the_action_retrying_then_a_later_attempt_applies(
     world.http.post("/_sim/faults", json={"status": 500, "count": 1, "path": "/users/U2"})
     guard = portal_guard(settings, client=redis_client)
     with pytest.raises(TransientPortalError):
-        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                     guard=guard, now=at(T0))
+        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                     guard=guard, now=at(T0), owner="task-1")
     row = action_row(deps.sessions, email.id)
     assert row.status == "retrying" and "PortalUnavailable" in (row.error or "")
     assert U2_EMAIL not in (row.error or "")  # ids and statuses only, never the address
     assert finding(deps.sessions, email).state == "fix_queued"
     assert redis_client.zcard("oprecon:test:portal:breaker:fail") == 1
 
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                        guard=guard, now=at(T0)) == "applied"
+    # Celery's retry of the same task keeps its claim.
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                        guard=guard, now=at(T0), owner="task-1") == "applied"
     assert action_row(deps.sessions, email.id).status == "applied"
     assert world.requests("PATCH /users/{user_id}") == 2  # the 500, then the real one
     assert [w["applied"] for w in world.calls()["writes"]] == [1]
@@ -299,11 +312,12 @@ def test_a_fix_that_keeps_failing_transiently_is_given_up_and_escalated(world: W
     world.http.post("/_sim/faults", json={"status": 503, "count": 10, "path": "/users/U2"})
     for _ in range(3):
         with pytest.raises(TransientPortalError):
-            apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                         now=at(T0), max_attempts=settings.fix_max_attempts)
+            apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                         now=at(T0), max_attempts=settings.fix_max_attempts, owner="task-1")
     before = sum(world.calls()["requests"].values())
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                        now=at(T0), max_attempts=settings.fix_max_attempts) == "failed"
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                        now=at(T0), max_attempts=settings.fix_max_attempts,
+                        owner="task-1") == "failed"
     row = action_row(deps.sessions, email.id)
     assert row.status == "failed" and row.error and row.error.startswith("gave up after 3")
     assert finding(deps.sessions, email).state == "escalated"
@@ -320,14 +334,15 @@ def test_a_change_already_visible_is_recorded_without_calling_again(world: World
     email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
     world.http.post("/_sim/faults", json={"latency_ms": 700, "count": 1, "path": "/users/U2"})
     with pytest.raises(TransientPortalError):
-        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), now=at(T0))
+        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                     now=at(T0), owner="task-1")
     deadline = time.monotonic() + 5
     while not world.http.get("/_sim/pending").json()["items"]:  # the slow call lands
         assert time.monotonic() < deadline
         time.sleep(0.05)
     world.sim.clock.set(T0 + timedelta(minutes=15))
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                        now=at(T0 + timedelta(minutes=15))) == "already"
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                        now=at(T0 + timedelta(minutes=15))) == "already"  # its lease lapsed
     assert world.requests("PATCH /users/{user_id}") == 1
     assert finding(deps.sessions, email).state == "held"
 
@@ -338,7 +353,7 @@ def test_a_404_fails_the_action_and_escalates_the_finding(world: World) -> None:
     reconcile(deps, kind="full", now=T0)
     email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
     world.sim.load(**portal_state(without="U2"))  # the user vanished from the portal
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
                         now=at(T0)) == "failed"
     row = action_row(deps.sessions, email.id)
     assert row.status == "failed" and "404" in (row.error or "")
@@ -452,7 +467,7 @@ def test_guard_stages_a_batch_once_alerts_once_and_approve_applies_it(
     lines: list[str] = []
     released = release_staged(settings, run_id, approve=True, by="oncall-7", mode="local",
                               sessions=deps.sessions, echo=lines.append,
-                              now=T0 + timedelta(minutes=10))
+                              now=T0 + timedelta(minutes=10), op=deps.op)
     assert released == 3
     assert lines == [f"run {run_id}: approved 3 staged fix(es); applied here: 3 applied"]
     assert len(world.calls()["writes"]) == 3
@@ -509,7 +524,7 @@ def test_approve_falls_back_to_applying_here_when_the_broker_is_down(world: Worl
     settings, deps, run_id = staged_world(world, broker_url="redis://127.0.0.1:1/0")
     lines: list[str] = []
     assert release_staged(settings, run_id, approve=True, sessions=deps.sessions,
-                          echo=lines.append, now=T0, enqueue=send_fixes) == 3
+                          echo=lines.append, now=T0, enqueue=send_fixes, op=deps.op) == 3
     assert lines[0].endswith("applied here: 3 applied")
     assert len(world.calls()["writes"]) == 3
 
@@ -572,7 +587,7 @@ def test_welcome_is_resent_at_most_once_per_window(world: World) -> None:
                         or getattr(r, "contact_id", None) == "C3"]
     first = reconcile(deps, kind="full", now=T0)
     (action_id,) = first.action_ids
-    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
                         now=at(T0)) == "applied"
     # The hold ends before the portal shows the email (its clock stays at T0): the finding
     # is still there, but the contact had a resend within the window: alert, no resend.

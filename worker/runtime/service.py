@@ -259,5 +259,7 @@ def fixes_enqueued(
 ) -> None:
     """Stamp `enqueued_at` once the messages are with the broker."""
     if ids:
-        deps = deps or build_deps(settings)
-        claims.mark_enqueued(deps.sessions, ids, now or utcnow())
+        from worker.scan.wiring import state_sessions
+
+        sessions = deps.sessions if deps is not None else state_sessions(settings)
+        claims.mark_enqueued(sessions, ids, now or utcnow())

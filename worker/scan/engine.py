@@ -448,7 +448,7 @@ def _journal(
         else:
             continue
         if status is ActionStatus.INTENT:
-            primary = _coalesce(session, action, row, now, run_id)
+            primary = coalesce_intent(session, action, row, now, run_id)
             if primary is not None:
                 item.reason = f"{item.reason}; served by fix {primary} (one per portal user)"
                 continue
@@ -500,7 +500,7 @@ _COALESCE_LIVE = (ActionStatus.INTENT, ActionStatus.RETRYING, ActionStatus.APPLY
 _COALESCE_DONE = (ActionStatus.APPLIED, ActionStatus.ALREADY, ActionStatus.UNCONFIRMED)
 
 
-def _coalesce(
+def coalesce_intent(
     session: Session, action: ActionRow, row: FindingRow, now: datetime, run_id: int | None
 ) -> int | None:
     """Attach a new intent to the same user's refresh that is queued, running, or whose

@@ -13,26 +13,26 @@ branch_labels = None
 depends_on = None
 
 _COLUMNS = (
-    sa.Column('claimed_by', sa.String(length=155), nullable=True),
-    sa.Column('claim_token', sa.String(length=64), nullable=True),
-    sa.Column('claimed_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('lease_until', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('called_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('enqueued_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('coalesce_key', sa.String(length=120), nullable=True),
-    sa.Column('coalesced_into', sa.Integer(), nullable=True),
+    ('claimed_by', lambda: sa.String(length=155)),
+    ('claim_token', lambda: sa.String(length=64)),
+    ('claimed_at', lambda: sa.DateTime(timezone=True)),
+    ('lease_until', lambda: sa.DateTime(timezone=True)),
+    ('called_at', lambda: sa.DateTime(timezone=True)),
+    ('enqueued_at', lambda: sa.DateTime(timezone=True)),
+    ('coalesce_key', lambda: sa.String(length=120)),
+    ('coalesced_into', lambda: sa.Integer()),
 )
 
 
 def upgrade() -> None:
     with op.batch_alter_table('actions') as batch:
-        for column in _COLUMNS:
-            batch.add_column(column.copy())
+        for name, kind in _COLUMNS:
+            batch.add_column(sa.Column(name, kind(), nullable=True))
         batch.create_index('ix_actions_coalesce', ['practice', 'coalesce_key'])
 
 
 def downgrade() -> None:
     with op.batch_alter_table('actions') as batch:
         batch.drop_index('ix_actions_coalesce')
-        for column in reversed(_COLUMNS):
-            batch.drop_column(column.name)
+        for name, _ in reversed(_COLUMNS):
+            batch.drop_column(name)
