@@ -180,7 +180,7 @@ def resumable(
     lapsed = and_(ActionRow.lease_until.is_not(None), ActionRow.lease_until <= now)
     resend = or_(
         and_(lapsed, or_(ActionRow.enqueued_at.is_(None),
-                         ActionRow.enqueued_at <= ActionRow.lease_until)),
+                         ActionRow.enqueued_at < ActionRow.lease_until)),
         and_(ActionRow.lease_until.is_(None), ActionRow.enqueued_at.is_(None),
              ActionRow.created_at <= now - grace),
         and_(or_(ActionRow.lease_until.is_(None), lapsed),
