@@ -656,3 +656,146 @@ def test_no_resend_to_an_address_that_failed_validation(world: World) -> None:
     assert "welcome_not_sent" not in checks
     assert "contact_email_invalid" in checks  # staff are told instead
     assert result.action_ids == []
+
+
+# -- a lost outcome, without the portal's idempotency ---------------------------------------
+
+
+def _die_after_calling(deps: Deps, action: ActionRow, settings: Any) -> None:
+    """What a worker does up to its death: claim, mark the call, call the portal; the
+    outcome is never recorded."""
+    from worker.fixes import claims
+
+    got = claims.claim(deps.sessions, action.id, "task-that-died", T0, settings.fix_lease)
+    assert isinstance(got, claims.Claim)
+    assert claims.mark_called(deps.sessions, got, T0, settings.fix_lease)
+    portal: Any = deps.portal
+    if action.kind == FixKind.REFRESH_SOURCE:
+        portal.refresh_source(action.params["user_id"], idempotency_key=action.idempotency_key)
+    else:
+        portal.resend_welcome(action.params["contact_id"], "c3@example.org",
+                              idempotency_key=action.idempotency_key)
+
+
+@pytest.mark.parametrize("kind", [FixKind.REFRESH_SOURCE, FixKind.RESEND_WELCOME])
+def test_a_call_lost_with_its_worker_is_not_repeated_where_the_portal_cannot_tell(
+    world: World, kind: FixKind
+) -> None:
+    """A source refresh leaves nothing to read back, and a Welcome email reaches the
+    audit log only after the portal's delay: the next attempt does not call again (the
+    portal may or may not honour the key) but holds the finding from the lost call's
+    time; the hold's verification then finds the problem gone."""
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    action = by_kind(deps.sessions)[kind]
+    _die_after_calling(deps, action, settings)
+    later = T0 + settings.fix_lease + timedelta(seconds=1)
+    assert apply_action(deps.sessions, deps.portal, action.id, time_rules(settings),
+                        op=deps.op, now=at(later), owner="task-resumed") == "unconfirmed"
+    assert world.requests(ROUTES[kind]) == 1
+    held = finding(deps.sessions, action)
+    assert held.state == "held"
+    assert held.next_check_at == T0 + time_rules(settings).hold_for(kind, 1)
+    row = action_row(deps.sessions, action.id)
+    assert row.status == "unconfirmed" and "not repeated" in (row.error or "")
+    # A second delivery of the same fix later changes nothing either.
+    assert apply_action(deps.sessions, deps.portal, action.id, time_rules(settings),
+                        op=deps.op, now=at(later)) == "unconfirmed"
+
+    world.sim.clock.set(T0 + timedelta(minutes=20))
+    verify = reconcile(deps, kind="full", now=T0 + timedelta(minutes=20))
+    assert finding(deps.sessions, action).state == "resolved"
+    assert kind not in {action_row(deps.sessions, i).kind for i in verify.action_ids}
+    assert world.requests(ROUTES[kind]) == 1
+
+
+# -- one source refresh per portal user -------------------------------------------------------
+
+
+def test_one_source_refresh_serves_every_finding_of_its_user(world: World) -> None:
+    """C2 is authorized on P2 and P4; their caregiver user U3 is linked to neither child.
+    The guide's step is one Disconnect + Connect of U3's source, which resyncs all of
+    U3's links: one call, and one hold covering both findings. A third link found during
+    that hold (P5 authorized for C2 after the refresh) rides on the same hold."""
+    state = portal_state()
+    state["users"] += [patient_user("U5", "P4"), patient_user("U6", "P5")]
+    state["expected_links"] += [("U3", "U5"), ("U3", "U6")]
+    world.sim.load(**state)
+    world.op.records += [patient("P4"), fc("P4", "C2"), patient("P5")]
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    result = reconcile(deps, kind="full", now=T0)
+    with deps.sessions() as s:
+        refreshes = list(s.scalars(select(ActionRow).where(
+            ActionRow.kind == FixKind.REFRESH_SOURCE).order_by(ActionRow.id)))
+    primary, follower = refreshes
+    assert (primary.status, follower.status) == ("intent", "coalesced")
+    assert follower.coalesced_into == primary.id and follower.id not in result.action_ids
+    for action_id in result.action_ids:
+        apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
+                     now=at(T0))
+    assert world.requests(ROUTES[FixKind.REFRESH_SOURCE]) == 1
+    first, second = finding(deps.sessions, primary), finding(deps.sessions, follower)
+    assert first.state == second.state == "held"
+    assert first.next_check_at == second.next_check_at == T0 + timedelta(minutes=20)
+
+    world.op.records.append(fc("P5", "C2"))
+    during = reconcile(deps, kind="full", now=T0 + timedelta(minutes=5))
+    assert during.action_ids == []
+    with deps.sessions() as s:
+        third = s.scalars(select(ActionRow).where(ActionRow.kind == FixKind.REFRESH_SOURCE)
+                          .order_by(ActionRow.id.desc())).first()
+    assert third is not None and third.id != follower.id
+    assert (third.status, third.coalesced_into) == ("coalesced", primary.id)
+    assert finding(deps.sessions, third).next_check_at == T0 + timedelta(minutes=20)
+
+    world.sim.clock.set(T0 + timedelta(minutes=20))
+    after = reconcile(deps, kind="full", now=T0 + timedelta(minutes=20))
+    assert {finding(deps.sessions, a).state for a in (primary, follower, third)} == {"resolved"}
+    assert after.action_ids == []
+    assert world.requests(ROUTES[FixKind.REFRESH_SOURCE]) == 1
+
+
+# -- the Welcome resend's address: read from OP when it is sent -----------------------------
+
+
+def test_a_welcome_resend_keeps_ids_only_and_sends_to_the_address_op_has_now(
+    world: World
+) -> None:
+    """The journal holds no parent's address. A parent who gives the front desk a new
+    address before the resend goes out gets it at the new one (the guide: a resend "is
+    especially helpful if they have a new email address")."""
+    import json
+
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    action = by_kind(deps.sessions)[FixKind.RESEND_WELCOME]
+    assert action.params == {"patient_id": None, "contact_id": "C3", "user_id": None}
+    with deps.sessions() as s:
+        journal = json.dumps([a.params for a in s.scalars(select(ActionRow))])
+    assert "c3@example.org" not in journal and "@example.org" not in journal
+
+    world.op.records = [contact("C3", email="c3.new@example.org") if getattr(r, "contact_id",
+                        None) == "C3" and type(r).__name__ == "Contact" else r
+                        for r in world.op.records]
+    assert apply_action(deps.sessions, deps.portal, action.id, time_rules(settings),
+                        op=deps.op, now=at(T0)) == "applied"
+    world.sim.clock.set(T0 + timedelta(minutes=15))
+    assert "c3.new@example.org" in world.welcomes()
+    assert "c3@example.org" not in world.welcomes()
+
+
+def test_no_welcome_is_sent_when_op_no_longer_has_a_valid_address(world: World) -> None:
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    action = by_kind(deps.sessions)[FixKind.RESEND_WELCOME]
+    world.op.records = [contact("C3", email="not-an-address") if getattr(r, "contact_id",
+                        None) == "C3" and type(r).__name__ == "Contact" else r
+                        for r in world.op.records]
+    assert apply_action(deps.sessions, deps.portal, action.id, time_rules(settings),
+                        op=deps.op, now=at(T0)) == "unavailable"
+    assert world.requests(ROUTES[FixKind.RESEND_WELCOME]) == 0
+    assert finding(deps.sessions, action).state == "open"
