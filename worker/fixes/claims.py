@@ -25,7 +25,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Executable, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.state.models import ActionRow, ActionStatus
+from worker.state.models import ActionRow, ActionStatus, FindingRow, FindingState
 
 A = ActionStatus
 # Statuses nobody works on any more (coalesced: its primary fix does the work).
@@ -192,3 +192,51 @@ def resumable(
                 ActionRow.practice == practice, ActionRow.status.in_(LIVE), resend,
             ).order_by(ActionRow.id)
         ))
+
+
+STATES = ("queued", "claimed", "retrying", "stalled", "held", "staged")
+
+
+def fix_states(session: Session, practice: str, now: datetime) -> dict[str, dict[str, Any]]:
+    """Fixes by where they are, each with its count and the age of the oldest, for
+    `oprecon status`: queued (an intent nobody has claimed yet; age since it was
+    planned), claimed (a worker holds it and may be calling the portal; since the
+    claim), retrying (waiting for its retry; since the last attempt), stalled (a claim
+    that lapsed, waiting for the resume tick to take it back; since the lapse), held
+    (applied, the finding waits for the portal to catch up; since the fix) and staged
+    (held back by the mass-change guard; since it was planned)."""
+    out: dict[str, dict[str, Any]] = {s: {"count": 0, "oldest_age_seconds": None}
+                                      for s in STATES}
+
+    def add(state: str, since: datetime | None) -> None:
+        entry = out[state]
+        entry["count"] += 1
+        if since is not None:
+            age = round(max(0.0, (now - since).total_seconds()), 3)
+            if entry["oldest_age_seconds"] is None or age > entry["oldest_age_seconds"]:
+                entry["oldest_age_seconds"] = age
+
+    rows = session.execute(
+        select(ActionRow.status, ActionRow.created_at, ActionRow.claimed_at,
+               ActionRow.lease_until)
+        .where(ActionRow.practice == practice,
+               ActionRow.status.in_([*LIVE, A.STAGED]))
+    ).all()
+    for status, created, claimed, lease in rows:
+        lapsed = lease is not None and lease <= now
+        if status == A.STAGED:
+            add("staged", created)
+        elif lapsed and status != A.INTENT:
+            add("stalled", lease)
+        elif status == A.APPLYING:
+            add("claimed", claimed)
+        elif status == A.RETRYING:
+            add("retrying", claimed)
+        else:
+            add("queued", created)
+    for (since,) in session.execute(
+        select(FindingRow.state_changed_at).where(FindingRow.practice == practice,
+                                                  FindingRow.state == FindingState.HELD)
+    ):
+        add("held", since)
+    return out
