@@ -152,6 +152,8 @@ def apply_action(
             log.warning("fix_action_missing", action_id=action_id)
         elif got.reason == "claimed":
             log.info("fix_claimed_elsewhere", action_id=action_id, holder=got.holder)
+        else:
+            log.info("fix_already_done", action_id=action_id, status=got.reason)
         return got.reason
     view = _load(sessions, action_id)
     bound = log.bind(action_id=action_id, fix=view.kind, finding_id=view.finding_id)
