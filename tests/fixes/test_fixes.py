@@ -325,26 +325,29 @@ def test_a_fix_that_keeps_failing_transiently_is_given_up_and_escalated(world: W
     assert sum(world.calls()["requests"].values()) == before + 1
 
 
-def test_a_change_already_visible_is_recorded_without_calling_again(world: World) -> None:
-    """The first call timed out, but the portal had accepted it: once it shows, the retry
-    re-reads, sees it and records `already`."""
+def test_a_call_that_timed_out_is_not_repeated_but_held_and_verified(world: World) -> None:
+    """The call timed out, but the portal had accepted it. Sending it again would lean on
+    the portal honouring the key; instead the fix re-reads (not visible yet: the portal
+    takes 15 minutes), is held from the time of the call, and the verification finds
+    the change there."""
     settings = world.settings_for()
     deps = world.deps(settings, world.portal(timeout=0.3))
     reconcile(deps, kind="full", now=T0)
     email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
     world.http.post("/_sim/faults", json={"latency_ms": 700, "count": 1, "path": "/users/U2"})
-    with pytest.raises(TransientPortalError):
-        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
-                     now=at(T0), owner="task-1")
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                        now=at(T0)) == "unconfirmed"
     deadline = time.monotonic() + 5
     while not world.http.get("/_sim/pending").json()["items"]:  # the slow call lands
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    world.sim.clock.set(T0 + timedelta(minutes=15))
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
-                        now=at(T0 + timedelta(minutes=15))) == "already"  # its lease lapsed
     assert world.requests("PATCH /users/{user_id}") == 1
-    assert finding(deps.sessions, email).state == "held"
+    held = finding(deps.sessions, email)
+    assert held.state == "held" and held.next_check_at == T0 + settings.hold
+    world.sim.clock.set(T0 + timedelta(minutes=15))
+    reconcile(deps, kind="full", now=T0 + timedelta(minutes=15))
+    assert finding(deps.sessions, email).state == "resolved"
+    assert world.requests("PATCH /users/{user_id}") == 1
 
 
 def test_a_404_fails_the_action_and_escalates_the_finding(world: World) -> None:

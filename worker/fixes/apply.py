@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -183,7 +184,8 @@ def apply_action(
             return _finish(sessions, got, ActionStatus.ALREADY, rules, now(), None)
         # Marked before the rate limit and the call: from here on a crash means "may have
         # been called", and whoever takes over re-reads instead of calling.
-        if not claims.mark_called(sessions, got, now(), lease):
+        called = now()
+        if not claims.mark_called(sessions, got, called, lease):
             bound.warning("fix_claim_lost")
             return "claimed"
         guard.before_call()
@@ -191,6 +193,12 @@ def apply_action(
         guard.record(True)
     except Exception as err:  # noqa: BLE001 — classified below, nothing swallowed silently
         reason = f"{type(err).__name__}: {str(err)[:300]}"
+        if getattr(err, "in_doubt", False):
+            # Sent, but no answer: it may have been applied. Decide as after a crash.
+            guard.record(False, type(err).__name__)
+            bound.warning("fix_call_in_doubt", error=type(err).__name__)
+            return _recover(sessions, portal, replace(got, called_at=called), view, rules,
+                            now(), op, bound)
         if _is_transient(err):
             guard.record(False, type(err).__name__)
             claims.keep_for_retry(sessions, got, now(), retry_in, lease, reason)
@@ -207,7 +215,8 @@ def _recover(
     sessions: sessionmaker[Session], portal: Any, got: Claim, view: _ActionView,
     rules: TimeRules, at: datetime, op: Any, bound: Any,
 ) -> str:
-    """The previous holder died after its call may have gone out: never call again.
+    """The previous holder died after its call may have gone out (or the call got no
+    answer): never call again.
     The portal shows the change → `already`; it cannot tell (or the read fails) →
     `unconfirmed`, held from the time of the lost call; the verification decides."""
     email = (current_email(op, view.params.get("contact_id"))
