@@ -241,3 +241,43 @@ def test_resume_ignores_other_practices_and_finished_fixes(state: State) -> None
     assert state.resumable(T0 + timedelta(hours=1)) == []
     with state.sessions() as s:
         assert s.scalar(select(ActionRow.status).where(ActionRow.id == done)) == "applied"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_upgrade_forgets_addresses_journaled_for_welcome_resends(
+    backend: str, tmp_path: Any
+) -> None:
+    """Rows written before the claim revision kept the parent's email in `params`."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from tests.conftest import _throwaway_database
+    from worker.state.db import alembic_config
+
+    dbs = (iter([f"sqlite:///{tmp_path / 'old.sqlite'}"]) if backend == "sqlite"
+           else _throwaway_database("oprecon_mig"))
+    for url in dbs:
+        command.upgrade(alembic_config(url), "0001")
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO findings (id, practice, fingerprint, \"check\", severity, state,"
+                " cross_system, detail, first_seen_at, last_seen_at, seen_count,"
+                " state_changed_at, fix_attempts) VALUES (1, 'p', 'fp', 'welcome_not_sent',"
+                " 'info', 'fix_queued', true, '', :t, :t, 1, :t, 0)"), {"t": T0})
+            for i, (kind, params) in enumerate([
+                ("resend_welcome", '{"contact_id": "C1", "email": "ann@example.org"}'),
+                ("set_dummy_email", '{"user_id": "U1", "email": "p1.u1@dummy.com"}'),
+            ]):
+                conn.execute(text(
+                    "INSERT INTO actions (id, practice, finding_id, kind, idempotency_key,"
+                    " params, status, attempts, created_at) VALUES (:i, 'p', 1, :k, :key,"
+                    " :params, 'intent', 0, :t)"),
+                    {"i": i + 1, "k": kind, "key": f"k{i}", "params": params, "t": T0})
+        migrate(url)
+        with session_factory(engine)() as s:
+            params = {a.kind: a.params for a in s.scalars(select(ActionRow))}
+        engine.dispose()
+        assert params == {"resend_welcome": {"contact_id": "C1"},
+                          "set_dummy_email": {"user_id": "U1", "email": "p1.u1@dummy.com"}}
+        assert "example.org" not in str(params)

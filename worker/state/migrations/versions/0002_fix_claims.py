@@ -29,6 +29,22 @@ def upgrade() -> None:
         for name, kind in _COLUMNS:
             batch.add_column(sa.Column(name, kind(), nullable=True))
         batch.create_index('ix_actions_coalesce', ['practice', 'coalesce_key'])
+    _forget_addresses()
+
+
+def _forget_addresses() -> None:
+    """Welcome resends journaled before this revision kept the parent's address in
+    `params`; the address is now read from OP when the resend is applied (ids only)."""
+    actions = sa.table('actions', sa.column('id', sa.Integer()), sa.column('kind', sa.String()),
+                       sa.column('params', sa.JSON()))
+    conn = op.get_bind()
+    rows = conn.execute(sa.select(actions.c.id, actions.c.params)
+                        .where(actions.c.kind == 'resend_welcome')).all()
+    for action_id, params in rows:
+        if isinstance(params, dict) and 'email' in params:
+            kept = {k: v for k, v in params.items() if k != 'email'}
+            conn.execute(actions.update().where(actions.c.id == action_id)
+                         .values(params=kept))
 
 
 def downgrade() -> None:
