@@ -802,3 +802,38 @@ def test_no_welcome_is_sent_when_op_no_longer_has_a_valid_address(world: World) 
                         op=deps.op, now=at(T0)) == "unavailable"
     assert world.requests(ROUTES[FixKind.RESEND_WELCOME]) == 0
     assert finding(deps.sessions, action).state == "open"
+
+
+def test_when_the_refresh_s_own_finding_goes_away_the_others_still_get_one(
+    world: World
+) -> None:
+    """The finding a coalesced refresh was planned for resolved before it ran: the
+    findings riding on it are not stranded — one of them becomes the call, and the resume
+    tick sends it."""
+    from worker.fixes.claims import resumable
+
+    state = portal_state()
+    state["users"] += [patient_user("U5", "P4")]
+    state["expected_links"] += [("U3", "U5")]
+    world.sim.load(**state)
+    world.op.records += [patient("P4"), fc("P4", "C2")]
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    with deps.sessions() as s, s.begin():
+        primary, follower = s.scalars(select(ActionRow).where(
+            ActionRow.kind == FixKind.REFRESH_SOURCE).order_by(ActionRow.id)).all()
+        own = s.get(FindingRow, primary.finding_id)
+        assert own is not None
+        own.state = "resolved"
+    assert apply_action(deps.sessions, deps.portal, primary.id, time_rules(settings),
+                        op=deps.op, now=at(T0)) == "already"
+    heir = action_row(deps.sessions, follower.id)
+    assert (heir.status, heir.coalesced_into) == ("intent", None)
+    later = T0 + settings.fix_lease
+    assert follower.id in resumable(deps.sessions, settings.practice, later,
+                                    grace=settings.fix_lease, requeue_after=timedelta(hours=2))
+    assert apply_action(deps.sessions, deps.portal, follower.id, time_rules(settings),
+                        op=deps.op, now=at(later)) == "applied"
+    assert world.requests(ROUTES[FixKind.REFRESH_SOURCE]) == 1
+    assert finding(deps.sessions, follower).state == "held"

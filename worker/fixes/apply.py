@@ -160,7 +160,7 @@ def apply_action(
     bound = log.bind(action_id=action_id, fix=view.kind, finding_id=view.finding_id)
     if view.finding_state == S.RESOLVED:
         return _finish(sessions, got, ActionStatus.ALREADY, rules, now(),
-                       "finding resolved before the fix ran")
+                       "finding resolved before the fix ran", move_finding=False)
     if got.recovering:
         return _recover(sessions, portal, got, view, rules, now(), op, bound)
     if got.attempts > max_attempts:
@@ -283,6 +283,7 @@ def _finish(
     error: str | None,
     *,
     hold_from: datetime | None = None,
+    move_finding: bool = True,
 ) -> str:
     """Record the outcome — only while this execution still holds the claim — and move
     the finding (and every finding coalesced into this fix) on."""
@@ -304,12 +305,23 @@ def _finish(
         session.refresh(action)
         finding = session.get(FindingRow, action.finding_id)
         assert finding is not None
-        _move(session, action, finding, status, rules, at, error, hold_from)
-        followers = session.scalars(
+        followers = list(session.scalars(
             select(ActionRow).where(ActionRow.coalesced_into == action.id,
                                     ActionRow.status == ActionStatus.COALESCED,
                                     ActionRow.applied_at.is_(None))
-        ).all()
+            .order_by(ActionRow.id)
+        ).all())
+        if not move_finding:
+            # This finding went away before the call: the findings it would have served
+            # still need one. The first becomes the call (never sent: the resume tick
+            # sends it), the others ride on it.
+            if followers:
+                heir = followers[0]
+                heir.status, heir.coalesced_into = ActionStatus.INTENT, None
+                for follower in followers[1:]:
+                    follower.coalesced_into = heir.id
+            return str(status)
+        _move(session, action, finding, status, rules, at, error, hold_from)
         for follower in followers:
             served = session.get(FindingRow, follower.finding_id)
             follower.error = f"served by fix {action.id} ({status})"
