@@ -143,6 +143,7 @@ def make_rig(tmp_path: Path, pg_database: str) -> Iterator[Any]:
             "OPRECON_PORTAL_MAX_RETRIES": "0",
             "OPRECON_PORTAL_RATE_PER_SECOND": "50",
             "OPRECON_PROPAGATION_DELAY_MINUTES": "0",
+            "OPRECON_ALLOW_UNSAFE_PROPAGATION_DELAY": "true",
             "OPRECON_MASS_CHANGE_MAX_FIXES": "100",
             "OPRECON_MASS_CHANGE_MAX_PERCENT": "0",
             "OPRECON_METRICS_PORT": "0",

@@ -26,6 +26,7 @@ from worker.fixes.apply import TransientPortalError, apply_action
 from worker.fixes.rails import portal_guard
 from worker.fixes.staging import release_staged
 from worker.model.findings import FixKind
+from worker.model.text import address_key
 from worker.runtime.dispatch import send_fixes
 from worker.scan.engine import Deps, reconcile, time_rules
 from worker.scan.planner import Decision
@@ -622,7 +623,7 @@ def test_a_new_email_address_gets_its_own_resend_within_the_window(
     world.op.records = [patient("P3"), contact("C3"), fc("P3", "C3")]
     first = reconcile(deps, kind="full", now=T0)
     (action_id,) = first.action_ids
-    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
                         now=at(T0)) == "applied"
 
     # The parent calls: the Welcome email never arrived, they use another address now.
@@ -635,7 +636,7 @@ def test_a_new_email_address_gets_its_own_resend_within_the_window(
     decision, reason = fixable_decisions(second)["welcome_not_sent"]
     assert decision is Decision.FIX, reason
     (resend,) = second.action_ids
-    assert apply_action(deps.sessions, deps.portal, resend, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, resend, time_rules(settings), op=deps.op,
                         now=at(moved)) == "applied"
     assert world.requests("POST /welcome") == 2
 
@@ -775,7 +776,8 @@ def test_a_welcome_resend_keeps_ids_only_and_sends_to_the_address_op_has_now(
     deps = world.deps(settings)
     reconcile(deps, kind="full", now=T0)
     action = by_kind(deps.sessions)[FixKind.RESEND_WELCOME]
-    assert action.params == {"patient_id": None, "contact_id": "C3", "user_id": None}
+    assert action.params == {"patient_id": None, "contact_id": "C3", "user_id": None,
+                             "address": address_key("C3", "c3@example.org")}
     with deps.sessions() as s:
         journal = json.dumps([a.params for a in s.scalars(select(ActionRow))])
     assert "c3@example.org" not in journal and "@example.org" not in journal
@@ -785,6 +787,9 @@ def test_a_welcome_resend_keeps_ids_only_and_sends_to_the_address_op_has_now(
                         for r in world.op.records]
     assert apply_action(deps.sessions, deps.portal, action.id, time_rules(settings),
                         op=deps.op, now=at(T0)) == "applied"
+    # The journal now keys the address actually sent (for the once-per-address rule).
+    assert action_row(deps.sessions, action.id).params["address"] == address_key(
+        "C3", "c3.new@example.org")
     world.sim.clock.set(T0 + timedelta(minutes=15))
     assert "c3.new@example.org" in world.welcomes()
     assert "c3@example.org" not in world.welcomes()

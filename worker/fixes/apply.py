@@ -34,6 +34,7 @@ from worker.fixes import claims
 from worker.fixes.claims import Claim, NotClaimed
 from worker.model.findings import FixKind
 from worker.model.records import WELCOME_ACTION, Contact
+from worker.model.text import address_key
 from worker.scan.engine import utcnow
 from worker.scan.lifecycle import TimeRules, transition
 from worker.sources.base import PortalReader, PortalWriter
@@ -185,7 +186,7 @@ def apply_action(
         # Marked before the rate limit and the call: from here on a crash means "may have
         # been called", and whoever takes over re-reads instead of calling.
         called = now()
-        if not claims.mark_called(sessions, got, called, lease):
+        if not claims.mark_called(sessions, got, called, lease, _sent_params(view, email)):
             bound.warning("fix_claim_lost")
             return "claimed"
         guard.before_call()
@@ -209,6 +210,15 @@ def apply_action(
         return _finish(sessions, got, ActionStatus.FAILED, rules, now(), reason)
     bound.info("fix_applied")
     return _finish(sessions, got, ActionStatus.APPLIED, rules, now(), None)
+
+
+def _sent_params(view: _ActionView, email: str | None) -> dict[str, Any] | None:
+    """A Welcome resend goes to the address OP has now: the journal keeps the key of the
+    address actually sent, for the once-per-address rule (None: nothing changed)."""
+    if view.kind != FixKind.RESEND_WELCOME or email is None:
+        return None
+    key = address_key(view.params.get("contact_id"), email)
+    return None if view.params.get("address") == key else {**view.params, "address": key}
 
 
 def _recover(

@@ -121,16 +121,21 @@ def claim(
 
 
 def mark_called(
-    sessions: sessionmaker[Session], claim: Claim, now: datetime, lease: timedelta
+    sessions: sessionmaker[Session], claim: Claim, now: datetime, lease: timedelta,
+    params: dict[str, Any] | None = None,
 ) -> bool:
     """Record that the portal call is about to go out (and renew the lease, since the
-    rate limit may have made us wait). False: the claim was lost; do not call."""
+    rate limit may have made us wait), with the `params` it goes out with if they
+    changed since planning. False: the claim was lost; do not call."""
+    values: dict[str, Any] = {"called_at": now, "lease_until": now + lease}
+    if params is not None:
+        values["params"] = params
     with sessions() as session, session.begin():
         return rows_changed(session, (
             update(ActionRow)
             .where(ActionRow.id == claim.action_id, ActionRow.claim_token == claim.token,
                    ActionRow.status == A.APPLYING)
-            .values(called_at=now, lease_until=now + lease)
+            .values(**values)
         )) == 1
 
 

@@ -25,6 +25,7 @@ from worker.checks.rootcause import BLOCKERS
 from worker.model.findings import FixKind
 from worker.model.scope import ALL, Scope, for_contact, for_patient
 from worker.model.snapshot import Snapshot
+from worker.model.text import address_key
 from worker.scan import failures
 from worker.scan.explain import describe
 from worker.scan.lifecycle import SyncResult, TimeRules, sync, transition
@@ -478,13 +479,16 @@ def _action_key(row: FindingRow, attempt: int) -> str:
 
 def _params(f: Any) -> dict[str, Any]:
     """Ids only: a parent's address is read from OP when the resend is applied
-    (worker.fixes.apply.current_email), never kept in the journal. The dummy address is
-    made of ids, not a person's data."""
+    (worker.fixes.apply.current_email), never kept in the journal — only a salted key of
+    it, for the once-per-address rule. The dummy address is made of ids, not a person's
+    data."""
     params: dict[str, Any] = {
         "patient_id": f.patient_id, "contact_id": f.contact_id, "user_id": f.portal_user_id,
     }
     if f.fix is FixKind.SET_DUMMY_EMAIL:
         params["email"] = dummy_email(f.patient_id, f.portal_user_id)
+    elif f.fix is FixKind.RESEND_WELCOME:
+        params["address"] = address_key(f.contact_id, str(f.data.get("email") or ""))
     return params
 
 
@@ -593,10 +597,12 @@ def _unsilenced(
 def _recent_resends(
     session: Session, practice: str, now: datetime, settings: Settings
 ) -> frozenset[tuple[str, str]]:
-    """(contact id, lower-cased email) of every Welcome email resent within the window.
+    """(contact id, address key) of every Welcome email resent within the window.
 
     Keyed by the address too: the guide recommends a resend especially when the parent
     has a new email address, so a resend to the old one does not hold back the new one.
+    The journal keeps a salted key of the address sent (worker.model.text.address_key),
+    never the address.
     """
     since = now - settings.welcome_window
     rows = session.scalars(
@@ -608,7 +614,7 @@ def _recent_resends(
         )
     )
     return frozenset(
-        (str(r.params["contact_id"]), str(r.params.get("email") or "").strip().lower())
+        (str(r.params["contact_id"]), str(r.params.get("address") or ""))
         for r in rows if r.params.get("contact_id")
     )
 

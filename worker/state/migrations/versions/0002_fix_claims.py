@@ -4,6 +4,8 @@ Revision ID: 0002_claims
 Revises: 0001
 Create Date: 2026-11-30 01:45:00
 """
+import hashlib
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -34,7 +36,9 @@ def upgrade() -> None:
 
 def _forget_addresses() -> None:
     """Welcome resends journaled before this revision kept the parent's address in
-    `params`; the address is now read from OP when the resend is applied (ids only)."""
+    `params`; the address is now read from OP when the resend is applied (ids only), and
+    the journal keeps a salted key of it for the once-per-address rule (the same formula
+    as worker.model.text.address_key, frozen here)."""
     actions = sa.table('actions', sa.column('id', sa.Integer()), sa.column('kind', sa.String()),
                        sa.column('params', sa.JSON()))
     conn = op.get_bind()
@@ -43,6 +47,9 @@ def _forget_addresses() -> None:
     for action_id, params in rows:
         if isinstance(params, dict) and 'email' in params:
             kept = {k: v for k, v in params.items() if k != 'email'}
+            text = (f"oprecon-address|{params.get('contact_id') or ''}|"
+                    f"{(params.get('email') or '').strip().lower()}")
+            kept['address'] = hashlib.sha256(text.encode()).hexdigest()[:16]
             conn.execute(actions.update().where(actions.c.id == action_id)
                          .values(params=kept))
 
