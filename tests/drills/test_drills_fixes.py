@@ -264,11 +264,11 @@ def test_a_worker_killed_mid_call_is_taken_back_by_the_resume_tick_and_not_calle
 
 def test_a_redelivery_after_the_visibility_timeout_meets_the_claim(make_rig: Any) -> None:
     # The shortest visibility timeout the settings accept (> scan lock = hard + 60), and
-    # a lease and fix time limits that outlast a 70 s portal call.
+    # a lease, fix time limits and portal deadlines that outlast a 70 s portal call.
     rig: Rig = make_rig(
         1, OPRECON_SCAN_SOFT_LIMIT_SECONDS="1", OPRECON_SCAN_HARD_LIMIT_SECONDS="2",
         OPRECON_BROKER_VISIBILITY_TIMEOUT_SECONDS="63", OPRECON_FIX_LEASE_SECONDS="120",
-        OPRECON_PORTAL_TIMEOUT_SECONDS="110")
+        OPRECON_PORTAL_TIMEOUT_SECONDS="110", OPRECON_PORTAL_REQUEST_DEADLINE_SECONDS="110")
     workers = [rig.worker("w1").start("fix"), rig.worker("w2").start("fix")]
     for w in workers:
         w.wait_ready()

@@ -27,6 +27,7 @@ from worker.model.records import (
 from worker.sources.base import PortalReader, PortalWriter
 from worker.sources.portal_http import (
     HttpPortal,
+    PortalLimitError,
     PortalProtocolError,
     PortalRejected,
     PortalUnavailable,
@@ -393,3 +394,18 @@ def test_a_blank_idempotency_key_is_refused_locally(portal: HttpPortal) -> None:
 def test_client_uses_an_explicit_timeout(served: tuple[SimulatorServer, str]) -> None:
     with HttpPortal(served[1], TOKEN, timeout=3.0) as client:
         assert client._timeout == httpx.Timeout(3.0, connect=3.0)
+
+
+def test_a_write_cut_off_by_the_request_deadline_is_in_doubt(
+    served: tuple[SimulatorServer, str], sim: Simulator
+) -> None:
+    """The whole-request deadline ends a write that was sent: it may still land, so the
+    fix treats it like a lost answer (re-read, else hold), never as a plain failure."""
+    server, url = served
+    server.faults.add({"latency_ms": 1500, "path": "/users/u-p2"})
+    with HttpPortal(url, TOKEN, timeout=5, request_deadline=0.3,
+                    sleep=lambda s: None) as client, pytest.raises(PortalLimitError) as err:
+        client.set_user_email("u-p2", "p2@dummy.com", "fix-10")
+    assert err.value.in_doubt and err.value.kind == "deadline"
+    wait_for(lambda: server.in_flight() == 0 and sim.store.pending(), 5, "the write served")
+    assert requests_to(server, "PATCH /users/{user_id}") == 1

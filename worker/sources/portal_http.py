@@ -419,6 +419,8 @@ class HttpPortal:
             except PortalLimitError as err:
                 self._notify(method, route, None, err.kind, time.perf_counter() - started)
                 err.attempts = attempt
+                # A write cut off by a bound was sent: it may have been applied.
+                err.in_doubt = write
                 raise
             except (httpx.ConnectTimeout, httpx.PoolTimeout):
                 kind, sent = "timeout", False  # never reached the portal
