@@ -1,7 +1,7 @@
 """fix claims: lease, call marker, enqueue time, coalescing
 
-Revision ID: 0002_claims
-Revises: 0001
+Revision ID: 0003_claims
+Revises: 0002_web_console
 Create Date: 2026-11-30 01:45:00
 """
 import hashlib
@@ -9,8 +9,8 @@ import hashlib
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0002_claims'
-down_revision = '0001'
+revision = '0003_claims'
+down_revision = '0002_web_console'
 branch_labels = None
 depends_on = None
 
