@@ -14,6 +14,7 @@ from celery.schedules import crontab
 from config.settings import Settings
 
 QUEUES = ("scan", "fix", "digest")  # one per concern (CELERY.md §1 row 5)
+RESUME_SECONDS = 15
 
 
 def redbeat_key_prefix(settings: Settings) -> str:
@@ -39,10 +40,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": timedelta(minutes=1),
             "options": {"queue": "scan", "expires": 60},
         },
+        # Often, and cheap (one indexed query): a fix claimed by a worker that died is
+        # sent again within one tick of its lease lapsing (fix_lease_seconds + 15 s).
         "resume-pending-fixes": {
             "task": "oprecon.fix.resume",
-            "schedule": timedelta(minutes=5),
-            "options": {"queue": "fix", "expires": 300},
+            "schedule": timedelta(seconds=RESUME_SECONDS),
+            "options": {"queue": "fix", "expires": RESUME_SECONDS},
         },
         "digest-tick": {
             "task": "oprecon.digest.tick",

@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     breaker_window_seconds: float = Field(120, gt=0)
     # Transient failures before a fix is given up and handed to staff as failed.
     fix_max_attempts: int = Field(8, ge=1, le=50)
+    # A fix is claimed for this long before its portal call (worker.fixes.claims); the
+    # fix task's time limits stay inside it, and the resume tick (every 15 s) takes back
+    # a claim whose worker died once it has lapsed: within a minute by default.
+    fix_lease_seconds: int = Field(45, ge=10, le=3600)
 
     # -- digests ----------------------------------------------------------------------
     digest_recipients: dict[str, list[str]] = Field(default_factory=dict)
@@ -310,6 +314,17 @@ class Settings(BaseSettings):
     @property
     def welcome_window(self) -> timedelta:
         return timedelta(days=self.welcome_window_days)
+
+    @property
+    def fix_lease(self) -> timedelta:
+        return timedelta(seconds=self.fix_lease_seconds)
+
+    @property
+    def fix_time_limits(self) -> tuple[int, int]:
+        """(soft, hard) for the fix task: a live worker finishes (or is stopped) before
+        its claim lapses, so a lapsed claim always means a dead or stuck worker."""
+        hard = max(2, self.fix_lease_seconds * 4 // 5)
+        return max(1, hard - max(1, hard // 5)), hard
 
     @property
     def lock_timeout_seconds(self) -> int:

@@ -27,10 +27,9 @@ RETRY = dict(
 
 def _after(outcome: service.ScanOutcome) -> dict[str, Any]:
     """Fixes are enqueued only after the run's intents are committed (engine.reconcile)."""
-    from tasks.fixes import apply_fix
+    from tasks.fixes import enqueue
 
-    for action_id in outcome.action_ids:
-        apply_fix.delay(action_id)
+    enqueue(outcome.action_ids)
     summary = outcome.result.summary() if outcome.result else {}
     return {"status": outcome.status, "reason": outcome.reason, **summary}
 

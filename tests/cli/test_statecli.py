@@ -348,3 +348,72 @@ def test_status_without_redis_or_state_db_still_answers(
     assert any(e.startswith("redis:") for e in st["errors"])
     assert any(e.startswith("broker:") for e in st["errors"])
     assert [e["name"] for e in st["schedule"]][0] == "incremental-scan"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_status_shows_fixes_by_state_with_the_oldest_age_of_each(
+    backend: str, make_settings: Any, request: pytest.FixtureRequest
+) -> None:
+    """On-call sees at a glance what waits and for how long: a fix whose worker died
+    shows as stalled until the resume tick takes it back, not as `fix 0`."""
+    import io
+
+    from worker.cli.state import show_status
+    from worker.state.models import ActionRow
+
+    overrides = {"practice": "test", "redis_url": "redis://127.0.0.1:1/0",
+                 "broker_url": "redis://127.0.0.1:1/1"}
+    if backend == "postgresql":
+        overrides["state_db_url"] = request.getfixturevalue("pg_database")
+        overrides["practice"] = "fix-states"
+    settings = make_settings(**overrides)
+    practice = settings.practice
+    sessions = state_sessions(settings)
+    now = T0 + timedelta(hours=1)
+    lease = settings.fix_lease
+
+    def action(key: str, status: str, created: datetime, **kw: Any) -> None:
+        with sessions.begin() as s:
+            row = finding(f"{practice}-{key}", "caregiver_link_missing", S.FIX_QUEUED,
+                          at=created)
+            row.practice = practice
+            s.add(row)
+            s.flush()
+            s.add(ActionRow(practice=practice, finding_id=row.id, kind="refresh_source",
+                            idempotency_key=f"{practice}-{key}", params={}, status=status,
+                            created_at=created, **kw))
+
+    action("q-old", "intent", now - timedelta(minutes=3, seconds=10))
+    action("q-new", "intent", now - timedelta(seconds=5))
+    action("claimed", "applying", now - timedelta(minutes=1), claimed_at=now - timedelta(
+        seconds=12), lease_until=now - timedelta(seconds=12) + lease)
+    action("dead", "applying", now - timedelta(minutes=2), claimed_at=now - timedelta(
+        minutes=1), lease_until=now - timedelta(minutes=1) + lease)
+    action("retry", "retrying", now - timedelta(minutes=2), claimed_at=now - timedelta(
+        seconds=40), lease_until=now + timedelta(minutes=4))
+    with sessions.begin() as s:
+        held = finding(f"{practice}-held", "caregiver_link_missing", S.HELD,
+                       at=now - timedelta(minutes=7, seconds=2),
+                       next_check_at=now + timedelta(minutes=13))
+        held.practice = practice
+        s.add(held)
+    try:
+        out = io.StringIO()
+        show_status(settings, as_json=True, now=now, out=out)
+        fixes = json.loads(out.getvalue())["fixes"]
+        assert fixes == {
+            "queued": {"count": 2, "oldest_age_seconds": 190.0},
+            "claimed": {"count": 1, "oldest_age_seconds": 12.0},
+            "retrying": {"count": 1, "oldest_age_seconds": 40.0},
+            "stalled": {"count": 1, "oldest_age_seconds": 15.0},
+            "held": {"count": 1, "oldest_age_seconds": 422.0},
+            "staged": {"count": 0, "oldest_age_seconds": None},
+        }
+        out = io.StringIO()
+        show_status(settings, as_json=False, now=now, out=out)
+        line = next(x for x in out.getvalue().splitlines() if x.startswith("fix states"))
+        assert line == ("fix states queued 2 (oldest 3m10s) · claimed 1 (oldest 12s) · "
+                        "retrying 1 (oldest 40s) · stalled 1 (oldest 15s) · "
+                        "held 1 (oldest 7m02s) · staged 0")
+    finally:
+        sessions.kw["bind"].dispose()

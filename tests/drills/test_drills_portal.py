@@ -185,7 +185,7 @@ def test_fixes_meeting_500s_open_the_breaker_then_apply_exactly_once(rig: Rig) -
     for action_id in ids:
         sent = rig.writes_sent()
         with pytest.raises(TransientPortalError) as caught:
-            service.apply_fix(settings, action_id)
+            service.apply_fix(settings, action_id, owner=f"task-{action_id}")
         if rig.writes_sent() == sent:
             refused.append(str(caught.value))
     # Three calls reached the failing portal; the breaker then refused every other one
@@ -195,18 +195,22 @@ def test_fixes_meeting_500s_open_the_breaker_then_apply_exactly_once(rig: Rig) -
     assert all("breaker" in reason for reason in refused), refused
     with state_sessions(settings)() as s:
         assert {a.status for a in s.scalars(select(ActionRow))
-                if a.practice == settings.practice} == {"retrying"}
+                if a.practice == settings.practice and a.status != "coalesced"
+                } == {"retrying"}
 
         # Mirrored where the engine reads it: no new fix is planned while it is open.
         assert (kv_get(s, settings.practice, "breaker") or {}).get("state") == "open"
 
     httpx.delete(f"{rig.url}/_sim/faults", timeout=5)
     time.sleep(settings.breaker_cooldown_seconds)
-    outcomes = [service.apply_fix(settings, action_id) for action_id in ids]  # the retries
-    outcomes += [service.apply_fix(settings, action_id) for action_id in ids]  # redelivered
+    # The retries (each task's own: it keeps its claim), then the same messages redelivered.
+    outcomes = [service.apply_fix(settings, action_id, owner=f"task-{action_id}")
+                for action_id in ids]
+    outcomes += [service.apply_fix(settings, action_id, owner=f"task-{action_id}")
+                 for action_id in ids]
     assert set(outcomes) == {"applied"}
     writes = httpx.get(f"{rig.url}/_sim/calls", timeout=5).json()["writes"]
     with state_sessions(settings)() as s:
         keys = {a.idempotency_key for a in s.scalars(select(ActionRow))
-                if a.practice == settings.practice}
+                if a.practice == settings.practice and a.status != "coalesced"}
     assert {w["key"]: w["applied"] for w in writes} == dict.fromkeys(keys, 1)

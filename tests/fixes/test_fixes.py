@@ -26,6 +26,7 @@ from worker.fixes.apply import TransientPortalError, apply_action
 from worker.fixes.rails import portal_guard
 from worker.fixes.staging import release_staged
 from worker.model.findings import FixKind
+from worker.model.text import address_key
 from worker.runtime.dispatch import send_fixes
 from worker.scan.engine import Deps, reconcile, time_rules
 from worker.scan.planner import Decision
@@ -179,7 +180,7 @@ def test_each_fix_kind_is_applied_once_and_shows_after_the_delay(
     assert sorted(result.action_ids) == sorted(a.id for a in actions.values())
     guard = portal_guard(settings, client=redis_client)
     for a in actions.values():
-        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings),
+        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings), op=deps.op,
                             guard=guard, now=at(T0)) == "applied"
         assert finding(deps.sessions, a).state == "held"
 
@@ -204,7 +205,7 @@ def test_each_fix_kind_is_applied_once_and_shows_after_the_delay(
 
     # Applying the same actions again does not reach the portal.
     for a in actions.values():
-        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings),
+        assert apply_action(deps.sessions, deps.portal, a.id, time_rules(settings), op=deps.op,
                             guard=guard, now=at(T0)) == "applied"
     assert [world.requests(route) for route in ROUTES.values()] == [1, 1, 1]
 
@@ -215,23 +216,34 @@ def test_each_fix_kind_is_applied_once_and_shows_after_the_delay(
         assert finding(deps.sessions, a).state == "resolved"
 
 
-def test_a_lost_outcome_is_retried_under_the_same_key_and_applied_once(world: World) -> None:
-    """A worker that died after the portal call: the rerun sends the same key again and
-    the portal recognises it."""
+def test_a_lost_outcome_is_not_called_again_but_held_for_verification(world: World) -> None:
+    """A worker that died after the portal call: its claim lapses with the call marked;
+    the next attempt re-reads (the change is not visible yet, the portal takes 15 minutes),
+    does not call a second time, and holds the finding from the time of the lost call."""
     settings = world.settings_for()
     deps = world.deps(settings)
     reconcile(deps, kind="full", now=T0)
     email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
                         now=at(T0)) == "applied"
     with deps.sessions() as s, s.begin():  # as if the outcome had never been recorded
         row = s.get(ActionRow, email.id)
         assert row is not None
-        row.status = ActionStatus.INTENT
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                        now=at(T0)) == "applied"
-    assert world.requests("PATCH /users/{user_id}") == 2
-    assert [w["applied"] for w in world.calls()["writes"]] == [1]
+        row.status, row.applied_at = ActionStatus.APPLYING, None
+        found = s.get(FindingRow, row.finding_id)
+        assert found is not None and found.fix_attempts == 1
+        found.state, found.fix_attempts = "fix_queued", 0
+    later = T0 + timedelta(seconds=settings.fix_lease_seconds + 1)
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                        now=at(later)) == "unconfirmed"
+    assert world.requests("PATCH /users/{user_id}") == 1
+    held = finding(deps.sessions, email)
+    assert held.state == "held" and held.next_check_at == T0 + settings.hold
+    # The hold's verification decides: the change shows, the finding is resolved.
+    world.sim.clock.set(T0 + timedelta(minutes=15))
+    reconcile(deps, kind="full", now=T0 + timedelta(minutes=15))
+    assert finding(deps.sessions, email).state == "resolved"
+    assert world.requests("PATCH /users/{user_id}") == 1
 
 
 def test_a_problem_that_comes_back_after_it_was_resolved_is_fixed_again(world: World) -> None:
@@ -242,7 +254,8 @@ def test_a_problem_that_comes_back_after_it_was_resolved_is_fixed_again(world: W
     first = reconcile(deps, kind="full", now=T0)
     old = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
     for action_id in first.action_ids:
-        apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), now=at(T0))
+        apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
+                     now=at(T0))
     world.sim.clock.set(T0 + timedelta(minutes=20))
     reconcile(deps, kind="full", now=T0 + timedelta(minutes=20))
     assert finding(deps.sessions, old).state == "resolved"
@@ -255,7 +268,7 @@ def test_a_problem_that_comes_back_after_it_was_resolved_is_fixed_again(world: W
     (action_id,) = again.action_ids
     new = action_row(deps.sessions, action_id)
     assert new.kind == FixKind.SET_DUMMY_EMAIL and new.idempotency_key != old.idempotency_key
-    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
                         now=at(T0 + timedelta(minutes=40))) == "applied"
     keys = {w["key"] for w in world.calls()["writes"] if w["endpoint"] == ROUTES[new.kind]}
     assert keys == {old.idempotency_key, "staff-edit", new.idempotency_key}
@@ -274,16 +287,17 @@ def test_transient_500_leaves_the_action_retrying_then_a_later_attempt_applies(
     world.http.post("/_sim/faults", json={"status": 500, "count": 1, "path": "/users/U2"})
     guard = portal_guard(settings, client=redis_client)
     with pytest.raises(TransientPortalError):
-        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                     guard=guard, now=at(T0))
+        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                     guard=guard, now=at(T0), owner="task-1")
     row = action_row(deps.sessions, email.id)
     assert row.status == "retrying" and "PortalUnavailable" in (row.error or "")
     assert U2_EMAIL not in (row.error or "")  # ids and statuses only, never the address
     assert finding(deps.sessions, email).state == "fix_queued"
     assert redis_client.zcard("oprecon:test:portal:breaker:fail") == 1
 
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                        guard=guard, now=at(T0)) == "applied"
+    # Celery's retry of the same task keeps its claim.
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                        guard=guard, now=at(T0), owner="task-1") == "applied"
     assert action_row(deps.sessions, email.id).status == "applied"
     assert world.requests("PATCH /users/{user_id}") == 2  # the 500, then the real one
     assert [w["applied"] for w in world.calls()["writes"]] == [1]
@@ -299,11 +313,12 @@ def test_a_fix_that_keeps_failing_transiently_is_given_up_and_escalated(world: W
     world.http.post("/_sim/faults", json={"status": 503, "count": 10, "path": "/users/U2"})
     for _ in range(3):
         with pytest.raises(TransientPortalError):
-            apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                         now=at(T0), max_attempts=settings.fix_max_attempts)
+            apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                         now=at(T0), max_attempts=settings.fix_max_attempts, owner="task-1")
     before = sum(world.calls()["requests"].values())
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                        now=at(T0), max_attempts=settings.fix_max_attempts) == "failed"
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                        now=at(T0), max_attempts=settings.fix_max_attempts,
+                        owner="task-1") == "failed"
     row = action_row(deps.sessions, email.id)
     assert row.status == "failed" and row.error and row.error.startswith("gave up after 3")
     assert finding(deps.sessions, email).state == "escalated"
@@ -311,25 +326,29 @@ def test_a_fix_that_keeps_failing_transiently_is_given_up_and_escalated(world: W
     assert sum(world.calls()["requests"].values()) == before + 1
 
 
-def test_a_change_already_visible_is_recorded_without_calling_again(world: World) -> None:
-    """The first call timed out, but the portal had accepted it: once it shows, the retry
-    re-reads, sees it and records `already`."""
+def test_a_call_that_timed_out_is_not_repeated_but_held_and_verified(world: World) -> None:
+    """The call timed out, but the portal had accepted it. Sending it again would lean on
+    the portal honouring the key; instead the fix re-reads (not visible yet: the portal
+    takes 15 minutes), is held from the time of the call, and the verification finds
+    the change there."""
     settings = world.settings_for()
     deps = world.deps(settings, world.portal(timeout=0.3))
     reconcile(deps, kind="full", now=T0)
     email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
     world.http.post("/_sim/faults", json={"latency_ms": 700, "count": 1, "path": "/users/U2"})
-    with pytest.raises(TransientPortalError):
-        apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), now=at(T0))
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
+                        now=at(T0)) == "unconfirmed"
     deadline = time.monotonic() + 5
     while not world.http.get("/_sim/pending").json()["items"]:  # the slow call lands
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    world.sim.clock.set(T0 + timedelta(minutes=15))
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
-                        now=at(T0 + timedelta(minutes=15))) == "already"
     assert world.requests("PATCH /users/{user_id}") == 1
-    assert finding(deps.sessions, email).state == "held"
+    held = finding(deps.sessions, email)
+    assert held.state == "held" and held.next_check_at == T0 + settings.hold
+    world.sim.clock.set(T0 + timedelta(minutes=15))
+    reconcile(deps, kind="full", now=T0 + timedelta(minutes=15))
+    assert finding(deps.sessions, email).state == "resolved"
+    assert world.requests("PATCH /users/{user_id}") == 1
 
 
 def test_a_404_fails_the_action_and_escalates_the_finding(world: World) -> None:
@@ -338,7 +357,7 @@ def test_a_404_fails_the_action_and_escalates_the_finding(world: World) -> None:
     reconcile(deps, kind="full", now=T0)
     email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
     world.sim.load(**portal_state(without="U2"))  # the user vanished from the portal
-    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
                         now=at(T0)) == "failed"
     row = action_row(deps.sessions, email.id)
     assert row.status == "failed" and "404" in (row.error or "")
@@ -452,7 +471,7 @@ def test_guard_stages_a_batch_once_alerts_once_and_approve_applies_it(
     lines: list[str] = []
     released = release_staged(settings, run_id, approve=True, by="oncall-7", mode="local",
                               sessions=deps.sessions, echo=lines.append,
-                              now=T0 + timedelta(minutes=10))
+                              now=T0 + timedelta(minutes=10), op=deps.op)
     assert released == 3
     assert lines == [f"run {run_id}: approved 3 staged fix(es); applied here: 3 applied"]
     assert len(world.calls()["writes"]) == 3
@@ -509,7 +528,7 @@ def test_approve_falls_back_to_applying_here_when_the_broker_is_down(world: Worl
     settings, deps, run_id = staged_world(world, broker_url="redis://127.0.0.1:1/0")
     lines: list[str] = []
     assert release_staged(settings, run_id, approve=True, sessions=deps.sessions,
-                          echo=lines.append, now=T0, enqueue=send_fixes) == 3
+                          echo=lines.append, now=T0, enqueue=send_fixes, op=deps.op) == 3
     assert lines[0].endswith("applied here: 3 applied")
     assert len(world.calls()["writes"]) == 3
 
@@ -572,7 +591,7 @@ def test_welcome_is_resent_at_most_once_per_window(world: World) -> None:
                         or getattr(r, "contact_id", None) == "C3"]
     first = reconcile(deps, kind="full", now=T0)
     (action_id,) = first.action_ids
-    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
                         now=at(T0)) == "applied"
     # The hold ends before the portal shows the email (its clock stays at T0): the finding
     # is still there, but the contact had a resend within the window: alert, no resend.
@@ -604,7 +623,7 @@ def test_a_new_email_address_gets_its_own_resend_within_the_window(
     world.op.records = [patient("P3"), contact("C3"), fc("P3", "C3")]
     first = reconcile(deps, kind="full", now=T0)
     (action_id,) = first.action_ids
-    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
                         now=at(T0)) == "applied"
 
     # The parent calls: the Welcome email never arrived, they use another address now.
@@ -617,7 +636,7 @@ def test_a_new_email_address_gets_its_own_resend_within_the_window(
     decision, reason = fixable_decisions(second)["welcome_not_sent"]
     assert decision is Decision.FIX, reason
     (resend,) = second.action_ids
-    assert apply_action(deps.sessions, deps.portal, resend, time_rules(settings),
+    assert apply_action(deps.sessions, deps.portal, resend, time_rules(settings), op=deps.op,
                         now=at(moved)) == "applied"
     assert world.requests("POST /welcome") == 2
 
@@ -641,3 +660,185 @@ def test_no_resend_to_an_address_that_failed_validation(world: World) -> None:
     assert "welcome_not_sent" not in checks
     assert "contact_email_invalid" in checks  # staff are told instead
     assert result.action_ids == []
+
+
+# -- a lost outcome, without the portal's idempotency ---------------------------------------
+
+
+def _die_after_calling(deps: Deps, action: ActionRow, settings: Any) -> None:
+    """What a worker does up to its death: claim, mark the call, call the portal; the
+    outcome is never recorded."""
+    from worker.fixes import claims
+
+    got = claims.claim(deps.sessions, action.id, "task-that-died", T0, settings.fix_lease)
+    assert isinstance(got, claims.Claim)
+    assert claims.mark_called(deps.sessions, got, T0, settings.fix_lease)
+    portal: Any = deps.portal
+    if action.kind == FixKind.REFRESH_SOURCE:
+        portal.refresh_source(action.params["user_id"], idempotency_key=action.idempotency_key)
+    else:
+        portal.resend_welcome(action.params["contact_id"], "c3@example.org",
+                              idempotency_key=action.idempotency_key)
+
+
+@pytest.mark.parametrize("kind", [FixKind.REFRESH_SOURCE, FixKind.RESEND_WELCOME])
+def test_a_call_lost_with_its_worker_is_not_repeated_where_the_portal_cannot_tell(
+    world: World, kind: FixKind
+) -> None:
+    """A source refresh leaves nothing to read back, and a Welcome email reaches the
+    audit log only after the portal's delay: the next attempt does not call again (the
+    portal may or may not honour the key) but holds the finding from the lost call's
+    time; the hold's verification then finds the problem gone."""
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    action = by_kind(deps.sessions)[kind]
+    _die_after_calling(deps, action, settings)
+    later = T0 + settings.fix_lease + timedelta(seconds=1)
+    assert apply_action(deps.sessions, deps.portal, action.id, time_rules(settings),
+                        op=deps.op, now=at(later), owner="task-resumed") == "unconfirmed"
+    assert world.requests(ROUTES[kind]) == 1
+    held = finding(deps.sessions, action)
+    assert held.state == "held"
+    assert held.next_check_at == T0 + time_rules(settings).hold_for(kind, 1)
+    row = action_row(deps.sessions, action.id)
+    assert row.status == "unconfirmed" and "not repeated" in (row.error or "")
+    # A second delivery of the same fix later changes nothing either.
+    assert apply_action(deps.sessions, deps.portal, action.id, time_rules(settings),
+                        op=deps.op, now=at(later)) == "unconfirmed"
+
+    world.sim.clock.set(T0 + timedelta(minutes=20))
+    verify = reconcile(deps, kind="full", now=T0 + timedelta(minutes=20))
+    assert finding(deps.sessions, action).state == "resolved"
+    assert kind not in {action_row(deps.sessions, i).kind for i in verify.action_ids}
+    assert world.requests(ROUTES[kind]) == 1
+
+
+# -- one source refresh per portal user -------------------------------------------------------
+
+
+def test_one_source_refresh_serves_every_finding_of_its_user(world: World) -> None:
+    """C2 is authorized on P2 and P4; their caregiver user U3 is linked to neither child.
+    The guide's step is one Disconnect + Connect of U3's source, which resyncs all of
+    U3's links: one call, and one hold covering both findings. A third link found during
+    that hold (P5 authorized for C2 after the refresh) rides on the same hold."""
+    state = portal_state()
+    state["users"] += [patient_user("U5", "P4"), patient_user("U6", "P5")]
+    state["expected_links"] += [("U3", "U5"), ("U3", "U6")]
+    world.sim.load(**state)
+    world.op.records += [patient("P4"), fc("P4", "C2"), patient("P5")]
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    result = reconcile(deps, kind="full", now=T0)
+    with deps.sessions() as s:
+        refreshes = list(s.scalars(select(ActionRow).where(
+            ActionRow.kind == FixKind.REFRESH_SOURCE).order_by(ActionRow.id)))
+    primary, follower = refreshes
+    assert (primary.status, follower.status) == ("intent", "coalesced")
+    assert follower.coalesced_into == primary.id and follower.id not in result.action_ids
+    for action_id in result.action_ids:
+        apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
+                     now=at(T0))
+    assert world.requests(ROUTES[FixKind.REFRESH_SOURCE]) == 1
+    first, second = finding(deps.sessions, primary), finding(deps.sessions, follower)
+    assert first.state == second.state == "held"
+    assert first.next_check_at == second.next_check_at == T0 + timedelta(minutes=20)
+
+    world.op.records.append(fc("P5", "C2"))
+    during = reconcile(deps, kind="full", now=T0 + timedelta(minutes=5))
+    assert during.action_ids == []
+    with deps.sessions() as s:
+        third = s.scalars(select(ActionRow).where(ActionRow.kind == FixKind.REFRESH_SOURCE)
+                          .order_by(ActionRow.id.desc())).first()
+    assert third is not None and third.id != follower.id
+    assert (third.status, third.coalesced_into) == ("coalesced", primary.id)
+    assert finding(deps.sessions, third).next_check_at == T0 + timedelta(minutes=20)
+
+    world.sim.clock.set(T0 + timedelta(minutes=20))
+    after = reconcile(deps, kind="full", now=T0 + timedelta(minutes=20))
+    assert {finding(deps.sessions, a).state for a in (primary, follower, third)} == {"resolved"}
+    assert after.action_ids == []
+    assert world.requests(ROUTES[FixKind.REFRESH_SOURCE]) == 1
+
+
+# -- the Welcome resend's address: read from OP when it is sent -----------------------------
+
+
+def test_a_welcome_resend_keeps_ids_only_and_sends_to_the_address_op_has_now(
+    world: World
+) -> None:
+    """The journal holds no parent's address. A parent who gives the front desk a new
+    address before the resend goes out gets it at the new one (the guide: a resend "is
+    especially helpful if they have a new email address")."""
+    import json
+
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    action = by_kind(deps.sessions)[FixKind.RESEND_WELCOME]
+    assert action.params == {"patient_id": None, "contact_id": "C3", "user_id": None,
+                             "address": address_key("C3", "c3@example.org")}
+    with deps.sessions() as s:
+        journal = json.dumps([a.params for a in s.scalars(select(ActionRow))])
+    assert "c3@example.org" not in journal and "@example.org" not in journal
+
+    world.op.records = [contact("C3", email="c3.new@example.org") if getattr(r, "contact_id",
+                        None) == "C3" and type(r).__name__ == "Contact" else r
+                        for r in world.op.records]
+    assert apply_action(deps.sessions, deps.portal, action.id, time_rules(settings),
+                        op=deps.op, now=at(T0)) == "applied"
+    # The journal now keys the address actually sent (for the once-per-address rule).
+    assert action_row(deps.sessions, action.id).params["address"] == address_key(
+        "C3", "c3.new@example.org")
+    world.sim.clock.set(T0 + timedelta(minutes=15))
+    assert "c3.new@example.org" in world.welcomes()
+    assert "c3@example.org" not in world.welcomes()
+
+
+def test_no_welcome_is_sent_when_op_no_longer_has_a_valid_address(world: World) -> None:
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    action = by_kind(deps.sessions)[FixKind.RESEND_WELCOME]
+    world.op.records = [contact("C3", email="not-an-address") if getattr(r, "contact_id",
+                        None) == "C3" and type(r).__name__ == "Contact" else r
+                        for r in world.op.records]
+    assert apply_action(deps.sessions, deps.portal, action.id, time_rules(settings),
+                        op=deps.op, now=at(T0)) == "unavailable"
+    assert world.requests(ROUTES[FixKind.RESEND_WELCOME]) == 0
+    assert finding(deps.sessions, action).state == "open"
+
+
+def test_when_the_refresh_s_own_finding_goes_away_the_others_still_get_one(
+    world: World
+) -> None:
+    """The finding a coalesced refresh was planned for resolved before it ran: the
+    findings riding on it are not stranded — one of them becomes the call, and the resume
+    tick sends it."""
+    from worker.fixes.claims import resumable
+
+    state = portal_state()
+    state["users"] += [patient_user("U5", "P4")]
+    state["expected_links"] += [("U3", "U5")]
+    world.sim.load(**state)
+    world.op.records += [patient("P4"), fc("P4", "C2")]
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    with deps.sessions() as s, s.begin():
+        primary, follower = s.scalars(select(ActionRow).where(
+            ActionRow.kind == FixKind.REFRESH_SOURCE).order_by(ActionRow.id)).all()
+        own = s.get(FindingRow, primary.finding_id)
+        assert own is not None
+        own.state = "resolved"
+    assert apply_action(deps.sessions, deps.portal, primary.id, time_rules(settings),
+                        op=deps.op, now=at(T0)) == "already"
+    heir = action_row(deps.sessions, follower.id)
+    assert (heir.status, heir.coalesced_into) == ("intent", None)
+    later = T0 + settings.fix_lease
+    assert follower.id in resumable(deps.sessions, settings.practice, later,
+                                    grace=settings.fix_lease, requeue_after=timedelta(hours=2))
+    assert apply_action(deps.sessions, deps.portal, follower.id, time_rules(settings),
+                        op=deps.op, now=at(later)) == "applied"
+    assert world.requests(ROUTES[FixKind.REFRESH_SOURCE]) == 1
+    assert finding(deps.sessions, follower).state == "held"

@@ -101,6 +101,9 @@ def test_time_limits_are_ordered_and_match_the_documented_table() -> None:
         "adhoc_lock_wait": inspect.signature(tasks.scans.adhoc_scan.run)
             .parameters["wait_seconds"].default,
         "scan_retry_backoff_max": tasks.scans.RETRY["retry_backoff_max"],
+        "fix_lease_seconds": settings.fix_lease_seconds,
+        "fix_resume_interval": beat_schedule(settings)["resume-pending-fixes"]["schedule"]
+            .total_seconds(),
         "fix_soft_limit": fix.soft_time_limit,
         "fix_hard_limit": fix.time_limit,
         "fix_retry_backoff_max": fix.retry_backoff_max,
@@ -117,7 +120,10 @@ def test_time_limits_are_ordered_and_match_the_documented_table() -> None:
             < a["lock_timeout_seconds"] < a["broker_visibility_timeout_seconds"])
     assert a["adhoc_lock_wait"] == ondemand.ADHOC_LOCK_WAIT_SECONDS
     assert a["adhoc_lock_wait"] < a["scan_soft_limit_seconds"]
-    assert a["fix_soft_limit"] < a["fix_hard_limit"] < a["broker_visibility_timeout_seconds"]
+    assert a["fix_soft_limit"] < a["fix_hard_limit"] < a["fix_lease_seconds"] \
+        < a["broker_visibility_timeout_seconds"]
+    # A fix claimed by a worker that died is sent again within a minute.
+    assert a["fix_lease_seconds"] + a["fix_resume_interval"] <= 60
     assert a["fix_retry_backoff_max"] < a["broker_visibility_timeout_seconds"]
     assert a["scan_retry_backoff_max"] < a["broker_visibility_timeout_seconds"]
     assert a["beat_max_loop_interval"] * 2 < a["redbeat_lock_timeout"]

@@ -53,7 +53,8 @@ def scan_at(deps: Deps, when: datetime) -> Any:
     with freeze_time(when):
         result = reconcile(deps, kind="full")
         for action_id in result.action_ids:
-            apply_action(deps.sessions, deps.portal, action_id, time_rules(deps.settings))
+            apply_action(deps.sessions, deps.portal, action_id, time_rules(deps.settings),
+                         op=deps.op)
     return result
 
 

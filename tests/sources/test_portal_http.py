@@ -27,6 +27,7 @@ from worker.model.records import (
 from worker.sources.base import PortalReader, PortalWriter
 from worker.sources.portal_http import (
     HttpPortal,
+    PortalLimitError,
     PortalProtocolError,
     PortalRejected,
     PortalUnavailable,
@@ -261,18 +262,38 @@ def test_slower_than_the_timeout_is_retried_then_unavailable(
     assert (err.value.kind, err.value.attempts, err.value.status) == ("timeout", 2, None)
 
 
-def test_a_timed_out_write_retried_with_its_key_applies_once(
+def test_a_timed_out_write_is_not_sent_again_and_says_it_may_have_landed(
     served: tuple[SimulatorServer, str], sim: Simulator
 ) -> None:
+    """No answer after sending: the portal may have applied it, and whether a second
+    request with the same key would be ignored is the portal's business, not a promise
+    we can lean on. One request; the caller decides from a re-read."""
     server, url = served
     server.faults.add({"latency_ms": 400, "path": "/users/u-p2"})
-    with HttpPortal(url, TOKEN, timeout=0.15, sleep=lambda s: None) as client:
+    with HttpPortal(url, TOKEN, timeout=0.15, sleep=lambda s: None) as client, \
+            pytest.raises(PortalUnavailable) as err:
         client.set_user_email("u-p2", "p2@dummy.com", "fix-3")
-    # The client gave up on the slow first attempt; wait until the server has finished it.
-    wait_for(lambda: requests_to(server, "PATCH /users/{user_id}") == 2
-             and server.in_flight() == 0, 5, "both attempts served")
+    assert err.value.in_doubt and err.value.kind == "timeout" and err.value.attempts == 1
+    # The client gave up on the slow attempt; wait until the server has finished it.
+    wait_for(lambda: server.in_flight() == 0 and sim.store.pending(), 5, "the attempt served")
+    assert requests_to(server, "PATCH /users/{user_id}") == 1
     assert sim.store.write_counts()[0]["applied"] == 1
-    assert len(sim.store.pending()) == 1
+
+
+def test_a_write_that_never_connected_is_retried_and_a_read_timeout_is_too(
+    served: tuple[SimulatorServer, str]
+) -> None:
+    """Reads repeat freely; a write that could not connect never reached the portal."""
+    server, url = served
+    server.faults.add({"latency_ms": 400, "count": 1, "path": "/users/u-p1"})
+    with HttpPortal(url, TOKEN, timeout=0.15, sleep=lambda s: None) as client:
+        assert client.get_user("u-p1") is not None
+    closed = start_simulator()
+    closed[0].shutdown()
+    with HttpPortal(closed[1], None, max_retries=2, sleep=lambda s: None) as client, \
+            pytest.raises(PortalUnavailable) as err:
+        client.set_user_email("u1", "u1@dummy.com", "fix-9")
+    assert (err.value.kind, err.value.attempts, err.value.in_doubt) == ("connection", 3, False)
 
 
 def test_token_is_required(served: tuple[SimulatorServer, str], sleeps: list[float]) -> None:
@@ -373,3 +394,18 @@ def test_a_blank_idempotency_key_is_refused_locally(portal: HttpPortal) -> None:
 def test_client_uses_an_explicit_timeout(served: tuple[SimulatorServer, str]) -> None:
     with HttpPortal(served[1], TOKEN, timeout=3.0) as client:
         assert client._timeout == httpx.Timeout(3.0, connect=3.0)
+
+
+def test_a_write_cut_off_by_the_request_deadline_is_in_doubt(
+    served: tuple[SimulatorServer, str], sim: Simulator
+) -> None:
+    """The whole-request deadline ends a write that was sent: it may still land, so the
+    fix treats it like a lost answer (re-read, else hold), never as a plain failure."""
+    server, url = served
+    server.faults.add({"latency_ms": 1500, "path": "/users/u-p2"})
+    with HttpPortal(url, TOKEN, timeout=5, request_deadline=0.3,
+                    sleep=lambda s: None) as client, pytest.raises(PortalLimitError) as err:
+        client.set_user_email("u-p2", "p2@dummy.com", "fix-10")
+    assert err.value.in_doubt and err.value.kind == "deadline"
+    wait_for(lambda: server.in_flight() == 0 and sim.store.pending(), 5, "the write served")
+    assert requests_to(server, "PATCH /users/{user_id}") == 1

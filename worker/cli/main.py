@@ -142,7 +142,8 @@ def _reconcile_here(
         for action_id in result.action_ids:
             # A transient failure stays `retrying` in the journal; the worker resumes it.
             with contextlib.suppress(TransientPortalError):
-                apply_action(deps.sessions, deps.portal, action_id, time_rules(settings))
+                apply_action(deps.sessions, deps.portal, action_id, time_rules(settings),
+                             op=deps.op, lease=settings.fix_lease)
     if as_json:
         _print_json_lines(item.to_json() for item in result.plan.items)
         return

@@ -351,6 +351,8 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
                + (f", next ends {relative(nxt, now)}" if nxt else ""))
         counts = " · ".join(f"{k} {v}" for k, v in st["findings"].items()) or "none"
         yield f"findings   {counts} (unresolved, by state)"
+    if "fixes" in st:
+        yield "fix states " + " · ".join(_fix_state(k, v) for k, v in st["fixes"].items())
     if "queues" in st:
         q = st["queues"]
         yield "queues     " + " · ".join(f"{k} {v}" for k, v in q.items()) + " (waiting)"
@@ -379,6 +381,12 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
     )
     for err in st.get("read_errors", st["errors"]):
         yield f"could not read {err}"
+
+
+def _fix_state(name: str, entry: dict[str, Any]) -> str:
+    age = entry.get("oldest_age_seconds")
+    oldest = f" (oldest {fmt_seconds(age)})" if entry["count"] and age is not None else ""
+    return f"{name} {entry['count']}{oldest}"
 
 
 def show_status(

@@ -53,7 +53,8 @@ def _step(deps: Deps, clock: Any, at: datetime, title: str) -> RunResult:
     for action_id in result.action_ids:
         try:
             outcomes[apply_action(deps.sessions, deps.portal, action_id,
-                                  time_rules(deps.settings), now=lambda: at)] += 1
+                                  time_rules(deps.settings), now=lambda: at,
+                                  op=deps.op)] += 1
         except TransientPortalError:
             outcomes["retrying"] += 1
     typer.echo(f"\n== {at:%H:%M} UTC — {title}")

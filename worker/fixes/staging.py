@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import Settings, SettingsError
 from worker.scan.engine import time_rules, utcnow
 from worker.scan.lifecycle import transition
 from worker.state.db import kv_get, kv_set
@@ -43,6 +43,7 @@ def release_staged(
     echo: Callable[[str], None] = print,
     now: datetime | None = None,
     enqueue: Callable[[Settings, list[int]], None] | None = None,
+    op: Any = None,
 ) -> int:
     """Approve or reject the fixes the mass-change guard staged in run `run_id`.
 
@@ -59,6 +60,9 @@ def release_staged(
     reject: the staged fixes are marked rejected and nothing is applied; the findings
     stay open, so staff keep being alerted about them, and are not re-staged for this
     attempt.
+
+    `op` is the OP reader a Welcome resend applied here reads the address from (default:
+    the configured OP source).
 
     Prints one line; returns how many staged fixes were released (or rejected).
     """
@@ -121,7 +125,7 @@ def release_staged(
         echo(f"run {run_id}: approved {len(released)} staged fix(es){skipped}; queued on the "
              f"worker's fix queue as action(s) {_ids(released)}")
         return len(released)
-    outcome = _apply_here(settings, sessions, released, lambda: now or utcnow())
+    outcome = _apply_here(settings, sessions, released, lambda: now or utcnow(), op)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(outcome.items()))
     echo(f"run {run_id}: approved {len(released)} staged fix(es){skipped}; applied here: "
          f"{summary}")
@@ -200,21 +204,27 @@ def _enqueue(
 
 def _apply_here(
     settings: Settings, sessions: sessionmaker[Session], ids: list[int],
-    now: Callable[[], datetime],
+    now: Callable[[], datetime], op: Any = None,
 ) -> Counter[str]:
     """Apply in this process, through the same guard as the worker; a transient failure
     leaves the fix `retrying` for the worker's resume task."""
     from worker.fixes.apply import TransientPortalError, apply_action
     from worker.fixes.rails import portal_guard
-    from worker.scan.wiring import portal_adapter
+    from worker.scan.wiring import op_reader, portal_adapter
 
     portal = portal_adapter(settings)
+    if op is None:
+        try:
+            op = op_reader(settings)
+        except SettingsError:  # only a Welcome resend needs OP; without it, it says so
+            op = None
     guard = portal_guard(settings, sessions=sessions)
     rules = time_rules(settings)
     outcome: Counter[str] = Counter()
     for action_id in ids:
         try:
-            outcome[apply_action(sessions, portal, action_id, rules, guard=guard, now=now)] += 1
+            outcome[apply_action(sessions, portal, action_id, rules, guard=guard, now=now,
+                                         op=op, lease=settings.fix_lease)] += 1
         except TransientPortalError:
             outcome["retrying"] += 1
     return outcome

@@ -83,3 +83,13 @@ class TerminalText:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def address_key(contact_id: str | None, email: str | None) -> str:
+    """A stand-in for a contact's address where only "same address or not" matters (the
+    Welcome resend's once-per-window rule): the journal keeps ids, never the address.
+    Salted with the contact id, so two contacts' keys cannot be matched up."""
+    import hashlib
+
+    text = f"oprecon-address|{contact_id or ''}|{(email or '').strip().lower()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -103,6 +103,15 @@ _heartbeat: health.Heartbeat | None = None
 _metrics_server: Any = None
 
 
+def broker_transport_options(visibility: int) -> dict[str, Any]:
+    """kombu sweeps for overdue unacked messages every interval × throttle seconds
+    (10 × 10 by default): scaled to the visibility timeout, so a short one (a drill)
+    is honoured within a few seconds and the default 2 h one costs one scan a minute."""
+    interval = max(1, min(10, visibility // 60))
+    return {"visibility_timeout": visibility, "unacked_restore_interval": interval,
+            "unacked_restore_throttle": 1 if visibility < 600 else 6}
+
+
 def make_celery_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery(
@@ -112,7 +121,7 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
     app.conf.update(
         broker_url=settings.broker_url,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": visibility},
+        broker_transport_options=broker_transport_options(visibility),
         # Declared, so a plain `celery worker` consumes all three (`-Q` narrows it).
         task_queues=[Queue(q, routing_key=q) for q in QUEUES],
         task_serializer="json",

@@ -23,6 +23,11 @@ def send_fixes(settings: Settings, ids: list[int]) -> None:
         for action_id in ids:
             app.send_task(FIX_TASK, args=(action_id,), connection=conn, queue="fix",
                           retry=False)
+    from worker.fixes.claims import mark_enqueued
+    from worker.scan.engine import utcnow
+    from worker.scan.wiring import state_sessions
+
+    mark_enqueued(state_sessions(settings), ids, utcnow())
 
 
 def enqueue_shards(parent_id: int, count: int) -> None:

@@ -302,11 +302,13 @@ def collect_status(settings: Settings, now: datetime | None = None) -> dict[str,
             "next_end_at": iso(min(upcoming)) if upcoming else None,
         }
         status["findings"] = {str(k): int(v) for k, v in sorted(by_state.items())}
+        from worker.fixes.claims import fix_states
         from worker.fixes.staging import staged_batches
 
         with sessions() as session:
             status["staged"] = [{**b, "since": iso(b["since"])}
                                 for b in staged_batches(session, settings.practice)]
+            status["fixes"] = fix_states(session, settings.practice, now)
         status["failures"] = run_failures(status["runs"], now)
         failures = [f"run {f['run_id']} ({f['kind']}) {f['status']} {f['ago']} ago: "
                     f"{f['cause']}" for f in status["failures"]]

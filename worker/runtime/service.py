@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
 from config.settings import Settings
+from worker.fixes import claims
 from worker.fixes.apply import TransientPortalError, apply_action
 from worker.model.scope import Scope
 from worker.runtime import lost, metrics
@@ -23,7 +24,6 @@ from worker.scan.engine import (
     RunResult,
     ScopeRequest,
     due_holds,
-    pending_intents,
     reconcile,
     time_rules,
     utcnow,
@@ -210,7 +210,13 @@ def verify_due(
     return ScanOutcome("succeeded", result, action_ids=result.action_ids)
 
 
-def apply_fix(settings: Settings, action_id: int, *, deps: Deps | None = None) -> str:
+def apply_fix(
+    settings: Settings, action_id: int, *, deps: Deps | None = None, owner: str | None = None,
+    retry_in: float = 0.0,
+) -> str:
+    """One fix under a claim owned by `owner` (the Celery task id); `retry_in` is the
+    countdown of the retry the task will schedule if this attempt fails transiently,
+    during which the claim stays this task's."""
     deps = deps or build_deps(settings)
     from worker.fixes.rails import portal_guard
 
@@ -219,6 +225,8 @@ def apply_fix(settings: Settings, action_id: int, *, deps: Deps | None = None) -
         outcome = apply_action(
             deps.sessions, deps.portal, action_id, time_rules(settings),
             guard=portal_guard(settings), max_attempts=settings.fix_max_attempts,
+            op=deps.op, owner=owner, lease=settings.fix_lease,
+            retry_in=timedelta(seconds=retry_in),
         )
     except TransientPortalError:
         metrics.fix_finished(_fix_kind(deps, action_id), "retrying")
@@ -233,6 +241,25 @@ def _fix_kind(deps: Deps, action_id: int) -> str:
         return row.kind if row is not None else "unknown"
 
 
-def unfinished_fixes(settings: Settings, *, deps: Deps | None = None) -> list[int]:
+def unfinished_fixes(
+    settings: Settings, *, deps: Deps | None = None, now: datetime | None = None
+) -> list[int]:
+    """What the resume tick sends again (worker.fixes.claims.resumable): lapsed claims
+    and fixes never sent; not those queued, running or waiting for their own retry."""
     deps = deps or build_deps(settings)
-    return pending_intents(deps.sessions, settings.practice)
+    return claims.resumable(
+        deps.sessions, settings.practice, now or utcnow(), grace=settings.fix_lease,
+        requeue_after=timedelta(seconds=settings.broker_visibility_timeout_seconds),
+    )
+
+
+def fixes_enqueued(
+    settings: Settings, ids: list[int], *, deps: Deps | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Stamp `enqueued_at` once the messages are with the broker."""
+    if ids:
+        from worker.scan.wiring import state_sessions
+
+        sessions = deps.sessions if deps is not None else state_sessions(settings)
+        claims.mark_enqueued(sessions, ids, now or utcnow())

@@ -25,6 +25,7 @@ from worker.checks.rootcause import BLOCKERS
 from worker.model.findings import FixKind
 from worker.model.scope import ALL, Scope, for_contact, for_patient
 from worker.model.snapshot import Snapshot
+from worker.model.text import address_key
 from worker.scan import failures
 from worker.scan.explain import describe
 from worker.scan.lifecycle import SyncResult, TimeRules, sync, transition
@@ -439,6 +440,7 @@ def _journal(
                 practice=row.practice, finding_id=row.id, run_id=run_id,
                 kind=str(item.finding.fix), idempotency_key=key,
                 params=_params(item.finding), status=status, created_at=now,
+                coalesce_key=coalesce_key(item.finding),
             )
             session.add(action)
             session.flush()
@@ -448,6 +450,10 @@ def _journal(
         else:
             continue
         if status is ActionStatus.INTENT:
+            primary = coalesce_intent(session, action, row, now, run_id)
+            if primary is not None:
+                item.reason = f"{item.reason}; served by fix {primary} (one per portal user)"
+                continue
             transition(session, row, S.FIX_QUEUED, now, f"fix queued: {action.kind}", run_id)
             ids.append(action.id)
         elif status is ActionStatus.STAGED:
@@ -473,14 +479,71 @@ def _action_key(row: FindingRow, attempt: int) -> str:
 
 
 def _params(f: Any) -> dict[str, Any]:
+    """Ids only: a parent's address is read from OP when the resend is applied
+    (worker.fixes.apply.current_email), never kept in the journal — only a salted key of
+    it, for the once-per-address rule. The dummy address is made of ids, not a person's
+    data."""
     params: dict[str, Any] = {
         "patient_id": f.patient_id, "contact_id": f.contact_id, "user_id": f.portal_user_id,
     }
     if f.fix is FixKind.SET_DUMMY_EMAIL:
         params["email"] = dummy_email(f.patient_id, f.portal_user_id)
     elif f.fix is FixKind.RESEND_WELCOME:
-        params["email"] = f.data.get("email", "")
+        params["address"] = address_key(f.contact_id, str(f.data.get("email") or ""))
     return params
+
+
+def coalesce_key(f: Any) -> str | None:
+    """One call of a kind per portal user serves every finding of that user: a source
+    refresh resyncs all of the user's links at once."""
+    if f.fix is FixKind.REFRESH_SOURCE and f.portal_user_id:
+        return f"{f.fix}:{f.portal_user_id}"
+    return None
+
+
+_COALESCE_LIVE = (ActionStatus.INTENT, ActionStatus.RETRYING, ActionStatus.APPLYING)
+_COALESCE_DONE = (ActionStatus.APPLIED, ActionStatus.ALREADY, ActionStatus.UNCONFIRMED)
+
+
+def coalesce_intent(
+    session: Session, action: ActionRow, row: FindingRow, now: datetime, run_id: int | None
+) -> int | None:
+    """Attach a new intent to the same user's refresh that is queued, running, or whose
+    hold has not ended: it makes no call of its own and its finding is verified with
+    that one. Returns the primary fix's id, or None when this intent is the primary."""
+    if action.coalesce_key is None:
+        return None
+    candidates = session.scalars(
+        select(ActionRow).where(
+            ActionRow.practice == action.practice,
+            ActionRow.coalesce_key == action.coalesce_key,
+            ActionRow.coalesced_into.is_(None),
+            ActionRow.id != action.id,
+            ActionRow.status.in_([*_COALESCE_LIVE, *_COALESCE_DONE]),
+        ).order_by(ActionRow.id.desc())
+    ).all()
+    for primary in candidates:
+        if primary.status in _COALESCE_LIVE:
+            action.status = ActionStatus.COALESCED
+            action.coalesced_into = primary.id
+            transition(session, row, S.FIX_QUEUED, now,
+                       f"fix {action.kind} served by fix {primary.id} (one per portal user)",
+                       run_id)
+            return primary.id
+        served = session.get(FindingRow, primary.finding_id)
+        if served is not None and served.state == S.HELD and served.next_check_at is not None \
+                and served.next_check_at > now:
+            action.status = ActionStatus.COALESCED
+            action.coalesced_into = primary.id
+            action.applied_at = primary.applied_at
+            action.error = f"served by fix {primary.id} ({primary.status})"
+            row.fix_attempts += 1
+            row.next_check_at = served.next_check_at
+            transition(session, row, S.HELD, now,
+                       f"fix {action.kind} for this portal user already made by fix "
+                       f"{primary.id}; verifying with it", run_id)
+            return primary.id
+    return None
 
 
 def dummy_email(patient_id: str | None, user_id: str | None) -> str:
@@ -535,10 +598,12 @@ def _unsilenced(
 def _recent_resends(
     session: Session, practice: str, now: datetime, settings: Settings
 ) -> frozenset[tuple[str, str]]:
-    """(contact id, lower-cased email) of every Welcome email resent within the window.
+    """(contact id, address key) of every Welcome email resent within the window.
 
     Keyed by the address too: the guide recommends a resend especially when the parent
     has a new email address, so a resend to the old one does not hold back the new one.
+    The journal keeps a salted key of the address sent (worker.model.text.address_key),
+    never the address.
     """
     since = now - settings.welcome_window
     rows = session.scalars(
@@ -550,22 +615,9 @@ def _recent_resends(
         )
     )
     return frozenset(
-        (str(r.params["contact_id"]), str(r.params.get("email") or "").strip().lower())
+        (str(r.params["contact_id"]), str(r.params.get("address") or ""))
         for r in rows if r.params.get("contact_id")
     )
-
-
-def pending_intents(sessions: sessionmaker[Session], practice: str) -> list[int]:
-    """Intents left by a worker that died before recording the outcome."""
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(ActionRow.id).where(
-                    ActionRow.practice == practice,
-                    ActionRow.status.in_([ActionStatus.INTENT, ActionStatus.RETRYING]),
-                ).order_by(ActionRow.id)
-            )
-        )
 
 
 def due_holds(sessions: sessionmaker[Session], practice: str, now: datetime) -> list[FindingRow]:

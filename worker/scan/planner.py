@@ -17,6 +17,7 @@ from config.settings import Policy, Settings
 from worker.checks.catalog import BY_ID
 from worker.checks.rootcause import RootCauses, wait_reason
 from worker.model.findings import Action, Finding, FixKind, Severity
+from worker.model.text import address_key
 from worker.state.models import FindingRow
 from worker.state.models import FindingState as S
 
@@ -194,7 +195,7 @@ def _decide(
     if blocked:
         return item(Decision.ALERT, blocked)
     if f.fix is FixKind.RESEND_WELCOME and (
-        f.contact_id or "", str(f.data.get("email") or "").strip().lower()
+        f.contact_id or "", address_key(f.contact_id, str(f.data.get("email") or ""))
     ) in resent:
         return item(
             Decision.ALERT,

@@ -53,7 +53,14 @@ from worker.model.records import (
     PortalUser,
 )
 from worker.model.scope import Scope
-from worker.scan.engine import Deps, RunResult, ScopeRequest, reconcile, utcnow
+from worker.scan.engine import (
+    Deps,
+    RunResult,
+    ScopeRequest,
+    coalesce_intent,
+    reconcile,
+    utcnow,
+)
 from worker.scan.incremental import WATERMARK, Ids, Reads, neighbourhood
 from worker.scan.lifecycle import transition
 from worker.scan.locks import ScanBusy, _take_over, holder_token, redis_client
@@ -274,6 +281,9 @@ def settle_fixes(session: Session, settings: Settings, parent: Run, now: datetim
             continue  # decided otherwise meanwhile (an ad hoc run, a silence): the next
             # run that plans this fix adopts the deferred row
         action.status = ActionStatus.INTENT
+        session.flush()
+        if coalesce_intent(session, action, finding, now, action.run_id) is not None:
+            continue  # served by the same portal user's refresh: no call of its own
         transition(session, finding, S.FIX_QUEUED, now,
                    f"fix queued: {action.kind} (sharded run {parent.id}, within the "
                    "mass-change guard)", action.run_id)

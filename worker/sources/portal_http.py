@@ -10,8 +10,11 @@ Failures are sorted by what the caller should do next:
 
 Only the first group is retried, with exponential backoff and full jitter, honouring
 Retry-After, inside a per-call sleep budget well under a minute so a Celery task's time
-limits stay meaningful (CELERY.md §1 rows 9 and 11). Writes are retried too: each carries
-an Idempotency-Key, so a retry of a request the portal already applied is a no-op.
+limits stay meaningful (CELERY.md §1 rows 9 and 11). A write is retried only when it
+surely did not reach the portal (the connection was never made) or the portal answered
+(429, 5xx): a write that timed out or lost its connection after sending may have been
+applied, so it is not sent again — `PortalUnavailable.in_doubt` says so and the fix
+decides from a re-read (worker.fixes.apply), not from the portal's idempotency.
 
 One item that does not parse becomes an `InvalidRecord` and the read goes on; bad data is
 a finding, not a failed run. Errors and logs name methods, routes and ids, never values.
@@ -81,6 +84,7 @@ class PortalError(SourceError):
         kind: str,
         status: int | None = None,
         attempts: int = 1,
+        in_doubt: bool = False,
     ) -> None:
         super().__init__(message)
         self.method = method
@@ -88,6 +92,8 @@ class PortalError(SourceError):
         self.kind = kind
         self.status = status
         self.attempts = attempts
+        # A write that may have reached the portal although no answer came back.
+        self.in_doubt = in_doubt
 
 
 class PortalUnavailable(PortalError, SourceUnavailable):
@@ -395,8 +401,10 @@ class HttpPortal:
         json: Any = None,
         headers: Mapping[str, str] | None = None,
         ok_statuses: frozenset[int] = frozenset(),
+        write: bool = False,
     ) -> httpx.Response:
-        """Send with retries; returns a 2xx (or an `ok_statuses`) response or raises."""
+        """Send with retries; returns a 2xx (or an `ok_statuses`) response or raises.
+        `write`: a request that may have been sent without an answer is not repeated."""
         base, cap, budget, retry_cap = self._backoff
         slept = 0.0
         attempt = 0
@@ -405,12 +413,17 @@ class HttpPortal:
             started = time.perf_counter()
             status: int | None = None
             retry_after: float | None = None
+            sent = True  # as far as we can tell, the portal may have the request
             try:
                 response = self._bounded(method, path, params, json, headers)
             except PortalLimitError as err:
                 self._notify(method, route, None, err.kind, time.perf_counter() - started)
                 err.attempts = attempt
+                # A write cut off by a bound was sent: it may have been applied.
+                err.in_doubt = write
                 raise
+            except (httpx.ConnectTimeout, httpx.PoolTimeout):
+                kind, sent = "timeout", False  # never reached the portal
             except httpx.TimeoutException:
                 kind = "timeout"
             except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as err:
@@ -423,6 +436,8 @@ class HttpPortal:
                         method=method, path=path, kind="tls", attempts=attempt,
                     ) from None
                 kind = "connection"  # refused, reset, or closed without an answer
+                if isinstance(err, httpx.ConnectError):
+                    sent = False  # refused: it never reached the portal
             except httpx.DecodingError as err:
                 self._notify(method, route, None, "decoding", time.perf_counter() - started)
                 raise PortalProtocolError(
@@ -455,6 +470,14 @@ class HttpPortal:
                         attempts=attempt,
                     )
             self._notify(method, route, status, kind, time.perf_counter() - started)
+            if write and sent and status is None:
+                log.warning("portal_write_in_doubt", method=method, route=route, kind=kind,
+                            attempts=attempt)
+                raise PortalUnavailable(
+                    f"portal {method} {path}: {kind} after sending; not repeated (it may "
+                    "have been applied)",
+                    method=method, path=path, kind=kind, attempts=attempt, in_doubt=True,
+                )
 
             delay: float | None = None
             if attempt <= self.max_retries:
@@ -732,7 +755,7 @@ class HttpPortal:
             if not idempotency_key.strip():
                 raise ValueError("idempotency_key must not be blank")
             headers["Idempotency-Key"] = idempotency_key
-        response = self._request(method, route, path, json=body, headers=headers)
+        response = self._request(method, route, path, json=body, headers=headers, write=True)
         if not response.content:
             return {}
         answer = self._json(response, method, path)

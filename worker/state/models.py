@@ -62,6 +62,8 @@ class FindingState(enum.StrEnum):
 
 class ActionStatus(enum.StrEnum):
     INTENT = "intent"  # committed before the portal call
+    # Claimed by one task (claimed_by, lease_until): only its holder may call the portal.
+    APPLYING = "applying"
     APPLIED = "applied"
     ALREADY = "already"  # the portal already showed the change when re-read
     FAILED = "failed"  # terminal error: staff are alerted
@@ -72,6 +74,12 @@ class ActionStatus(enum.StrEnum):
     # has planned, when the mass-change guard can count the whole run (worker.scan.shards).
     DEFERRED = "deferred"
     UNAVAILABLE = "unavailable"  # read-only source: cannot be applied
+    # The claim's holder died after its portal call may have gone out, and the portal
+    # cannot show whether it did: not called again; the finding's hold verifies it.
+    UNCONFIRMED = "unconfirmed"
+    # Served by another fix of the same kind for the same portal user (coalesced_into):
+    # one source refresh per user per hold, however many findings it serves.
+    COALESCED = "coalesced"
 
 
 class Run(Base):
@@ -167,8 +175,25 @@ class ActionRow(Base):
     created_at: Mapped[datetime]
     applied_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # The claim (worker.fixes.claims): the Celery task id that holds it, a token unique to
+    # the one execution (a redelivered message keeps its task id), and when it lapses.
+    claimed_by: Mapped[str | None] = mapped_column(String(155))
+    claim_token: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    # Set, under the claim, just before the portal call: after it the call may have gone
+    # out, so a later attempt re-reads instead of calling again.
+    called_at: Mapped[datetime | None]
+    # When a message for this fix was last sent to the broker (None: never).
+    enqueued_at: Mapped[datetime | None]
+    # "kind:portal user" for fixes that one call serves for every finding of that user.
+    coalesce_key: Mapped[str | None] = mapped_column(String(120))
+    coalesced_into: Mapped[int | None] = mapped_column(Integer)
 
-    __table_args__ = (Index("ix_actions_status", "practice", "status"),)
+    __table_args__ = (
+        Index("ix_actions_status", "practice", "status"),
+        Index("ix_actions_coalesce", "practice", "coalesce_key"),
+    )
 
 
 class DigestSent(Base):
