@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     mass_change_min_fixes: int = Field(10, ge=0)
     allow_unguarded_fixes: bool = False
     portal_rate_per_second: float = Field(5.0, gt=0)
+    # Portal reads (list pages, targeted selects, one-user reads) share their own bucket,
+    # across every worker process, so an on-call burst cannot hammer the portal.
+    portal_read_rate_per_second: float = Field(50.0, gt=0)
     breaker_failure_ratio: float = Field(0.5, gt=0, le=1)
     breaker_min_calls: int = Field(10, ge=1)
     breaker_cooldown_seconds: float = Field(300, gt=0)
@@ -173,6 +176,10 @@ class Settings(BaseSettings):
     full_scan_hour: int = Field(2, ge=0, le=23)
     # >1: the nightly full scan runs as this many shard tasks (worker.scan.shards).
     full_scan_shards: int = Field(1, ge=1, le=64)
+    # A nightly full scan that found the lock held is retried by every scheduled scan
+    # until it runs; staff are alerted when it has not run this long after the first try
+    # (worker.runtime.deferral).
+    full_scan_deadline_hours: float = Field(4, gt=0, le=24)
     # A full scan of 100,000 patients takes ~10 s (docs/benchmarks.md): 15 minutes is
     # ample, and keeps the visibility timeout, after which the broker hands a dead
     # worker's message to another, at 30 minutes (docs/operations.md, "Time limits").

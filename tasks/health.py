@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import get_settings
-from worker.runtime import health
+from worker.runtime import deferral, health
 from worker.runtime.celery_app import app
 from worker.scan import progress
 from worker.scan.engine import utcnow
@@ -21,6 +21,9 @@ def deadman() -> dict[str, Any]:
     sessions = state_sessions(settings)
     now = utcnow()
     result = health.run_deadman(settings, sessions, now)
+    # A deferred nightly full scan past its deadline is alerted on even when no scan
+    # gets the lock to run it (worker.runtime.deferral).
+    deferral.check_deadline(sessions, settings, now)
     with sessions.begin() as session:
         progress.prune(session, settings.practice, now)
     return result

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from celery import signals
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
@@ -64,3 +66,28 @@ def adhoc_scan(self: Any, kind: str = "all", target: str | None = None,
 @app.task(name="oprecon.verify.tick", bind=True)
 def verify_tick(self: Any) -> dict[str, Any]:
     return _after(service.verify_due(get_settings(), task_id=self.request.id))
+
+
+@signals.worker_process_init.connect
+def _warm_pool_child(**_: Any) -> None:
+    """Build this pool child's sources and state connection in the background, so the
+    first on-call run it takes does not pay for them (issue 18: ~5 s on a loaded host);
+    off the init path, so a slow start cannot trip the pool's process-init timeout."""
+    threading.Thread(target=service.warm_up, args=(get_settings(),), name="warm-up",
+                     daemon=True).start()
+
+
+# Scheduled scans whose `expires` can pass while they wait in the queue.
+EXPIRING = {"oprecon.scan.incremental": "incremental", "oprecon.scan.full": "full",
+            "oprecon.verify.tick": "verify"}
+
+
+@signals.task_revoked.connect
+def _expired_scan(sender: Any = None, request: Any = None, expired: bool = False,
+                  **_: Any) -> None:
+    """Celery drops an expired message without running it, and used to leave no trace:
+    record it as a skipped run (worker.runtime.service.record_expired). `sender` is the
+    task, `request` its context."""
+    kind = EXPIRING.get(getattr(sender, "name", "") or "")
+    if expired and kind is not None:
+        service.record_expired(get_settings(), kind, getattr(request, "id", None))

@@ -30,7 +30,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from freezegun import freeze_time
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
@@ -44,7 +44,7 @@ from worker.digest import build as b
 from worker.digest import send
 from worker.model.findings import fingerprint
 from worker.state.db import kv_get, kv_set, make_engine, migrate, session_factory
-from worker.state.models import ActionRow, DigestSent, FindingRow
+from worker.state.models import ActionRow, DigestSent, FindingRow, KeyValue
 
 # 07:40 in New York, ten minutes after the 2026-11-25 window closed (07:30 EST = 12:30Z).
 NOW = datetime(2026, 11, 25, 12, 40, tzinfo=UTC)
@@ -642,6 +642,39 @@ def test_no_all_clear_for_an_outage_nobody_was_told_about(env: Any, smtp: SmtpSi
     with e.sessions() as s:
         keys = [n.window_key for n in b.immediate_notices(s, e.settings, NOW)]
     assert not [k for k in keys if "deadman" in k]
+
+
+def test_a_missed_nightly_full_scan_is_an_immediate_notice_once(
+    env: Any, smtp: SmtpSink
+) -> None:
+    """Issue 18: a deferred full scan past its deadline alerts staff (the shape
+    worker.runtime.deferral writes), once per deferral, and not once it has run."""
+    e = env()
+    after_yesterday(e)
+    e.mark_sent(FD, "daily:2026-11-25")
+    e.mark_sent(PM, "daily:2026-11-25")
+    since = NOW - timedelta(hours=5)
+    with e.sessions.begin() as s:
+        kv_set(s, "test", "full_scan_deferred", {
+            "since": since.isoformat(), "deadline": (since + timedelta(hours=4)).isoformat(),
+            "attempts": 31, "reason": "another scan of practice test is running",
+            "holder": "vm pid 4242", "alerted_at": (NOW - timedelta(minutes=1)).isoformat(),
+        }, NOW)
+    with e.sessions() as s:
+        keys = [n.window_key for n in b.immediate_notices(s, e.settings, NOW)]
+    assert keys == [f"immediate:fullscan:{b.stamp(since)}"]
+    e.send_due()
+    [(rcpts, msg)] = smtp.messages
+    assert rcpts == [PM]
+    text = parts(msg)[0]
+    assert "!! LAST NIGHT'S FULL CHECK DID NOT RUN" in text
+    assert "oprecon status" in text and "4242" not in text  # no lock holder for staff
+    assert send.due(e.settings, e.sessions, NOW + timedelta(minutes=10)) == []
+    # Once it has run (the record is gone), nothing more is said.
+    with e.sessions.begin() as s:
+        s.execute(delete(KeyValue).where(KeyValue.key == "full_scan_deferred"))
+    with e.sessions() as s:
+        assert b.immediate_notices(s, e.settings, NOW + timedelta(hours=1)) == []
 
 
 # -- exactly once ------------------------------------------------------------------------

@@ -384,10 +384,11 @@ class Cluster:
         """Hold the scan lock, queue an incremental scan, and wait for the worker to skip
         it: (its task id, the `scan_skipped` log event)."""
         from worker.runtime.celery_app import make_celery_app
-        from worker.scan.locks import scan_lock
+        from worker.scan.locks import holder_token, scan_lock
 
         lock = scan_lock(self.settings)
-        assert lock.acquire(blocking=True, blocking_timeout=10)  # a scan may be running now
+        # A scan may be running now; this process holds it as a scan would (its token).
+        assert lock.acquire(blocking=True, blocking_timeout=10, token=holder_token())
         task_id = f"overlap-{uuid.uuid4().hex[:8]}"
         app = make_celery_app(self.settings)
         try:
@@ -497,8 +498,31 @@ def test_scheduled_scans_run_on_time_and_are_recorded(cluster: Cluster) -> None:
 def test_a_scan_that_finds_the_lock_held_is_skipped_and_logged(cluster: Cluster) -> None:
     task_id, skipped = cluster.skip_a_scan()
     assert skipped["kind"] == "incremental" and "another scan" in skipped["reason"]
-    # Nothing ran under that task id: at most a row that records the skip.
-    assert not [r for r in cluster.runs() if r.task_id == task_id and r.status != "skipped"]
+    # Issue 18: it used to leave no run row at all (and Celery reported a success); now
+    # one row records the skip, why, and who holds the lock.
+    (run,) = [r for r in cluster.runs() if r.task_id == task_id]
+    assert (run.kind, run.status) == ("incremental", "skipped")
+    assert run.error is not None and "another scan" in run.error
+    assert f" pid {os.getpid()}" in run.error  # this process holds it, as a scan would
+
+
+@pytest.mark.services
+def test_a_scan_that_expires_in_the_queue_leaves_a_skipped_run(cluster: Cluster) -> None:
+    """Issue 18: incremental scans that waited past their `expires` were dropped by
+    Celery without a trace. Now the drop is a skipped run row."""
+    from worker.runtime.celery_app import make_celery_app
+
+    task_id = f"expired-{uuid.uuid4().hex[:8]}"
+    app = make_celery_app(cluster.settings)
+    try:
+        app.send_task("oprecon.scan.incremental", task_id=task_id,
+                      expires=datetime.now(UTC) - timedelta(seconds=1))
+    finally:
+        app.close()
+    (run,) = wait_for(lambda: [r for r in cluster.runs() if r.task_id == task_id], 20,
+                      "the expired scan's run row")
+    assert (run.kind, run.status) == ("incremental", "skipped")
+    assert run.error is not None and "expired in the queue" in run.error
 
 
 @pytest.mark.services
@@ -555,6 +579,8 @@ def test_adhoc_patient_run_completes_while_periodic_work_goes_on(cluster: Cluste
 
 @pytest.mark.services
 def test_adhoc_run_waits_for_the_lock_and_says_so(cluster: Cluster) -> None:
+    """A run of the whole practice waits for the practice lock (a family run does not:
+    the next test)."""
     from worker.scan.locks import scan_lock
 
     lock = scan_lock(cluster.settings)
@@ -562,7 +588,7 @@ def test_adhoc_run_waits_for_the_lock_and_says_so(cluster: Cluster) -> None:
     env = {**cluster.env, "OPRECON_HEARTBEAT_DIR": str(cluster.hb_dir("worker"))}
     lines: list[str] = []
     with subprocess.Popen(
-        [str(BIN / "oprecon"), "reconcile", "--patient", "P1", "--wait", "--timeout", "40"],
+        [str(BIN / "oprecon"), "reconcile", "--all", "--wait", "--timeout", "40"],
         env=env, cwd=cluster.root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     ) as proc:
         stdout = proc.stdout
@@ -583,6 +609,95 @@ def test_adhoc_run_waits_for_the_lock_and_says_so(cluster: Cluster) -> None:
         assert proc.wait(timeout=30) == 0, lines
         reader.join(timeout=5)
     assert any(line.startswith("done: run") for line in lines), lines
+
+
+@pytest.mark.services
+def test_adhoc_patient_run_is_not_blocked_by_a_practice_scan(cluster: Cluster) -> None:
+    """Issue 18: each `--patient` run held the practice lock and waited for any scan of
+    the whole practice. With the lock held as a long full scan holds it, the run is
+    answered at once (it reads only its family and writes under the short write lock)."""
+    from worker.scan.locks import scan_lock
+
+    lock = scan_lock(cluster.settings)
+    assert lock.acquire(blocking=True, blocking_timeout=10)
+    try:
+        started = time.monotonic()
+        done = cluster.oprecon("reconcile", "--patient", "P2", "--wait", "--timeout", "20")
+        elapsed = time.monotonic() - started
+    finally:
+        lock.release()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "waiting for the scan lock" not in done.stdout
+    assert "patient_email_present" in done.stdout
+    assert elapsed < 15, elapsed
+    task_id = re.search(r"as task (\S+)", done.stdout).group(1)  # type: ignore[union-attr]
+    (run,) = [r for r in cluster.runs("adhoc") if r.task_id == task_id]
+    assert run.status == "succeeded" and run.scope == "patient:P2"
+
+
+@pytest.mark.services
+def test_the_verify_tick_does_not_collide_with_a_practice_scan(cluster: Cluster) -> None:
+    """Issue 18: beat sends the verify tick 50 ms after the incremental scan and it was
+    skipped on the lock. It now reads its due families without the practice lock."""
+    from worker.runtime.celery_app import make_celery_app
+    from worker.scan.locks import scan_lock
+
+    wait_for(lambda: cluster.succeeded(1), 25, "a first scan")
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    with cluster.sessions().begin() as s:
+        row = s.scalar(select(FindingRow).where(
+            FindingRow.practice == cluster.settings.practice,
+            FindingRow.check == "patient_email_present"))
+        assert row is not None
+        row.state, row.next_check_at, row.state_changed_at = "held", past, past
+    lock = scan_lock(cluster.settings)
+    assert lock.acquire(blocking=True, blocking_timeout=10)
+    task_id = f"verify-{uuid.uuid4().hex[:8]}"
+    try:
+        make_celery_app(cluster.settings).send_task("oprecon.verify.tick", task_id=task_id)
+        (run,) = wait_for(lambda: [r for r in cluster.runs("verify") if r.task_id == task_id
+                                   and r.status != "running"], 20, "the verify run")
+    finally:
+        lock.release()
+    assert run.status == "succeeded", run.error
+    assert run.scope.startswith("entities:1 due hold")
+
+
+@pytest.mark.services
+def test_a_skipped_nightly_full_scan_is_deferred_and_run_by_a_scheduled_scan(
+    cluster: Cluster,
+) -> None:
+    """Issue 18: the nightly full scan sent while a scan held the lock was skipped after
+    1.5 ms and never retried. Now it leaves a skipped run row and a deferral, and the
+    next scheduled scan to get the lock runs the full scan."""
+    from worker.runtime.celery_app import make_celery_app
+    from worker.scan.locks import scan_lock
+
+    lock = scan_lock(cluster.settings)
+    assert lock.acquire(blocking=True, blocking_timeout=10)
+    task_id = f"full-{uuid.uuid4().hex[:8]}"
+    try:
+        make_celery_app(cluster.settings).send_task("oprecon.scan.full", task_id=task_id)
+        (skipped,) = wait_for(lambda: [r for r in cluster.runs("full")
+                                       if r.task_id == task_id], 20, "the skipped full scan")
+        assert skipped.status == "skipped"
+        with cluster.sessions()() as s:
+            owed = kv_get(s, cluster.settings.practice, "full_scan_deferred")
+        assert owed is not None and owed["deadline"] > owed["since"]
+        status = cluster.oprecon("status")
+        assert "full scan  deferred since" in status.stdout, status.stdout
+    finally:
+        lock.release()
+    full = wait_for(lambda: [r for r in cluster.runs("full", since=skipped.started_at)
+                             if r.status == "succeeded"], 6 * INTERVAL,
+                    "the deferred full scan, run by a scheduled scan")
+    assert full[0].scope == "all" and full[0].task_id != task_id
+
+    def cleared() -> bool:
+        with cluster.sessions()() as s:
+            return kv_get(s, cluster.settings.practice, "full_scan_deferred") is None
+
+    wait_for(cleared, 10, "the deferral to be cleared after the full scan")
 
 
 @pytest.mark.services

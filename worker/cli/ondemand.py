@@ -99,10 +99,12 @@ def _report(sessions: sessionmaker[Session], p: Progress, as_json: bool, out: IO
     assert p.run is not None
     run = p.run
     actions: dict[str, str] = (p.record or {}).get("actions") or {}
+    fingerprints = (p.record or {}).get("fingerprints")
+    which = (FindingRow.fingerprint.in_(fingerprints) if isinstance(fingerprints, list)
+             else FindingRow.last_run_id == run.id)
     with sessions() as session:
         rows = list(session.scalars(
-            select(FindingRow).where(FindingRow.practice == run.practice,
-                                     FindingRow.last_run_id == run.id)
+            select(FindingRow).where(FindingRow.practice == run.practice, which)
             .order_by(FindingRow.check, FindingRow.fingerprint)
         ))
     if as_json:
@@ -255,9 +257,12 @@ def _follow(settings: Settings, sessions: sessionmaker[Session], client: Any, ta
                        "and source outages by itself: oprecon status shows the retry)")
             return 1
         elif p.state == "skipped":
-            _line(err, "oprecon: could not start: the scan lock was still held after "
-                       f"{int((p.record or {}).get('wait_seconds', ADHOC_LOCK_WAIT_SECONDS))} s"
-                       " (another scan is running; try again)")
+            if p.run is not None and p.run.error:  # ids and lock names only
+                _line(err, f"oprecon: could not start: {p.run.error} (try again)")
+            else:
+                _line(err, "oprecon: could not start: the scan lock was still held after "
+                           f"{int((p.record or {}).get('wait_seconds', ADHOC_LOCK_WAIT_SECONDS))}"
+                           " s (another scan is running; try again)")
             return 2
         if time.monotonic() >= deadline:
             started = p.state in ("started", "running", "done")

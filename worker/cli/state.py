@@ -345,6 +345,11 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
             yield (f"failing    run {f['run_id']} ({f['kind']}) {f['status']} {f['ago']} ago: "
                    f"{f['cause']}" + (f" (+{len(fails) - 1} more since the last success)"
                                       if len(fails) > 1 else ""))
+        owed = st.get("full_scan_deferred")
+        if owed:
+            late = " · MISSED its deadline, alerted" if owed.get("alerted_at") else ""
+            yield (f"full scan  deferred since {owed.get('since')} ({owed.get('attempts')} "
+                   f"skip(s): {owed.get('reason')}); deadline {owed.get('deadline')}{late}")
         h = st["holds"]
         nxt = health.parse_time(h["next_end_at"])
         yield (f"holds      {h['held']} held, {h['due']} due for verification"

@@ -176,7 +176,7 @@ class Window:
     kind: str  # daily | immediate
     end: datetime
     day: date | None = None
-    ref: str = ""  # immediate: a fingerprint, "breaker", "guard", "deadman"
+    ref: str = ""  # immediate: a fingerprint, "breaker", "guard", "deadman", "fullscan"
     detail: str = ""  # immediate: the part after the last colon (a stamp or run id)
 
 
@@ -347,6 +347,13 @@ def mark_deadman_alerted(session: Session, practice: str, episode: str, now: dat
         kv_set(session, practice, "deadman", value, now)
 
 
+def full_scan_missed_state(session: Session, practice: str) -> dict[str, object] | None:
+    """kv "full_scan_deferred" (worker.runtime.deferral) once a deferred nightly full scan
+    has missed its deadline (`alerted_at` set), until one runs; else None."""
+    value = kv_get(session, practice, "full_scan_deferred") or {}
+    return value if value.get("alerted_at") else None
+
+
 def paused_state(session: Session, practice: str) -> dict[str, object] | None:
     value = kv_get(session, practice, "paused") or {}
     return value if value.get("paused") else None
@@ -405,6 +412,12 @@ def immediate_notices(session: Session, settings: Settings, now: datetime) -> li
         at = _kv_time(recovered, "recovered_at") or now
         out.append(Notice(f"immediate:deadman_clear:{stamp(at)}", "deadman_clear",
                           SYSTEM_CATEGORY, at))
+    missed = full_scan_missed_state(session, practice)
+    if missed is not None:
+        # One notice per deferral: keyed by when the full scan was first skipped.
+        first_skip = _kv_time(missed, "since") or now
+        out.append(Notice(f"immediate:fullscan:{stamp(first_skip)}", "fullscan", SYSTEM_CATEGORY,
+                          _kv_time(missed, "alerted_at") or now))
     return sorted(out, key=lambda n: n.at)
 
 
@@ -676,6 +689,9 @@ def _system_notes(session: Session, settings: Settings, now: datetime) -> list[S
     deadman = deadman_state(session, practice)
     if deadman is not None:
         notes.append(deadman_note(deadman, now))
+    missed = full_scan_missed_state(session, practice)
+    if missed is not None:
+        notes.append(full_scan_note(missed))
     paused = paused_state(session, practice)
     if paused is not None:
         notes.append(paused_note(paused))
@@ -727,6 +743,21 @@ def guard_note(run_id: int, n: int, guard: Mapping[str, object] | None = None) -
             f"`oprecon fixes approve {run_id}`.",
             f"If not, reject them with `oprecon fixes reject {run_id}` and tell whoever "
             "runs oprecon.",
+        ),
+    )
+
+
+def full_scan_note(value: Mapping[str, object]) -> SystemNote:
+    return SystemNote(
+        "fullscan", "last night's full check did not run",
+        "The nightly check of the whole practice could not start (another check was "
+        "still running) and is late. oprecon keeps trying every few minutes. Until it "
+        "runs, duplicate contacts, deleted records and portal links changed by hand are "
+        "not looked at; everything else is checked as usual.",
+        (
+            "Nothing is needed from the front desk.",
+            "Tell whoever runs oprecon: `oprecon status` shows why it could not start and "
+            "what held it.",
         ),
     )
 
@@ -900,6 +931,12 @@ def build_immediate(
         if value is None:
             return None
         digest.notes = [deadman_clear_note(value)]
+        return digest
+    if window.ref == "fullscan":
+        missed = full_scan_missed_state(session, practice)
+        if missed is None:
+            return None  # it ran meanwhile
+        digest.notes = [full_scan_note(missed)]
         return digest
     row = session.scalar(
         select(FindingRow).where(

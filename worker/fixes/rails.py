@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from worker.fixes.apply import TransientPortalError
+from worker.sources.base import SourceUnavailable
 from worker.state.db import kv_set
 
 log = structlog.get_logger(__name__)
@@ -470,3 +471,31 @@ def portal_guard(
         mirror=kv_mirror(sessions, settings.practice),
     )
     return PortalGuard(bucket, breaker)
+
+
+class ReadThrottled(SourceUnavailable):
+    """No portal read token came within the wait: the portal is being read hard."""
+
+
+def read_throttle(
+    settings: Settings, *, client: redis.Redis | None = None, timeout: float = 30.0
+) -> Callable[[], None]:
+    """What an HTTP portal calls before each read: take a token from the practice's read
+    bucket (`oprecon:<practice>:portal:read-bucket`, `portal_read_rate_per_second`,
+    shared by every worker process, apart from the writes' bucket), waiting for one."""
+    client = client or _client(settings.redis_url)
+    rate = settings.portal_read_rate_per_second
+    bucket = TokenBucket(client, f"oprecon:{settings.practice}:portal:read-bucket", rate,
+                         burst=max(1, math.floor(rate)))
+
+    def before_read() -> None:
+        if not bucket.acquire(timeout):
+            raise ReadThrottled(f"portal read rate limit: no token within {timeout:.0f}s")
+
+    return before_read
+
+
+def throttle_reads(settings: Settings, portal: Any) -> None:
+    """Attach the shared read limit to a portal adapter that offers the hook."""
+    if hasattr(portal, "before_read") and getattr(portal, "before_read", None) is None:
+        portal.before_read = read_throttle(settings)

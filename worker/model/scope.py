@@ -28,6 +28,14 @@ class Scope:
     # groups, so a group replaced by another is resolved even if none of its members
     # changed, and groups of unchanged contacts nearby are left alone.
     duplicate_contact_ids: frozenset[str] = field(default_factory=frozenset)
+    # Checks this run reports but never resolves by not seeing them: a family run finds
+    # duplicate candidates through exact blocking keys only, the full scan decides.
+    keep_unseen: frozenset[str] = field(default_factory=frozenset)
+    # Ids this run leaves alone (worker.scan.locks, "fences"): a family run wrote their
+    # findings from a newer read while this practice scan was reading.
+    ceded_patients: frozenset[str] = field(default_factory=frozenset)
+    ceded_contacts: frozenset[str] = field(default_factory=frozenset)
+    ceded_users: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def label(self) -> str:
@@ -45,6 +53,8 @@ class Scope:
         contact_ids: list[str] | tuple[str, ...] | None = None,
         check: str | None = None,
     ) -> bool:
+        if self.cedes(patient_id, contact_id, portal_user_id, contact_ids):
+            return False
         if self.is_all:
             return True
         if check == "contact_duplicate" and self.duplicate_contact_ids:
@@ -56,6 +66,23 @@ class Scope:
             or (contact_id is not None and contact_id in self.contact_ids)
             or (portal_user_id is not None and portal_user_id in self.user_ids)
             or any(c in self.contact_ids for c in contact_ids or ())
+        )
+
+    def cedes(
+        self,
+        patient_id: str | None,
+        contact_id: str | None,
+        portal_user_id: str | None,
+        contact_ids: list[str] | tuple[str, ...] | None = None,
+    ) -> bool:
+        """True when any id of a finding was ceded to a family run's newer read."""
+        if not (self.ceded_patients or self.ceded_contacts or self.ceded_users):
+            return False
+        return (
+            (patient_id is not None and patient_id in self.ceded_patients)
+            or (contact_id is not None and contact_id in self.ceded_contacts)
+            or (portal_user_id is not None and portal_user_id in self.ceded_users)
+            or any(c in self.ceded_contacts for c in contact_ids or ())
         )
 
     def covers_check(self, check: str) -> bool:

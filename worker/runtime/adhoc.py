@@ -81,6 +81,8 @@ def poll(sessions: sessionmaker[Session], settings: Settings, task_id: str,
             return Progress("done", run, rec)
         if run.status == "failed":
             return Progress("failed", run, rec)
+        if run.status == "skipped":
+            return Progress("skipped", run, rec)
         from worker.runtime.health import run_status
 
         if run_status(run, now, settings, client) == "lost":

@@ -58,6 +58,7 @@ class Metrics:
     portal_errors: Counter
     portal_seconds: Histogram
     last_success: Gauge
+    full_scan_missed: Counter
 
 
 def _create() -> Metrics:
@@ -89,6 +90,11 @@ def _create() -> Metrics:
             "oprecon_last_success_timestamp_seconds",
             "Unix time of the last successful scan the dead-man's switch counts.",
             registry=r, multiprocess_mode="mostrecent",
+        ),
+        full_scan_missed=Counter(
+            "oprecon_full_scan_missed",
+            "Deferred nightly full scans still not run at their deadline (alerted).",
+            registry=r,
         ),
     )
 
@@ -168,6 +174,10 @@ def scan_finished(kind: str, status: str, seconds: float) -> None:
     m.scans.labels(kind=kind, status=status).inc()
     if status != "skipped":
         m.scan_seconds.labels(kind=kind).observe(seconds)
+
+
+def full_scan_missed() -> None:
+    get().full_scan_missed.inc()
 
 
 def run_recorded(findings: list[tuple[str, str]], full_scope: bool, success_at: datetime | None

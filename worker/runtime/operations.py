@@ -277,7 +277,8 @@ def collect_status(settings: Settings, now: datetime | None = None) -> dict[str,
                 .order_by(Run.started_at.desc(), Run.id.desc()).limit(RECENT_RUNS)))
             status["runs"] = [run_json(r, now, settings, lease_client) for r in runs]
             kv = {k: kv_get(session, settings.practice, k)
-                  for k in ("paused", "breaker", "last_success", "deadman")}
+                  for k in ("paused", "breaker", "last_success", "deadman",
+                            "full_scan_deferred")}
             held = session.scalars(select(FindingRow.next_check_at).where(
                 FindingRow.practice == settings.practice, FindingRow.state == S.HELD)).all()
             by_state: dict[str, int] = {
@@ -295,6 +296,8 @@ def collect_status(settings: Settings, now: datetime | None = None) -> dict[str,
             {**(last or {}), "age_seconds": round(health.age_seconds(at, now), 3)} if at
             else None)
         status["deadman"] = health.deadman_check(settings, last, kv["deadman"], now).to_json()
+        # A nightly full scan that found the lock held and is owed (worker.runtime.deferral).
+        status["full_scan_deferred"] = kv["full_scan_deferred"]
         upcoming = [t for t in held if t is not None and t > now]
         status["holds"] = {
             "held": len(held),

@@ -11,7 +11,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,6 +31,7 @@ from worker.model.text import address_key
 from worker.scan import failures
 from worker.scan.explain import describe
 from worker.scan.lifecycle import SyncResult, TimeRules, sync, transition
+from worker.scan.locks import Ceded
 from worker.scan.planner import Decision, FixGate, Plan, default_policy, make_plan
 from worker.sources.base import OPReader, PortalReader
 from worker.sources.tables import ID_SEP
@@ -77,9 +80,12 @@ class RunResult:
     trace: list[str] = field(default_factory=list)
     # With `keep_op_ids`: the ids of the OP rows read (worker.scan.deletions).
     op_ids: dict[str, set[str]] | None = None
+    # Rows a family-scoped run read from the sources (None: a practice read).
+    rows_read: int | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.rows_read is None else {"rows_read": self.rows_read}
+        return {**extra,
             "run_id": self.run_id,
             "kind": self.kind,
             "scope": self.scope.label,
@@ -185,6 +191,7 @@ def reconcile(
     population: int | None = None,
     defer_fixes: bool = False,
     keep_op_ids: bool = False,
+    write_section: Callable[[], AbstractContextManager[Ceded | None]] | None = None,
 ) -> RunResult:
     """Run every check on a fresh read and fold the result into the state database.
 
@@ -193,6 +200,8 @@ def reconcile(
     incremental run, whose snapshot is a neighbourhood, passes the practice's. With
     `defer_fixes` (a shard of a sharded scan) planned fixes are journaled as deferred,
     not queued, and the guard is left to whoever settles the whole run.
+    `write_section` (a practice scan's, worker.scan.locks.practice_write) is entered
+    around the state writes and yields the ids to leave to newer family runs.
     """
     settings = deps.settings
     practice = settings.practice
@@ -260,45 +269,58 @@ def reconcile(
             )
         )
 
-        session = deps.sessions()
-        try:
-            rules = time_rules(settings)
-            result_sync = sync(
-                session, practice, findings, scope, now, rules, run_id,
-                recent_ids(snap, now, settings.propagation_delay),
-                unknown=snap.unknown,
-                blind=bool(snap.unknown.blind or ctx.over_limit()),
-            )
-            gate = FixGate(
-                portal_writable=deps.portal_writable,
-                paused=bool((kv_get(session, practice, "paused") or {}).get("paused")),
-                breaker_open=_breaker_open(session, practice, now),
-                unreadable=_unreadable_reason(ctx),
-            )
-            plan = make_plan(
-                findings, result_sync.rows, settings, now, gate,
-                population=population or len(snap.patients),
-                welcome_recently_resent=_recent_resends(session, practice, now, settings),
-                guard=not defer_fixes,
-                other_blockers=[
-                    *_blockers_out_of_scope(session, practice, scope, settings),
-                    *_unsilenced(session, practice, outside, settings),
-                ],
-            )
-            action_ids: list[int] = []
-            if dry_run:
-                session.rollback()  # a dry run leaves the state database untouched
-            else:
-                action_ids = _journal(session, plan, result_sync, now, run_id,
-                                      defer=defer_fixes)
-                if whole:
-                    kv_set(session, practice, BLIND_KEY, {"tables": sorted(
-                        snap.unknown.blind | set(ctx.over_limit()))}, now)
-                elapsed = time.perf_counter() - t0
-                _finish_run(session, run_id, kind, snap, plan, result_sync, now, elapsed)
-                session.commit()
-        finally:
-            session.close()
+        # A practice scan writes under the state write lock, leaving alone the ids a
+        # family run wrote from a newer read meanwhile (worker.scan.locks).
+        phase = write_section() if write_section is not None and not dry_run else nullcontext()
+        with phase as ceded:
+            if ceded:
+                scope = replace(scope, ceded_patients=ceded.patients,
+                                ceded_contacts=ceded.contacts, ceded_users=ceded.users)
+                findings = [f for f in findings if scope.covers_finding(f)]
+                trace.append(
+                    f"left {len(ceded.patients)} patient(s), {len(ceded.contacts)} "
+                    f"contact(s) and {len(ceded.users)} portal user(s) to on-call runs "
+                    "that read them after this scan did"
+                )
+            session = deps.sessions()
+            try:
+                rules = time_rules(settings)
+                result_sync = sync(
+                    session, practice, findings, scope, now, rules, run_id,
+                    recent_ids(snap, now, settings.propagation_delay),
+                    unknown=snap.unknown,
+                    blind=bool(snap.unknown.blind or ctx.over_limit()),
+                )
+                gate = FixGate(
+                    portal_writable=deps.portal_writable,
+                    paused=bool((kv_get(session, practice, "paused") or {}).get("paused")),
+                    breaker_open=_breaker_open(session, practice, now),
+                    unreadable=_unreadable_reason(ctx),
+                )
+                plan = make_plan(
+                    findings, result_sync.rows, settings, now, gate,
+                    population=population or len(snap.patients),
+                    welcome_recently_resent=_recent_resends(session, practice, now, settings),
+                    guard=not defer_fixes,
+                    other_blockers=[
+                        *_blockers_out_of_scope(session, practice, scope, settings),
+                        *_unsilenced(session, practice, outside, settings),
+                    ],
+                )
+                action_ids: list[int] = []
+                if dry_run:
+                    session.rollback()  # a dry run leaves the state database untouched
+                else:
+                    action_ids = _journal(session, plan, result_sync, now, run_id,
+                                          defer=defer_fixes)
+                    if whole:
+                        kv_set(session, practice, BLIND_KEY, {"tables": sorted(
+                            snap.unknown.blind | set(ctx.over_limit()))}, now)
+                    elapsed = time.perf_counter() - t0
+                    _finish_run(session, run_id, kind, snap, plan, result_sync, now, elapsed)
+                    session.commit()
+            finally:
+                session.close()
         total = time.perf_counter() - t0
         for item in plan.items:
             trace.append(

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -62,11 +63,12 @@ from worker.model.records import (
     PortalSource,
     PortalUser,
 )
-from worker.model.scope import Scope
+from worker.model.scope import Scope, for_contact, for_patient
 from worker.model.snapshot import Snapshot
 from worker.scan.deletions import TABLES, DeletionWatch, Removed
 from worker.scan.engine import Deps, RunResult, ScopeRequest, reconcile, utcnow
 from worker.scan.lifecycle import SyncResult
+from worker.scan.locks import Ceded, StaleRead
 from worker.scan.planner import Plan
 from worker.sources.tables import ID_COLUMNS, ID_SEP
 from worker.state.db import kv_get, kv_set
@@ -74,6 +76,11 @@ from worker.state.models import FindingRow, Run
 from worker.state.models import FindingState as S
 
 log = structlog.get_logger(__name__)
+
+# A practice scan's write phase (worker.scan.locks.practice_write, bound to its read time).
+WriteSection = Callable[[], AbstractContextManager[Ceded | None]]
+# A family run's (worker.scan.locks.family_write): its read time and its scope.
+FamilyGuard = Callable[[float, Scope], AbstractContextManager[None]]
 
 WATERMARK = "watermark"
 OVERLAP_SLACK = timedelta(minutes=5)
@@ -119,7 +126,8 @@ def record_scan(deps: Deps, now: datetime, result: RunResult, patients: int | No
 
 
 def full_reconcile(
-    deps: Deps, now: datetime | None = None, *, task_id: str | None = None, kind: str = "full"
+    deps: Deps, now: datetime | None = None, *, task_id: str | None = None, kind: str = "full",
+    write_section: WriteSection | None = None,
 ) -> RunResult:
     """A full-scope scan that also sets the watermark incremental scans start from, and
     keeps the ids of the OP rows it read for the next incremental scan to compare with
@@ -128,7 +136,7 @@ def full_reconcile(
     with deps.sessions() as session:
         watch = DeletionWatch(session, deps.settings.practice)
     result = reconcile(deps, ScopeRequest(), kind=kind, now=now, task_id=task_id,
-                       keep_op_ids=True)
+                       keep_op_ids=True, write_section=write_section)
     record_scan(deps, now, result, result.counts.get("patients"))
     if not result.dry_run and result.op_ids is not None:
         watch.from_snapshot(deps.sessions, result.op_ids)
@@ -207,15 +215,21 @@ class Reads:
 
     def contacts(
         self, ids: Collection[str] = (), patient_ids: Collection[str] = (),
-        emails: Collection[str] = (),
+        emails: Collection[str] = (), phones: Collection[str] = (),
+        dobs: Collection[str] = (),
     ) -> Iterator[Any]:
         def keep(r: Any) -> bool:
             if r.contact_id in ids or r.patient_id in patient_ids:
                 return True
-            return isinstance(r, Contact) and r.email.strip().lower() in emails
+            return isinstance(r, Contact) and (
+                r.email.strip().lower() in emails or r.phone.strip() in phones
+                or (r.dob is not None and r.dob.isoformat() in dobs))
 
-        return self._select(self.op, "select_contacts", self.op.contacts, keep,
-                            ids=ids, patient_ids=patient_ids, emails=emails)
+        keys: dict[str, Collection[str]] = {"ids": ids, "patient_ids": patient_ids,
+                                            "emails": emails}
+        if phones or dobs:  # only family-scoped runs ask: keep older adapters working
+            keys.update(phones=phones, dobs=dobs)
+        return self._select(self.op, "select_contacts", self.op.contacts, keep, **keys)
 
     def family_contacts(
         self, patient_ids: Collection[str] = (), contact_ids: Collection[str] = ()
@@ -524,11 +538,155 @@ def neighbourhood(
     return Snapshot.build(records)
 
 
+# -- family-scoped runs (on-call, verify) -----------------------------------------------
+
+# Rounds of the duplicate candidates' closure: each reads the blocking keys of the
+# contacts a group newly reached. Real groups are two or three records.
+DUPLICATE_ROUNDS = 3
+
+
+def family_snapshot(
+    reads: Reads, seeds: Ids, now: datetime, window: timedelta, *, duplicates: bool
+) -> Snapshot:
+    """What a run about a few families reads: their neighbourhood (as an incremental
+    scan reads it), the Welcome events of the window, and (`duplicates`) the contacts
+    that share a blocking key with theirs, so that `contact_duplicate` can be decided
+    for them without reading the practice."""
+    audit = [e for e in reads.changed(reads.portal, "portal_audit", "audit", now - window)
+             if isinstance(e, InvalidRecord) or (e.action == WELCOME_ACTION and e.email)]
+    snap = neighbourhood(reads, seeds, audit, {})
+    if duplicates:
+        for contact in duplicate_candidates(reads, snap, seeds.contacts | _family(snap, seeds)):
+            snap.add(contact)
+    return snap
+
+
+def _family(snap: Snapshot, seeds: Ids) -> set[str]:
+    """The contacts on the seed charts and those who are the seed patients."""
+    out = {fc.contact_id for p in seeds.patients for fc in snap.fc_by_patient.get(p, ())}
+    out |= {c.contact_id for p in seeds.patients
+            for c in snap.contacts_by_patient_id.get(p, ())}
+    return out
+
+
+def duplicate_candidates(reads: Reads, snap: Snapshot, seeds: set[str]) -> list[Contact]:
+    """Contacts not in `snap` that the duplicate check could group with a seed contact.
+
+    The check compares only pairs sharing an email, a phone, an address or a date of
+    birth (worker.matching.duplicates, "Cost"). This reads the contacts sharing a seed's
+    email, phone or date of birth (as written; an address pair always shares a name and
+    almost always one of those), then the same for every contact a group reaches, until
+    no group grows. What it can miss (the same phone written differently, an address
+    alone) the nightly full scan finds; the run does not resolve a duplicate it did not
+    see (`Scope.keep_unseen`)."""
+    from worker.matching.duplicates import find_duplicate_groups, normalise_email, normalise_phone
+
+    pool: dict[str, Contact] = dict(snap.contacts)
+    keyed: set[str] = set()
+    frontier = set(seeds)
+    added: list[Contact] = []
+    for _ in range(DUPLICATE_ROUNDS):
+        todo = [pool[c] for c in sorted(frontier - keyed) if c in pool]
+        if not todo:
+            break
+        keyed |= {c.contact_id for c in todo}
+        emails = {c.email.strip().lower() for c in todo if normalise_email(c.email)}
+        phones = {c.phone.strip() for c in todo if normalise_phone(c.phone)}
+        dobs = {c.dob.isoformat() for c in todo if c.dob is not None and c.dob.year > 1900}
+        for r in reads.contacts(emails=emails, phones=phones, dobs=dobs):
+            if isinstance(r, Contact) and r.contact_id not in pool:
+                pool[r.contact_id] = r
+                added.append(r)
+        frontier = set()
+        for group in find_duplicate_groups(pool.values()):
+            members = set(group.contact_ids)
+            if members & (seeds | keyed):
+                frontier |= members
+    return added
+
+
+def family_reconcile(
+    deps: Deps, seeds: Ids, request: ScopeRequest, *, kind: str, guard: FamilyGuard,
+    scope: Scope | None = None, now: datetime | None = None, task_id: str | None = None,
+    dry_run: bool = False, attempts: int = 3,
+) -> RunResult:
+    """A run about a few families (an on-call `--patient`/`--contact` run, the verify
+    tick): reads only their neighbourhood (`family_snapshot`), then folds the result into
+    the state database inside `guard` (worker.scan.locks.family_write: the short state
+    write lock, never the practice's scan lock). When a practice scan committed a newer
+    read meanwhile (StaleRead) the family is read again, up to `attempts` times.
+
+    `scope` is fixed (verify); else it is the patient's or contact's, as in a full read.
+    """
+    settings = deps.settings
+    for attempt in range(1, attempts + 1):
+        at = now or utcnow()
+        read_at = time.time()
+        t0 = time.perf_counter()
+        reads = Reads(deps.op, deps.portal)
+        snap = family_snapshot(reads, seeds if scope is not None else _whole_family(reads, seeds),
+                               at, settings.welcome_window, duplicates=scope is None)
+        t_read = time.perf_counter() - t0
+        run_scope = scope or _family_scope(snap, request)
+        try:
+            with guard(read_at, run_scope):
+                result = reconcile(deps, request, kind=kind, now=at, task_id=task_id,
+                                   snapshot=snap, scope_override=run_scope, dry_run=dry_run)
+        except StaleRead:
+            log.info("family_read_stale", attempt=attempt, scope=request.label)
+            continue
+        result.rows_read = reads.rows
+        result.read_seconds += t_read
+        result.total_seconds += t_read
+        result.trace.insert(0, f"family-scoped: {reads.rows} row(s) read in {t_read:.2f}s "
+                               f"(the family's neighbourhood, not the practice)")
+        log.info("family_scan", run_id=result.run_id, kind=kind, rows_read=reads.rows,
+                 snapshot_records=snap.records, seconds=round(time.perf_counter() - t0, 3))
+        return result
+    raise StaleRead(f"practice scans kept committing newer reads ({attempts} attempts)")
+
+
+def _whole_family(reads: Reads, seeds: Ids) -> Ids:
+    """The ids a patient's or contact's scope covers (worker.model.scope.for_patient /
+    for_contact): the patient and every contact on their chart or who is them; the
+    contact, every chart they are on and their own. The neighbourhood of all of them is
+    what decides each finding the scope reports exactly as a full read would."""
+    out = Ids(set(seeds.patients), set(seeds.contacts), set(seeds.users))
+    for fc in reads.family_contacts(patient_ids=seeds.patients, contact_ids=seeds.contacts):
+        if isinstance(fc, FamilyContact):
+            if fc.patient_id in seeds.patients:
+                out.contacts.add(fc.contact_id)
+            if fc.contact_id in seeds.contacts:
+                out.patients.add(fc.patient_id)
+    for c in reads.contacts(ids=seeds.contacts, patient_ids=seeds.patients):
+        if isinstance(c, Contact):
+            if c.patient_id in seeds.patients:
+                out.contacts.add(c.contact_id)
+            if c.contact_id in seeds.contacts and c.patient_id:
+                out.patients.add(c.patient_id)
+    return out
+
+
+def _family_scope(snap: Snapshot, request: ScopeRequest) -> Scope:
+    base = (for_patient(snap, request.target or "") if request.kind == "patient"
+            else for_contact(snap, request.target or ""))
+    return replace(base, keep_unseen=FULL_SCAN_ONLY)
+
+
+def family_seeds(request: ScopeRequest) -> Ids:
+    if request.kind == "patient" and request.target:
+        return Ids(patients={request.target})
+    if request.kind == "contact" and request.target:
+        return Ids(contacts={request.target})
+    raise ValueError(f"not a family scope: {request.label}")
+
+
 # -- the scan -----------------------------------------------------------------------------
 
 
 def incremental_reconcile(
-    deps: Deps, now: datetime | None = None, *, task_id: str | None = None
+    deps: Deps, now: datetime | None = None, *, task_id: str | None = None,
+    write_section: WriteSection | None = None,
 ) -> RunResult:
     """Reconcile what changed since the last scan (module docstring), or everything when
     no scan has set a watermark yet."""
@@ -542,7 +700,8 @@ def incremental_reconcile(
         watch = DeletionWatch(session, practice)
     if mark is None or not mark.get("at"):
         log.info("incremental_scan_without_watermark", practice=practice)
-        return full_reconcile(deps, now, task_id=task_id, kind="incremental")
+        return full_reconcile(deps, now, task_id=task_id, kind="incremental",
+                              write_section=write_section)
 
     since = datetime.fromisoformat(mark["at"]) - overlap(settings)
     reads = Reads(deps.op, deps.portal)
@@ -589,6 +748,7 @@ def incremental_reconcile(
         deps, ScopeRequest("entities", label), kind="incremental", now=now, task_id=task_id,
         snapshot=snap, scope_override=scope,
         population=max(int(mark.get("patients") or 0), len(snap.patients)),
+        write_section=write_section,
     )
     result.read_seconds += t_read
     result.total_seconds += t_read

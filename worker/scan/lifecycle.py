@@ -130,7 +130,9 @@ def _load_rows(
     unresolved = (FindingRow.practice == practice, FindingRow.state != S.RESOLVED)
     if scope.is_all:
         for r in session.scalars(select(FindingRow).where(*unresolved)):
-            if scope.covers_check(r.check):
+            if scope.covers_check(r.check) and not scope.cedes(
+                r.patient_id, r.contact_id, r.portal_user_id, r.contact_ids
+            ):
                 rows[r.fingerprint] = r
     else:
         # A narrow scope covers few of the unresolved rows: test their ids first and
@@ -141,7 +143,7 @@ def _load_rows(
         ).where(*unresolved)
         covered = [
             r.id for r in session.execute(ids)
-            if scope.covers_check(r.check)
+            if scope.covers_check(r.check) and r.check not in scope.keep_unseen
             and scope.covers(r.patient_id, r.contact_id, r.portal_user_id, r.contact_ids,
                              r.check)
         ]

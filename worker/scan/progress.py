@@ -67,8 +67,13 @@ def record_done(settings: Settings, task_id: str | None, result: RunResult) -> N
     # One patient's or contact's run: the guide's checklist (ids and flags only,
     # worker.scan.explain) and the steps, which `--wait` prints as `--local` does.
     trace = result.trace[:TRACE_LINES] if result.scope.kind in ("patient", "contact") else []
+    extra: dict[str, Any] = {}
+    if not result.scope.is_all:
+        # A family's findings, for `--wait` to list: a later scan may have seen them
+        # again (their last run is then that scan's) before the CLI reads them.
+        extra["fingerprints"] = sorted(i.finding.fingerprint for i in result.plan.items)
     record(settings, task_id, "done", run_id=result.run_id, summary=result.summary(),
-           actions=actions, trace=trace)
+           actions=actions, trace=trace, **extra)
 
 
 @contextmanager

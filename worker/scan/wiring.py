@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,19 @@ def _sessions_for(url: str) -> sessionmaker[Session]:
     return session_factory(make_engine(url))
 
 
-@lru_cache(maxsize=8)
+_MIGRATING = threading.Lock()
+
+
 def _migrated(url: str) -> None:
-    """Once per process and database: tasks call build_deps every time."""
+    """Once per process and database: tasks call build_deps every time. Under a lock:
+    Alembic keeps its context in module globals, so two threads of one process (a pool
+    child's warm-up and its first task) must not migrate at once."""
+    with _MIGRATING:
+        _migrate_once(url)
+
+
+@lru_cache(maxsize=8)
+def _migrate_once(url: str) -> None:
     migrate(url)
 
 

@@ -220,7 +220,7 @@ def _row_problem(fields: list[str], limit: int = MAX_FIELD_CHARS) -> str | None:
 # lower-cased (contacts: email is folded); a select on another column streams the file.
 INDEX_COLUMNS: dict[str, tuple[tuple[str, ...], bool]] = {
     "patients": (("patient_id",), False),
-    "contacts": (("contact_id", "patient_id", "email"), True),
+    "contacts": (("contact_id", "patient_id", "email", "phone", "dob"), True),
     "family_contacts": (("patient_id", "contact_id"), False),
     "portal_users": (("user_id", "op_patient_id", "op_contact_id"), False),
     "portal_links": (("caregiver_user_id", "dependent_user_id"), False),

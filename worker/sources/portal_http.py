@@ -319,6 +319,7 @@ class HttpPortal:
         max_response_bytes: int = 64 * 1024 * 1024,
         request_deadline: float = 60.0,
         max_pages: int = 10_000,
+        before_read: Callable[[], None] | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -336,6 +337,9 @@ class HttpPortal:
         self.page_size = page_size
         self.select_batch = select_batch
         self.on_call = on_call
+        # Called before every GET attempt: the shared read rate limit (worker.fixes.rails
+        # `read_throttle`); it waits for a token or raises.
+        self.before_read = before_read
         self.call_stats = CallStats()
         self._sleep = sleep
         self._backoff = (backoff_base, backoff_cap, backoff_budget, retry_after_cap)
@@ -410,6 +414,8 @@ class HttpPortal:
         attempt = 0
         while True:
             attempt += 1
+            if method == "GET" and self.before_read is not None:
+                self.before_read()
             started = time.perf_counter()
             status: int | None = None
             retry_after: float | None = None

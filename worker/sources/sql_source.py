@@ -70,7 +70,7 @@ KEYS: dict[str, tuple[str, ...]] = {
 # Columns the targeted reads of an incremental scan look rows up by (besides each
 # table's key, whose index already serves a lookup on its first column).
 LOOKUPS: dict[str, tuple[str, ...]] = {
-    "contacts": ("patient_id",),
+    "contacts": ("patient_id", "phone", "dob"),
     "family_contacts": ("contact_id",),
     "portal_users": ("op_patient_id", "op_contact_id"),
     "portal_links": ("dependent_user_id",),

@@ -83,10 +83,15 @@ class OPTables(_Tables):
         ids: Collection[str] = (),
         patient_ids: Collection[str] = (),
         emails: Collection[str] = (),
+        phones: Collection[str] = (),
+        dobs: Collection[str] = (),
     ) -> Iterator[Contact | InvalidRecord]:
-        """By id, by the patient the contact is, or by email (trimmed, lower case)."""
+        """By id, by the patient the contact is, by email (trimmed, lower case), or by
+        phone or date of birth (trimmed, as written): the last three are the duplicate
+        check's blocking keys, read by a family-scoped run."""
         return self._select(
-            "contacts", {"contact_id": ids, "patient_id": patient_ids, "email": emails},
+            "contacts", {"contact_id": ids, "patient_id": patient_ids, "email": emails,
+                         "phone": phones, "dob": dobs},
             folded=("email",),
         )
 
