@@ -44,16 +44,23 @@ def defer(
 ) -> dict[str, Any]:
     """Record (or extend) the deferral of a skipped full scan; returns it."""
     with sessions.begin() as session:
-        value = kv_get(session, settings.practice, KEY) or {}
-        since = value.get("since") or now.isoformat()
-        value.update(
-            since=since,
-            deadline=value.get("deadline")
-            or deadline_for(settings, datetime.fromisoformat(since)).isoformat(),
-            attempts=int(value.get("attempts") or 0) + 1,
-            reason=reason, holder=holder, last_attempt_at=now.isoformat(),
-        )
-        kv_set(session, settings.practice, KEY, value, now)
+        return defer_in(session, settings, now, reason, holder)
+
+
+def defer_in(
+    session: Session, settings: Settings, now: datetime, reason: str, holder: str | None,
+) -> dict[str, Any]:
+    """`defer` inside the caller's transaction (with the skipped run's row)."""
+    value = kv_get(session, settings.practice, KEY) or {}
+    since = value.get("since") or now.isoformat()
+    value.update(
+        since=since,
+        deadline=value.get("deadline")
+        or deadline_for(settings, datetime.fromisoformat(since)).isoformat(),
+        attempts=int(value.get("attempts") or 0) + 1,
+        reason=reason, holder=holder, last_attempt_at=now.isoformat(),
+    )
+    kv_set(session, settings.practice, KEY, value, now)
     log.warning("full_scan_deferred", attempts=value["attempts"], reason=reason,
                 holder=holder, deadline=value["deadline"])
     return value

@@ -265,8 +265,8 @@ def _skipped(
                 error=reason + (f" (held by {holder})" if holder else ""),
                 summary={"skipped": {"reason": reason, "holder": holder}},
             ))
-        if kind == "full" and request.kind == "all":
-            deferral.defer(sessions, settings, at, reason, holder)
+            if kind == "full" and request.kind == "all":  # one commit with the row
+                deferral.defer_in(session, settings, at, reason, holder)
     except Exception as err:  # the state DB may be what is down: the log line stays
         log.warning("skipped_run_not_recorded", kind=kind, error=type(err).__name__)
         if kind == "full":
