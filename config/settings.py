@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     portal_rate_per_second: float = Field(5.0, gt=0)
     # Portal reads (list pages, targeted selects, one-user reads) share their own bucket,
     # across every worker process, so an on-call burst cannot hammer the portal.
-    portal_read_rate_per_second: float = Field(50.0, gt=0)
+    portal_read_rate_per_second: float = Field(200.0, gt=0)
     breaker_failure_ratio: float = Field(0.5, gt=0, le=1)
     breaker_min_calls: int = Field(10, ge=1)
     breaker_cooldown_seconds: float = Field(300, gt=0)
