@@ -22,6 +22,7 @@ import pytest
 from config.settings import load_settings
 from tests.cli.test_statecli import finding, run_cli, use_env
 from tests.factory import MemoryPortal, clean_family, contact, fc, patient
+from tests.procs import stop_smtp
 from tests.scan.test_lifecycle import T0, scan_at
 from worker.model.records import Authority
 from worker.scan.engine import Deps
@@ -167,12 +168,12 @@ def smtp_sink() -> Iterator[Any]:
     sink = SmtpSink(port=_free_port())
     controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
     controller.start()
-    sink.stop = controller.stop  # type: ignore[attr-defined]
+    sink.stop = lambda: stop_smtp(controller)  # type: ignore[attr-defined]
     try:
         yield sink
     finally:
         with contextlib.suppress(Exception):
-            controller.stop()
+            stop_smtp(controller)
 
 
 def test_digest_test_sends_one_message_to_a_configured_recipient(

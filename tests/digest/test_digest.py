@@ -36,7 +36,7 @@ from structlog.testing import capture_logs
 
 from config.settings import Settings
 from tests import factory
-from tests.procs import CeleryWorker, RedisServer, base_env, send_task, wait_for
+from tests.procs import CeleryWorker, RedisServer, base_env, send_task, stop_smtp, wait_for
 from worker.checks.catalog import CHECK_IDS
 from worker.checks.remedies import ESCALATION, REMEDIES
 from worker.cli.digest import digest_command, render_example
@@ -99,7 +99,7 @@ def smtp() -> Iterator[SmtpSink]:
     try:
         yield sink
     finally:
-        controller.stop()
+        stop_smtp(controller)
 
 
 @dataclass
@@ -792,7 +792,7 @@ def test_smtp_login(env: Any, smtp: SmtpSink) -> None:
         result = send.deliver(e.settings, e.sessions, b.recipient_key(FD), "daily:2026-11-25",
                               now=NOW)
     finally:
-        controller.stop()
+        stop_smtp(controller)
     assert result.status == "sent" and seen == ["oprecon"]
 
 
@@ -847,7 +847,7 @@ def test_starttls_then_login_verified_against_the_relay_certificate(
         result = send.deliver(e.settings, e.sessions, b.recipient_key(FD), "daily:2026-11-25",
                               now=NOW)
     finally:
-        controller.stop()
+        stop_smtp(controller)
     assert result.status == "sent" and secured == [True]
     assert [rcpts for rcpts, _ in smtp.messages] == [[FD]]
 
@@ -867,7 +867,7 @@ def test_implicit_tls_relay(env: Any, smtp: SmtpSink, relay_cert: tuple[Path, Pa
         result = send.deliver(e.settings, e.sessions, b.recipient_key(FD), "daily:2026-11-25",
                               now=NOW)
     finally:
-        controller.stop()
+        stop_smtp(controller)
     assert result.status == "sent"
     assert [rcpts for rcpts, _ in smtp.messages] == [[FD]]
 

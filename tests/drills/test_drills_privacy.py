@@ -36,7 +36,7 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from tests.procs import RedisServer, free_port
+from tests.procs import RedisServer, free_port, stop_smtp
 from worker.devtools.generator import generate_practice
 from worker.devtools.simulator import start_simulator
 from worker.runtime import metrics, service
@@ -93,7 +93,7 @@ def smtp() -> Iterator[SmtpSink]:
     try:
         yield sink
     finally:
-        controller.stop()
+        stop_smtp(controller)
 
 
 @pytest.fixture
