@@ -229,15 +229,20 @@ def single_flight(
     settings: Settings, *, wait_seconds: float = 0, client: redis.Redis | None = None
 ) -> Iterator[Lock]:
     """Hold the scan lock for the block, or raise ScanBusy (after waiting, if asked to)."""
-    lock = scan_lock(settings, client)
-    token = holder_token()
-    if not fair_acquire(lock, token, wait_seconds):
-        raise ScanBusy(f"another scan of practice {settings.practice} is running",
-                       holder_of(lock))
+    with _held(scan_lock(settings, client), wait_seconds,
+               f"another scan of practice {settings.practice} is running") as lock:
+        yield lock
+
+
+@contextmanager
+def _held(lock: Lock, wait_seconds: float, busy: str) -> Iterator[Lock]:
+    """Take `lock` in turn (fair waiting) for the block, or raise ScanBusy(busy)."""
+    if not fair_acquire(lock, holder_token(), wait_seconds):
+        raise ScanBusy(busy, holder_of(lock))
     try:
         yield lock
     finally:
-        # It may have expired while we ran: the next scan may already own it.
+        # It may have expired while we ran: the next holder may already own it.
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
 
@@ -273,16 +278,9 @@ def state_write(
     settings: Settings, *, wait_seconds: float, client: redis.Redis | None = None
 ) -> Iterator[Lock]:
     """Hold the state write lock for the block (fair waiting), or raise ScanBusy."""
-    lock = write_lock(settings, client)
-    token = holder_token()
-    if not fair_acquire(lock, token, wait_seconds):
-        raise ScanBusy(f"the state of practice {settings.practice} is being written",
-                       holder_of(lock))
-    try:
+    with _held(write_lock(settings, client), wait_seconds,
+               f"the state of practice {settings.practice} is being written") as lock:
         yield lock
-    finally:
-        with contextlib.suppress(redis.exceptions.LockError):
-            lock.release()
 
 
 @contextmanager
