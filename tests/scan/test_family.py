@@ -106,3 +106,28 @@ def test_a_family_run_finds_a_duplicate_through_its_blocking_keys(
         if group.fingerprint not in {i.finding.fingerprint for i in family.plan.items}:
             missed.append(group.contact_ids)
     assert len(missed) <= max(1, len(groups) // 10), (len(groups), missed)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "csv"])
+def test_the_console_family_page_reads_one_family_and_shows_what_a_full_read_shows(
+    backend: str, practice: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from worker.scan.engine import read_snapshot
+    from worker.scan.explain import family_facts
+    from worker.scan.incremental import Reads, family_view
+
+    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    store = Store(backend, tmp_path / "src", pg)
+    try:
+        tables = read_tables(practice)
+        store.write(tables)
+        total = sum(len(rows) for rows in tables.values())
+        op, portal = store.readers()
+        whole = read_snapshot(op, portal)
+        for patient in random.Random(9).sample([r["patient_id"] for r in tables["patients"]], 15):
+            reads = Reads(op, portal)
+            family = family_view(reads, patient, NOW, Settings().welcome_window)
+            assert family_facts(family, patient) == family_facts(whole, patient), patient
+            assert reads.rows < total * 0.01, (patient, reads.rows, total)
+    finally:
+        store.close()

@@ -134,7 +134,16 @@ def _reconcile_here(
         raise CannotStart("--op-dir and --portal-dir go together")
     sessions = dry_run_sessions(settings) if dry_run else None
     deps = build_deps(settings, op_dir=op_dir, portal_dir=portal_dir, sessions=sessions)
-    result = run(deps, request, kind="adhoc", dry_run=dry_run, now=now)
+    if request.kind == "all":
+        result = run(deps, request, kind="adhoc", dry_run=dry_run, now=now)
+    else:
+        # One family: read its neighbourhood only, as the worker's on-call run does. No
+        # lock: this process is the only writer it knows of (the worker takes its own).
+        from worker.scan.incremental import family_reconcile, family_seeds
+
+        result = family_reconcile(deps, family_seeds(request), request, kind="adhoc",
+                                  guard=lambda _read_at, _scope: contextlib.nullcontext(),
+                                  now=now, dry_run=dry_run)
     if deps.portal_writable and result.action_ids:
         from worker.fixes.apply import TransientPortalError, apply_action
         from worker.scan.engine import time_rules

@@ -561,6 +561,14 @@ def family_snapshot(
     return snap
 
 
+def family_view(reads: Reads, patient_id: str, now: datetime, window: timedelta) -> Snapshot:
+    """One patient's family as an on-call run reads it (their chart, its contacts, their
+    portal users, links and sources), for a page or a `--local` run that shows one family:
+    a targeted read, never the practice (`reads.rows` counts what it cost)."""
+    seeds = _whole_family(reads, Ids(patients={patient_id}))
+    return family_snapshot(reads, seeds, now, window, duplicates=False)
+
+
 def _family(snap: Snapshot, seeds: Ids) -> set[str]:
     """The contacts on the seed charts and those who are the seed patients."""
     out = {fc.contact_id for p in seeds.patients for fc in snap.fc_by_patient.get(p, ())}

@@ -171,10 +171,12 @@ def finding_view(row: FindingRow, settings: Settings, now: datetime) -> dict[str
 
 
 def read_facts(settings: Settings, patient_id: str) -> tuple[dict[str, Any] | None, str | None]:
-    """The checklist from a fresh read of both systems; (None, why) when it cannot be read.
+    """The checklist from a fresh read of this family in both systems (a targeted read,
+    not the practice); (None, why) when it cannot be read.
     Only ids and flags leave this function unless `web_show_names` is on."""
-    from worker.scan.engine import read_snapshot
+    from worker.scan.engine import utcnow
     from worker.scan.explain import family_facts
+    from worker.scan.incremental import Reads, family_view
     from worker.scan.wiring import op_reader, portal_adapter
     from worker.sources.base import SourceError
 
@@ -182,7 +184,8 @@ def read_facts(settings: Settings, patient_id: str) -> tuple[dict[str, Any] | No
         op = op_reader(settings)
         portal = portal_adapter(settings)
         try:
-            snap = read_snapshot(op, portal)
+            snap = family_view(Reads(op, portal), patient_id, utcnow(),
+                               settings.welcome_window)
         finally:
             close = getattr(portal, "close", None)
             if callable(close):
