@@ -271,3 +271,30 @@ def test_a_bad_silence_is_a_one_line_refusal_not_an_error(
     r = client.post("/findings/no-such-fp/silence", data={
         "csrf_token": token, "reason": "x", "until": "2030-01-01", "back": "https://evil.example/"})
     assert r.headers["location"] == "/findings"  # never an open redirect
+
+
+def test_a_finding_that_names_only_a_contact_leads_to_its_family(
+    console: LiveConsole, world: World
+) -> None:
+    """Staff reach the family of every open finding from the list, also when the finding
+    names a contact and no patient (a duplicate group, an inactive contact): one chart →
+    that family's page; several or none → the contact's page with its charts and findings."""
+    with world.sessions() as s:
+        rows = [r for r in s.scalars(select(FindingRow)) if not r.patient_id
+                and (r.contact_id or r.contact_ids)]
+    assert rows, "the demo practice has contact-only findings"
+    client = console.login(OPERATOR)
+    listing = client.get("/findings?state=all", headers=HTML).text
+    for row in rows:
+        cid = row.contact_id or row.contact_ids[0]
+        assert f'href="/contacts/{cid}"' in listing
+        page = client.get(f"/contacts/{cid}", headers=HTML, follow_redirects=False)
+        if page.status_code == 303:
+            family = page.headers["location"]
+            assert family.startswith("/families/")
+            assert client.get(family, headers=HTML).status_code == 200
+        else:
+            assert page.status_code == 200 and 'id="charts"' in page.text
+            assert row.check in page.text
+    unknown = client.get("/contacts/C999999", headers=HTML, follow_redirects=False)
+    assert unknown.status_code == 200 and "On no chart" in unknown.text

@@ -125,6 +125,8 @@ def test_digest_items_link_to_the_family_page_by_id(make_settings: Any, tmp_path
     assert b.family_link(make_settings(), "P1") is None  # no web_base_url: no link
     settings = make_settings(web_base_url="https://console.example/")
     assert b.family_link(settings, "P 1") == "https://console.example/families/P%201"
+    # An item that names only a contact (a duplicate group) links to the contact's page.
+    assert b.family_link(settings, None, "C7") == "https://console.example/contacts/C7"
     now = datetime(2026, 12, 2, 15, 0, tzinfo=UTC)
     sessions = state_sessions(settings)
     earlier = b.daily_window((now - timedelta(days=2)).date(), settings)

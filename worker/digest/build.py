@@ -621,17 +621,23 @@ def _item(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo,
         who=who_of(row, names), what=detail, steps=tuple(steps),
         next_check=_next_check(row, settings, now, tz), since=since,
         age_days=max(0, (now - row.first_seen_at).days), escalated=escalated,
-        link=family_link(settings, row.patient_id),
+        link=family_link(settings, row.patient_id,
+                         row.contact_id or next(iter(row.contact_ids or ()), None)),
     )
 
 
-def family_link(settings: Settings, patient_id: str | None) -> str | None:
-    """The console's family page for an item: ids only, never a name or an address."""
-    if not settings.web_base_url or not patient_id:
+def family_link(settings: Settings, patient_id: str | None,
+                contact_id: str | None = None) -> str | None:
+    """The console's family page for an item (or, for an item naming only a contact, the
+    contact's page, which leads to their family): ids only, never a name or an address."""
+    if not settings.web_base_url or not (patient_id or contact_id):
         return None
     from urllib.parse import quote
 
-    return f"{settings.web_base_url.rstrip('/')}/families/{quote(patient_id, safe='')}"
+    base = settings.web_base_url.rstrip("/")
+    if patient_id:
+        return f"{base}/families/{quote(patient_id, safe='')}"
+    return f"{base}/contacts/{quote(contact_id or '', safe='')}"
 
 
 def _check_order(check: str) -> tuple[int, int, str]:

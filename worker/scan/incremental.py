@@ -569,6 +569,11 @@ def family_view(reads: Reads, patient_id: str, now: datetime, window: timedelta)
     return family_snapshot(reads, seeds, now, window, duplicates=False)
 
 
+def contact_charts(reads: Reads, contact_id: str) -> list[str]:
+    """The charts a contact is on (or is the patient of), from a targeted read."""
+    return sorted(_whole_family(reads, Ids(contacts={contact_id})).patients)
+
+
 def _family(snap: Snapshot, seeds: Ids) -> set[str]:
     """The contacts on the seed charts and those who are the seed patients."""
     out = {fc.contact_id for p in seeds.patients for fc in snap.fc_by_patient.get(p, ())}

@@ -252,6 +252,21 @@ def make_app(settings: Settings, sessions: sessionmaker[Session] | None = None) 
         return console.page(request, "family.html", patient_id=pid, task=task,
                             default_until=tomorrow, **await run_in_threadpool(read))
 
+    async def contact(request: Request) -> Response:
+        """A finding that names only a contact: its family when it has one chart, else
+        the charts to choose from and the contact's findings."""
+        cid = request.path_params["contact_id"]
+        charts, why = await run_in_threadpool(views.read_contact_charts, settings, cid)
+        if charts is not None and len(charts) == 1:
+            return RedirectResponse(f"/families/{quote(charts[0], safe='')}", status_code=303)
+
+        def read() -> list[dict[str, Any]]:
+            with console.sessions() as session:
+                return views.contact_findings(settings, session, cid, utcnow())
+
+        return console.page(request, "contact.html", contact_id=cid, charts=charts,
+                            charts_error=why, findings=await run_in_threadpool(read))
+
     async def batch(request: Request) -> Response:
         from worker.fixes.staging import staged_fixes
 
@@ -442,6 +457,7 @@ def make_app(settings: Settings, sessions: sessionmaker[Session] | None = None) 
         Route("/findings", findings),
         Route("/families/{patient_id:str}", family),
         Route("/families/{patient_id:str}/reconcile", reconcile, methods=["POST"]),
+        Route("/contacts/{contact_id:str}", contact),
         Route("/batches/{run_id:int}", batch),
         Route("/batches/{run_id:int}/{decision:str}", decide_batch, methods=["POST"]),
         Route("/findings/{fingerprint:str}/silence", silence, methods=["POST"]),

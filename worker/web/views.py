@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings, SettingsError
@@ -198,6 +198,35 @@ def read_facts(settings: Settings, patient_id: str) -> tuple[dict[str, Any] | No
     if facts is None:
         return None, f"patient {patient_id} is not in OP's current export"
     return facts, None
+
+
+def read_contact_charts(settings: Settings, contact_id: str
+                        ) -> tuple[list[str] | None, str | None]:
+    """The charts a contact is on, read from OP now; (None, why) when it cannot be read."""
+    from worker.scan.incremental import Reads, contact_charts
+    from worker.scan.wiring import op_reader
+    from worker.sources.base import SourceError
+
+    try:
+        return contact_charts(Reads(op_reader(settings), None), contact_id), None
+    except SettingsError as err:
+        return None, f"sources are not configured here ({err})"
+    except (SourceError, OSError) as err:
+        return None, f"could not read the sources: {type(err).__name__}"
+
+
+def contact_findings(settings: Settings, session: Session, contact_id: str, now: datetime
+                     ) -> list[dict[str, Any]]:
+    """Findings naming this contact, alone or in a group (a duplicate)."""
+    pattern = '%"' + contact_id.replace("\\", "\\\\").replace("%", "\\%").replace(
+        "_", "\\_") + '"%'
+    rows = session.scalars(
+        select(FindingRow).where(
+            FindingRow.practice == settings.practice,
+            or_(FindingRow.contact_id == contact_id,
+                cast(FindingRow.contact_ids, String).like(pattern, escape="\\")))
+        .order_by(FindingRow.state == S.RESOLVED, FindingRow.id).limit(PAGE_SIZE))
+    return [finding_view(r, settings, now) for r in rows]
 
 
 def family(settings: Settings, session: Session, patient_id: str, now: datetime,
