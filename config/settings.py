@@ -186,6 +186,9 @@ class Settings(BaseSettings):
     scan_soft_limit_seconds: int = Field(840, gt=0)
     scan_hard_limit_seconds: int = Field(900, gt=0)
     broker_visibility_timeout_seconds: int = Field(1800, gt=0)
+    # How long the scan lock outlives the hard limit (the lock is hard + this): time for
+    # a killed scan's child to be gone before another scan may start.
+    scan_lock_slack_seconds: int = Field(60, ge=1, le=3600)
     # RedBeat's lock: a standby beat takes over this long after the active one dies.
     beat_lock_timeout_seconds: int = Field(300, ge=5, le=3600)
     flower_user: str = "admin"
@@ -248,7 +251,8 @@ class Settings(BaseSettings):
         if self.lock_timeout_seconds >= self.broker_visibility_timeout_seconds:
             raise ValueError(  # soft < hard < lock < visibility: docs/operations.md
                 "broker_visibility_timeout_seconds must exceed the scan lock "
-                f"({self.lock_timeout_seconds} s = scan_hard_limit_seconds + 60)"
+                f"({self.lock_timeout_seconds} s = scan_hard_limit_seconds + "
+                "scan_lock_slack_seconds)"
             )
         if self.propagation_delay_minutes < 15 and not self.allow_unsafe_propagation_delay:
             raise ValueError(
@@ -336,7 +340,7 @@ class Settings(BaseSettings):
     @property
     def lock_timeout_seconds(self) -> int:
         """The scan lock outlives the hard limit, and stays below the visibility timeout."""
-        return self.scan_hard_limit_seconds + 60
+        return self.scan_hard_limit_seconds + self.scan_lock_slack_seconds
 
     def policy_for(self, check: str, default: Policy) -> Policy:
         return self.policies.get(check, default)

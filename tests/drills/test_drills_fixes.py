@@ -263,16 +263,17 @@ def test_a_worker_killed_mid_call_is_taken_back_by_the_resume_tick_and_not_calle
 
 
 def test_a_redelivery_after_the_visibility_timeout_meets_the_claim(make_rig: Any) -> None:
-    # The shortest visibility timeout the settings accept (> scan lock = hard + 60), and
-    # a lease, fix time limits and portal deadlines that outlast a 70 s portal call.
+    # A short visibility timeout the settings accept (> scan lock = hard + slack), and a
+    # lease, fix time limits and portal deadlines that outlast a 14 s portal call.
     rig: Rig = make_rig(
         1, OPRECON_SCAN_SOFT_LIMIT_SECONDS="1", OPRECON_SCAN_HARD_LIMIT_SECONDS="2",
-        OPRECON_BROKER_VISIBILITY_TIMEOUT_SECONDS="63", OPRECON_FIX_LEASE_SECONDS="120",
+        OPRECON_SCAN_LOCK_SLACK_SECONDS="1",
+        OPRECON_BROKER_VISIBILITY_TIMEOUT_SECONDS="6", OPRECON_FIX_LEASE_SECONDS="120",
         OPRECON_PORTAL_TIMEOUT_SECONDS="110", OPRECON_PORTAL_REQUEST_DEADLINE_SECONDS="110")
     workers = [rig.worker("w1").start("fix"), rig.worker("w2").start("fix")]
     for w in workers:
         w.wait_ready()
-    rig.hold_writes(latency_ms=70_000, count=1)
+    rig.hold_writes(latency_ms=14_000, count=1)
     (action_id,) = rig.action_ids
     task_id = rig.send(action_id)
     wait_for(lambda: rig.portal_calls() == 1, 30, "the call to reach the portal")
@@ -283,7 +284,7 @@ def test_a_redelivery_after_the_visibility_timeout_meets_the_claim(make_rig: Any
         return [e for e in rig.events("fix_claimed_elsewhere", "fix_already_done")
                 if e.get("task_id") == task_id]
 
-    # Due 63 s after the delivery; kombu sweeps every second. A generous bound: a loaded
+    # Due 6 s after the delivery; kombu sweeps every second. A generous bound: a loaded
     # machine (other test sessions) slows the sweep, not the rule.
     seen = wait_for(redelivered, 180, "the broker to redeliver the running message")
     assert seen[0]["event"] == "fix_claimed_elsewhere"  # it arrived mid-call
