@@ -158,6 +158,36 @@ def test_a_practice_scan_from_an_older_read_leaves_a_newer_family_result_alone(
         assert row is not None and row.state == S.RESOLVED
 
 
+def test_a_shard_from_an_older_read_leaves_a_newer_family_result_alone(
+    settings: Settings, sessions: Any
+) -> None:
+    """As above, for one shard of a sharded nightly scan: shards take no practice lock,
+    but their writes go through the same write section, so the on-call run's newer
+    result stands."""
+    from worker.scan import shards
+
+    before = clean_family() + [patient("P2", email="kid@example.org"), contact("C2"),
+                               fc("P2", "C2")]
+    deps = _deps(settings, sessions, before)
+    assert service.scan(settings, "full", deps=deps, now=NOW).status == "succeeded"
+    read_at = time.time()  # the shard's read (of the practice before the fix) starts here
+    time.sleep(0.01)
+    fixed_deps = _deps(settings, sessions, clean_family() + [patient("P2"), contact("C2"),
+                                                             fc("P2", "C2")])
+    on_call = service.scan(settings, "adhoc", ScopeRequest("patient", "P2"), deps=fixed_deps,
+                           now=NOW + timedelta(minutes=1))
+    assert on_call.result is not None and on_call.result.sync.resolved == 1
+
+    parent = shards.start(deps, 1, now=NOW + timedelta(minutes=2))
+    late = shards.run_shard(
+        deps, parent, 0, 1, now=NOW + timedelta(minutes=2),
+        write_section=lambda: practice_write(settings, read_at, wait_seconds=5))
+    assert any("on-call runs that read them after this scan did" in t for t in late.trace)
+    with deps.sessions() as s:
+        row = s.scalar(select(FindingRow).where(FindingRow.check == "patient_email_present"))
+        assert row is not None and row.state == S.RESOLVED
+
+
 def test_an_on_call_run_does_not_wait_for_a_practice_scan(
     settings: Settings, sessions: Any
 ) -> None:

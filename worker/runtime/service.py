@@ -318,8 +318,13 @@ def scan_shard(
                 lost.lease(settings, task_id, holds_scan_lock=False):
             deps = deps or build_deps(settings)
             metrics.watch_portal(deps.portal)
+            read_at = time.time()
+
+            def section() -> Any:
+                return practice_write(settings, read_at, wait_seconds=WRITE_WAIT_SECONDS)
+
             result = shards.run_shard(deps, parent_id, index, count, now=now,
-                                      task_id=task_id)
+                                      task_id=task_id, write_section=section)
     except ScanBusy as busy:
         log.info("scan_skipped", kind="shard", reason=str(busy))
         metrics.scan_finished("shard", "skipped", time.perf_counter() - started)

@@ -61,7 +61,7 @@ from worker.scan.engine import (
     reconcile,
     utcnow,
 )
-from worker.scan.incremental import WATERMARK, Ids, Reads, neighbourhood
+from worker.scan.incremental import WATERMARK, Ids, Reads, WriteSection, neighbourhood
 from worker.scan.lifecycle import transition
 from worker.scan.locks import ScanBusy, _take_over, holder_token, redis_client
 from worker.scan.planner import guard_verdict
@@ -116,6 +116,8 @@ class ShardScope(Scope):
         self, patient_id: str | None, contact_id: str | None, portal_user_id: str | None,
         contact_ids: list[str] | tuple[str, ...] | None = None, check: str | None = None,
     ) -> bool:
+        if self.cedes(patient_id, contact_id, portal_user_id, contact_ids):
+            return False  # a family run wrote it from a newer read (worker.scan.locks)
         return self.owner(patient_id, contact_id, portal_user_id, contact_ids) == self.index
 
 
@@ -424,10 +426,15 @@ def shard_lock(settings: Settings, index: int) -> Iterator[None]:
 
 def run_shard(
     deps: Deps, parent_id: int, index: int, count: int, *, now: datetime | None = None,
-    task_id: str | None = None,
+    task_id: str | None = None, write_section: WriteSection | None = None,
 ) -> RunResult:
     """Reconcile the findings this shard owns and mark it on the parent (the caller holds
-    the shard lock). A failure marks the parent failed with the reason and re-raises."""
+    the shard lock). A failure marks the parent failed with the reason and re-raises.
+
+    `write_section` (worker.scan.locks.practice_write, bound to this shard's read time)
+    is entered around the state writes, as a practice scan's is: a family run that wrote
+    from a newer read keeps its findings, and one that read before this shard reads
+    again."""
     if not 0 <= index < count:
         raise ValueError(f"shard {index} of {count}")
     now = now or utcnow()
@@ -448,7 +455,7 @@ def run_shard(
         result = reconcile(
             deps, ScopeRequest("entities", label), kind=SHARD_KIND, now=now,
             task_id=task_id, snapshot=snap, scope_override=scope,
-            population=own.population, defer_fixes=True,
+            population=own.population, defer_fixes=True, write_section=write_section,
         )
         result.read_seconds += t_read
         result.total_seconds += t_read
