@@ -30,6 +30,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from freezegun import freeze_time
+from markupsafe import escape
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
@@ -1234,15 +1235,17 @@ def test_notices_due_together_are_one_message_per_recipient(
             "1 escalated",
         ]
         assert 'data-count="caregiver_link_stale">4<' in html
-        # Grouped by check, high severity first; each item with who, what, steps, when.
+        # Grouped by check, high severity first; the steps and the next check once for
+        # the items that share them, then who each one is for.
         assert text.index("!! OPRECON STOPPED") < text.index("(caregiver_link_stale): 4 ==")
         stale = text.split(f"== {STALE_TITLE} (caregiver_link_stale): 4 ==")[1]
         stale = stale.split("\n== ")[0]
         for i in range(1, 5):
             assert f"chart P{900 + i}" in stale and f"portal user U{900 + i}" in stale
-        assert stale.count("What to do:") == 4
-        assert stale.count(REMEDIES["caregiver_link_stale"][0]) == 4
-        assert stale.count("oprecon checks again: ") == 4
+        assert "[NEW] 4 items with the same steps" in stale
+        assert stale.count("What to do for each:") == 1
+        assert stale.count(REMEDIES["caregiver_link_stale"][0]) == 1
+        assert stale.count("oprecon checks again: ") == 1
         assert "[ESCALATED] chart P301, contact C301, portal user U301" in text
         assert ESCALATION[1] in text
         assert sorted(references(text)) == sorted(fp_of(k) for k in keys[:5])
@@ -1322,7 +1325,7 @@ def test_beyond_the_cap_the_rest_is_counted_by_check(env: Any, smtp: SmtpSink) -
     [(_, msg)] = smtp.messages
     assert msg["Subject"].startswith("[oprecon] Action needed now: 9 problems (")
     text, html = parts(msg)
-    assert "the first 4 are listed one by one with their steps, the other 5 are only" in text
+    assert "the first 4 are listed with their steps, the other 5 are only counted" in text
     # Both checks keep a listed example with its steps; the rest are counts.
     assert len(references(text)) == 4
     assert text.count("[ESCALATED]") >= 1 and text.count("[NEW]") >= 1
@@ -1500,3 +1503,120 @@ def test_a_mass_event_is_one_capped_message(env: Any, smtp: SmtpSink) -> None:
     assert f"... and {n - 50} more of this kind" in text
     assert [r.status for r in e.rows() if r.window_key in keys] == ["sent"] * n
     assert send.due(e.settings, e.sessions, NOW + timedelta(minutes=5)) == []
+
+
+def test_a_bundle_says_shared_steps_once_then_lists_every_family(
+    env: Any, smtp: SmtpSink, webhook: HookSink
+) -> None:
+    """Issue 16: a bundle of 35 stale links repeated the same four steps 35 times (88 KB).
+    Items that share their steps get them once, then one line per family."""
+    hook = f"http://127.0.0.1:{webhook.port}/hook"
+    e = env(web_base_url="https://console.example", webhook_url=hook)
+    quiet_day(e, FD, PM, "webhook")
+    keys = stale_links(e, 35)
+    with e.sessions.begin() as s:  # every refresh on hold for the same 15 minutes
+        for row in s.scalars(select(FindingRow)):
+            row.next_check_at = NOW + timedelta(minutes=15)
+    assert sorted(r.status for r in e.send_due()) == ["sent", "sent"]
+    [msg] = smtp.to(PM)
+    size = len(msg.as_bytes())
+    assert size < 20_000, size  # was ~95 KB: every item carried the four steps
+    text, html = parts(msg)
+    [body] = webhook.bodies
+    blocks = "\n".join(b["text"]["text"] for b in body["blocks"] if b["type"] == "section")
+    steps = REMEDIES["caregiver_link_stale"]
+    for step in steps:
+        assert text.count(step) == 1, step
+        assert html.count(str(escape(step))) == 1, step
+        assert body["text"].count(step) == 1 and blocks.count(_slack(step)) == 1, step
+    assert text.count("oprecon checks again: ") == 1
+    assert "oprecon checks again: confirms after 07:55 EST" in text  # one hold for all
+    for i in range(1, 36):
+        who = f"chart P{900 + i}, contact C{900 + i}, portal user U{900 + i}"
+        assert text.count(who) == 1 and html.count(who) == 1 and body["text"].count(who) == 1
+        assert f"https://console.example/families/P{900 + i}" in text
+        assert f'href="https://console.example/families/P{900 + i}"' in html
+    assert sorted(references(text)) == sorted(fp_of(k) for k in keys)
+    assert all(fp_of(k) in html and fp_of(k) in blocks for k in keys)
+
+
+def test_a_capped_bundle_says_how_many_are_left_out_and_where_to_see_them(
+    env: Any, smtp: SmtpSink, webhook: HookSink
+) -> None:
+    hook = f"http://127.0.0.1:{webhook.port}/hook"
+    e = env(immediate_bundle_max_items=3, web_base_url="https://console.example",
+            webhook_url=hook)
+    quiet_day(e, FD, PM, "webhook")
+    stale_links(e, 5)
+    e.send_due()
+    [msg] = smtp.to(PM)
+    text, html = parts(msg)
+    [body] = webhook.bodies
+    link = "https://console.example/findings?check=caregiver_link_stale"
+    assert "the first 3 are listed with their steps, the other 2 are only counted" in text
+    assert ("... and 2 more of this kind, not listed to keep this message short; handle "
+            "each like the ones above. `oprecon findings --check caregiver_link_stale` "
+            f"lists every one, and so does the console: {link}.") in text.replace("\r\n", "\n")
+    assert 'data-hidden="2"' in html and f'href="{link}"' in html
+    assert ("… and 2 more: `oprecon findings --check caregiver_link_stale` lists every one, "
+            f"and so does the console: {link}") in body["text"]
+    assert len(references(text)) == 3
+
+
+def _slack(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# -- what happens next, in words that say what oprecon will actually do --------------------
+
+
+def test_next_check_says_staff_approval_root_cause_or_hold(env: Any, smtp: SmtpSink) -> None:
+    """Issue 16: "checks again on the next scan" was printed for fixes the mass-change
+    guard holds, for portal fixes waiting on an OP-side root cause and for holds."""
+    e = env(digest_recipients={"front_desk": [FD], "practice_manager": [PM]})
+    after_yesterday(e)
+    h = timedelta(hours=1)
+    # A fix staged by the mass-change guard in run 7: the finding stays open.
+    staged = e.add("welcome_not_sent", "open", NOW - 5 * h, patient="P1", contact="C1")
+    with e.sessions.begin() as s:
+        row = s.scalar(select(FindingRow).where(FindingRow.fingerprint == staged))
+        assert row is not None
+        s.add(ActionRow(practice=e.settings.practice, finding_id=row.id, run_id=7,
+                        kind="resend_welcome", idempotency_key=f"{staged}:x:1", params={},
+                        status="staged", created_at=NOW - 5 * h))
+    # A portal fix that waits for its family's chart email to be cleared in OP.
+    e.add("caregiver_link_missing", "open", NOW - 4 * h, patient="P2", contact="C2", user="U2")
+    e.add("patient_email_present", "open", NOW - 4 * h, patient="P2")
+    # A plain OP-side problem: the next scan is what happens next.
+    e.add("authority_invalid", "open", NOW - 3 * h, patient="P3", contact="C3")
+    e.send_due()
+    text = parts(smtp.to(FD)[0])[0].replace("\r\n", "\n")
+
+    def next_check(check: str) -> str:
+        section = text.split(f"({check}): 1 ==")[1].split("\n== ")[0]
+        return section.split("oprecon checks again: ")[1].split("\n")[0]
+
+    assert next_check("welcome_not_sent") == (
+        "waiting for staff approval: oprecon fixes approve 7 (look first with oprecon fixes "
+        "show 7); the mass-change guard holds this fix until then")
+    assert next_check("caregiver_link_missing") == (
+        "waits until patient_email_present on this family (chart P2) is fixed in OP; then "
+        "oprecon refreshes the parent's portal connection by itself")
+    assert next_check("authority_invalid").startswith("on the next scan (every 5 minutes)")
+
+    # A stale link whose refresh is on hold: confirmed once the portal has caught up.
+    smtp.messages.clear()
+    seen = NOW - timedelta(minutes=25)
+    fp = e.add("caregiver_link_stale", "held", seen, severity="high", patient="P9",
+               contact="C9", user="U9", changed=NOW - timedelta(minutes=5))
+    with e.sessions.begin() as s:
+        row = s.scalar(select(FindingRow).where(FindingRow.fingerprint == fp))
+        assert row is not None
+        row.next_check_at = NOW + timedelta(minutes=15)
+    e.send_due()
+    [msg] = smtp.to(PM)
+    text, html = parts(msg)
+    said = ("oprecon checks again: confirms after 07:55 EST, once the portal has had time "
+            "to show the fix")
+    assert said in text and said in html
+    assert "on the next scan" not in text

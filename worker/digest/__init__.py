@@ -34,8 +34,10 @@ also gathers every other notice of the recipient without a row, plus any an earl
 attempt left `retrying`. It claims them all in one transaction, keys in sorted order
 (PostgreSQL waits rather than deadlocks); a notice another worker holds is left out,
 as is one whose problem cleared (it is `skipped` if claimed). The message counts the
-problems by check at the top and in its subject, and lists each item as a lone notice
-would; past `immediate_bundle_max_items` it only counts the rest (`build.bundle_immediate`).
+problems by check at the top and in its subject; items of one check that share their
+steps get them once, then one line each (`build.step_sets`), so a bundle grows by ids,
+not by repeated steps; past `immediate_bundle_max_items` it only counts the rest and
+says where to see them (`build.bundle_immediate`).
 Every notice keeps its own row, so "once per recipient per notice" holds as before; a
 bundle of one renders exactly like a single notice.
 

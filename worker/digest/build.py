@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 from config.settings import Policy, Settings
 from worker.checks.catalog import BY_ID, CHECK_IDS
 from worker.checks.remedies import ESCALATION, REMEDIES
-from worker.checks.rootcause import BLOCKERS, RootCauses, wait_steps
+from worker.checks.rootcause import BLOCKERS, WAITS, RootCauses, wait_steps, where
 from worker.model.text import scrub_text
 from worker.scan.planner import default_policy
 from worker.state.db import kv_get, kv_set
@@ -439,6 +440,26 @@ class Item:
     repeat: bool = False
     escalated: bool = False
     link: str | None = None  # the console's family page (web_base_url set)
+    ids: tuple[str, ...] = ()  # the raw ids the item names (for `StepSet.what`)
+
+    @property
+    def tag(self) -> str:
+        return "ESCALATED" if self.escalated else "NEW" if self.new else "REMINDER"
+
+
+@dataclass
+class StepSet:
+    """Items of one check that share their steps: a bundle says the steps once, then
+    lists who they are for, one line each (a 35-item bundle is a few KB, not 90).
+
+    `what`, `next_check` and `tag` are said once for the set when every item says the
+    same (the detail up to the item's own ids); otherwise each line carries its own."""
+
+    steps: tuple[str, ...]
+    items: list[Item] = field(default_factory=list)
+    what: str = ""
+    next_check: str = ""
+    tag: str = ""
 
 
 @dataclass
@@ -450,6 +471,8 @@ class Group:
     hidden: int = 0  # listed-worthy items beyond MAX_ITEMS_PER_CHECK
     # Steps shown for the hidden ones when none of the group is listed (a capped bundle).
     steps: tuple[str, ...] = ()
+    # A bundle's group of several items: listed by shared steps instead of one by one.
+    sets: list[StepSet] = field(default_factory=list)
 
 
 @dataclass
@@ -515,6 +538,15 @@ class Digest:
     # Immediate only: the notice windows this message answers (more than one: a bundle).
     notice_keys: list[str] = field(default_factory=list)
     summary: list[SummaryRow] = field(default_factory=list)  # a bundle's counts
+    console_url: str | None = None  # web_base_url: where the console lists the rest
+
+    def findings_link(self, check: str) -> str | None:
+        """The console's findings page filtered to one check (ids only in the URL)."""
+        if not self.console_url:
+            return None
+        from urllib.parse import urlencode
+
+        return f"{self.console_url.rstrip('/')}/findings?{urlencode({'check': check})}"
 
     @property
     def bundled(self) -> bool:
@@ -563,15 +595,54 @@ def who_of(row: FindingRow, names: Names | None) -> list[str]:
     return out
 
 
-def _next_check(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo) -> str:
+def _clock(at: datetime, now: datetime, tz: ZoneInfo) -> str:
+    """'14:35 EST' today (local), 'Tue 24 Nov 14:35 EST' on another day."""
+    local = at.astimezone(tz)
+    if local.date() == now.astimezone(tz).date():
+        return local.strftime("%H:%M %Z")
+    return local.strftime("%a %d %b %H:%M %Z")
+
+
+def _next_check(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo,
+                blocker: Any = None, staged_run: int | None = None) -> str:
+    """What happens next to this item, in the words of what oprecon will actually do:
+    a fix held by the mass-change guard waits for staff, a portal fix waits for its
+    OP-side root cause, a fix on hold is confirmed once the portal has caught up."""
     every = f"every {settings.incremental_scan_minutes:g} minutes"
-    if row.next_check_at is not None and row.next_check_at > now:
-        local = row.next_check_at.astimezone(tz).strftime("%a %d %b %H:%M %Z")
-        return f"{local}, when the portal has had time to show the last change"
     if row.state == S.ESCALATED:
         return (f"on every scan ({every}); oprecon makes no more fix attempts, and the item "
                 "clears itself once the records are right")
+    if staged_run is not None:
+        return (f"waiting for staff approval: oprecon fixes approve {staged_run} (look first "
+                f"with oprecon fixes show {staged_run}); the mass-change guard holds this fix "
+                "until then")
+    if blocker is not None:
+        return (f"waits until {blocker.check} on this family ({where(blocker)}) is fixed in "
+                f"OP; then oprecon {WAITS.get(row.check, 'fixes this')} by itself")
+    if row.state in (S.HELD, S.VERIFYING):
+        if row.next_check_at is not None and row.next_check_at > now:
+            return (f"confirms after {_clock(row.next_check_at, now, tz)}, once the portal has "
+                    "had time to show the fix")
+        return "confirms at the next verification (every minute): the fix's hold is over"
+    if row.state == S.FIX_QUEUED:
+        return ("a fix is on its way to the portal; oprecon confirms it once the portal has "
+                "had time to show it")
+    if row.state == S.PENDING:
+        confirm = row.first_seen_at + settings.propagation_delay
+        if confirm > now:
+            return (f"confirms after {_clock(confirm, now, tz)}, once the portal has had time "
+                    "to show the last change")
+    if row.next_check_at is not None and row.next_check_at > now:
+        return (f"after {_clock(row.next_check_at, now, tz)}, when the portal has had time to "
+                "show the last change")
     return f"on the next scan ({every}); the item clears itself once the records are right"
+
+
+def staged_fixes(session: Session, practice: str) -> dict[int, int]:
+    """Finding id → the run whose batch the mass-change guard holds its fix in."""
+    rows = session.execute(select(ActionRow.finding_id, ActionRow.run_id).where(
+        ActionRow.practice == practice, ActionRow.status == ActionStatus.STAGED))
+    return {int(fid): int(run or 0) for fid, run in rows}
 
 
 def root_causes(session: Session, settings: Settings) -> RootCauses:
@@ -606,7 +677,8 @@ def steps_for_ids(steps: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 
 def _item(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo,
-          names: Names | None, since: datetime, causes: RootCauses | None = None) -> Item:
+          names: Names | None, since: datetime, causes: RootCauses | None = None,
+          staged: Mapping[int, int] | None = None) -> Item:
     escalated = row.state == S.ESCALATED
     steps = ESCALATION if escalated else REMEDIES.get(row.check, ())
     blocker = causes.blocker_of(row) if causes else None
@@ -619,10 +691,13 @@ def _item(row: FindingRow, settings: Settings, now: datetime, tz: ZoneInfo,
     return Item(
         fingerprint=row.fingerprint, check=row.check, severity=row.severity,
         who=who_of(row, names), what=detail, steps=tuple(steps),
-        next_check=_next_check(row, settings, now, tz), since=since,
-        age_days=max(0, (now - row.first_seen_at).days), escalated=escalated,
+        next_check=_next_check(row, settings, now, tz, blocker,
+                               (staged or {}).get(row.id) if not escalated else None),
+        since=since, age_days=max(0, (now - row.first_seen_at).days), escalated=escalated,
         link=family_link(settings, row.patient_id,
                          row.contact_id or next(iter(row.contact_ids or ()), None)),
+        ids=tuple(i for i in (row.patient_id, row.contact_id, row.portal_user_id,
+                              *(row.contact_ids or ())) if i),
     )
 
 
@@ -805,6 +880,7 @@ def _base(settings: Settings, kind: str, window: Window, start: datetime | None,
         practice=settings.practice, kind=kind, window=window, start=start, generated_at=now,
         categories=categories, tz=settings.digest_timezone,
         next_scan=f"every {settings.incremental_scan_minutes:g} minutes",
+        console_url=settings.web_base_url or None,
     )
 
 
@@ -848,6 +924,7 @@ def build_daily(
 
     counts = digest.counts
     causes = root_causes(session, settings)
+    staged = staged_fixes(session, settings.practice)
     listed: dict[str, Group] = {}
     backlog_rows: dict[str, BacklogRow] = {}
     for row in _routed_rows(session, settings, recipient.categories, start):
@@ -891,7 +968,7 @@ def build_daily(
         if len(group.items) >= MAX_ITEMS_PER_CHECK:
             group.hidden += 1
             continue
-        item = _item(row, settings, now, tz, names, ref, causes)
+        item = _item(row, settings, now, tz, names, ref, causes, staged)
         item.new, item.repeat = new, repeat
         group.items.append(item)
     for group in listed.values():
@@ -952,7 +1029,7 @@ def build_immediate(
     if row is None or row.state in (S.RESOLVED, S.SILENCED, S.PENDING):
         return None
     item = _item(row, settings, now, zone(settings), names, window.end,
-                 root_causes(session, settings))
+                 root_causes(session, settings), staged_fixes(session, practice))
     item.new = True
     digest.groups = [Group(row.check, _title(row.check), row.severity, [item])]
     if row.state == S.ESCALATED:
@@ -978,7 +1055,7 @@ def bundle_immediate(parts: list[Digest], max_items: int) -> Digest:
     digest = Digest(
         practice=first.practice, kind="immediate", window=first.window, start=None,
         generated_at=first.generated_at, categories=first.categories, tz=first.tz,
-        next_scan=first.next_scan,
+        next_scan=first.next_scan, console_url=first.console_url,
     )
     merged: dict[str, Group] = {}
     for part in parts:
@@ -1000,8 +1077,39 @@ def bundle_immediate(parts: list[Digest], max_items: int) -> Digest:
         for g in groups
     ]
     _cap_items(groups, max_items)
+    for group in groups:
+        if len(group.items) > 1:
+            group.sets = step_sets(group.items)
     digest.groups = groups
     return digest
+
+
+def step_sets(items: list[Item]) -> list[StepSet]:
+    """Items grouped by their steps, in their order: the steps are said once per set.
+
+    Steps differ within one check when some items are escalated (OP support) or wait for
+    a root cause (the blocker's steps); every other item of a check shares the remedy."""
+    sets: dict[tuple[str, ...], StepSet] = {}
+    for item in items:
+        sets.setdefault(item.steps, StepSet(item.steps)).items.append(item)
+    for one in sets.values():
+        first = one.items[0]
+        if len({_shape(i) for i in one.items}) == 1:
+            one.what = first.what
+        if len({i.next_check for i in one.items}) == 1:
+            one.next_check = first.next_check
+        if len({i.tag for i in one.items}) == 1:
+            one.tag = first.tag
+    return list(sets.values())
+
+
+def _shape(item: Item) -> str:
+    """The item's detail with its own ids blanked: two details of one shape say the same
+    thing about different records, so a set says it once."""
+    text = item.what
+    for ident in sorted(item.ids, key=len, reverse=True):
+        text = text.replace(ident, "\x00")
+    return text
 
 
 def _cap_items(groups: list[Group], max_items: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import jinja2
 
-from worker.digest.build import Digest
+from worker.digest.build import Digest, StepSet
 from worker.model.text import clean_multiline, strip_controls
 
 CATEGORY_NAMES = {"front_desk": "front desk", "practice_manager": "practice manager"}
@@ -172,18 +172,69 @@ def webhook_body(digest: Digest) -> dict[str, Any]:
         lines.append(f"{row.title}: {row.count} open")
         blocks.append(_section(text))
     for group in digest.groups:
-        parts = [f"*{group.title}* (`{group.check}`): {len(group.items) + group.hidden}"]
-        for item in group.items:
-            tag = "ESCALATED " if item.escalated else "NEW " if item.new else "REMINDER "
-            parts.append(f"• {tag}{', '.join(item.who)}: {item.what}")
-        if group.hidden:
-            parts.append(f"… and {group.hidden} more")
+        head = f"*{group.title}* (`{group.check}`): {len(group.items) + group.hidden}"
         lines.append(f"{group.title}: {len(group.items) + group.hidden}")
-        blocks.append(_section("\n".join(parts)))
+        if group.sets:
+            blocks.append(_section(head))
+            for one in group.sets:
+                text = _set_text(one)
+                lines.append(text)
+                blocks.extend(_sections(text))
+        else:
+            parts = [head]
+            for item in group.items:
+                parts.append(f"• {item.tag} {', '.join(item.who)}: {item.what}")
+            blocks.append(_section("\n".join(parts)))
+        if group.hidden:
+            more = (f"… and {group.hidden} more: `oprecon findings --check {group.check}` "
+                    "lists every one")
+            link = digest.findings_link(group.check)
+            more += f", and so does the console: {link}" if link else ""
+            lines.append(more)
+            blocks.append(_section(more))
     blocks = blocks[:49]
+    steps = ("" if any(g.sets for g in digest.groups)
+             else "; the email digest has the steps for each item")
     blocks.append({"type": "context", "elements": [{
         "type": "mrkdwn",
-        "text": _slack(f"oprecon · {digest.practice} · window {digest.window.key} · ids only; "
-                       "the email digest has the steps for each item"),
+        "text": _slack(f"oprecon · {digest.practice} · window {digest.window.key} · "
+                       f"ids only{steps}"),
     }]})
     return {"text": "\n".join(lines), "blocks": blocks}
+
+
+def _set_text(one: StepSet) -> str:
+    """Items that share their steps: the steps once, then one line per item."""
+    n = len(one.items)
+    out = [f"{one.tag + ' · ' if one.tag else ''}{n} item{'s' if n != 1 else ''} "
+           "with the same steps"]
+    if one.what:
+        out.append(f"What is wrong{' (the first; the others alike)' if n > 1 else ''}: "
+                   f"{one.what}")
+    out.append("What to do for each:")
+    out.extend(f"{i}. {step}" for i, step in enumerate(one.steps, 1))
+    if one.next_check:
+        out.append(f"oprecon checks again: {one.next_check}")
+    for item in one.items:
+        line = f"• {'' if one.tag else item.tag + ' '}{', '.join(item.who) or item.fingerprint}"
+        if not one.what:
+            line += f": {item.what}"
+        if not one.next_check:
+            line += f" (checks again: {item.next_check})"
+        out.append(f"{line} · `{item.fingerprint}`")
+    return "\n".join(out)
+
+
+def _sections(text: str, limit: int = 2900) -> list[dict[str, Any]]:
+    """Slack caps a section's text: split at line ends, never inside a line."""
+    chunks: list[list[str]] = []
+    size = 0
+    for line in text.split("\n"):
+        n = len(_slack(line)) + 1
+        if chunks and size + n <= limit:
+            chunks[-1].append(line)
+            size += n
+        else:
+            chunks.append([line])
+            size = n
+    return [_section("\n".join(chunk)) for chunk in chunks]
