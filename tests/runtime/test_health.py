@@ -248,6 +248,24 @@ def test_deadman_without_any_success_counts_from_when_it_was_armed(make_settings
     assert later["overdue"] is True and later["last_success_at"] is None
 
 
+def test_a_database_only_the_demo_scanned_is_not_watched_until_a_worker_arms_the_switch(
+    make_settings: Any
+) -> None:
+    """`oprecon demo` scans its own database and stops; nothing watches it, so its last
+    run is reported as such, not as an outage. Once a worker's switch is armed on that
+    database, the demo's run counts like any other."""
+    settings = make_settings(incremental_scan_minutes=5)
+    demo = {"at": T0.isoformat(), "run_id": 3, "kind": "demo"}
+    hour_later = T0 + timedelta(hours=1)
+    quiet = health.deadman_check(settings, demo, None, hour_later)
+    assert quiet.ok and quiet.data["demo"] is True
+    assert quiet.detail == ("last successful demo run (run 3) 1h00m ago; the dead-man's "
+                            "switch is not armed: only `oprecon demo` has scanned this "
+                            "database")
+    armed = {"armed_at": hour_later.isoformat(), "overdue": False}
+    assert not health.deadman_check(settings, demo, armed, hour_later).ok
+
+
 @pytest.mark.services
 def test_cluster_health_with_live_heartbeats_and_a_recent_scan(
     make_settings: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch,

@@ -115,11 +115,11 @@ def test_operator_opens_a_family_from_the_dashboard_and_silences_a_finding(
     shot(d, "console-findings.png")
 
     d.get(console.url + "/")
-    submit(d, d.find_element(By.LINK_TEXT, "P000013"))
-    assert d.current_url.endswith("/families/P000013")
+    submit(d, d.find_element(By.LINK_TEXT, "P000029"))
+    assert d.current_url.endswith("/families/P000029")
     contacts = d.find_element(By.ID, "contacts").text
     # The guide's checklist: the mother's caregiver user is not linked to this child.
-    assert "C000012 Mother Joint yes active present, valid" in contacts
+    assert "C000030 Mother Joint yes active present, valid" in contacts
     assert "NOT linked" in contacts
     shot(d, "console-family.png")
 
@@ -181,7 +181,7 @@ def test_a_viewer_sees_every_action_disabled(
     d.get(f"{console.url}/batches/{world.staged_run()}")
     assert not d.find_element(By.ID, "approve").is_enabled()
     assert not d.find_element(By.ID, "reject").is_enabled()
-    d.get(console.url + "/families/P000013")
+    d.get(console.url + "/families/P000029")
     assert not d.find_element(By.ID, "reconcile").is_enabled()
     assert not d.find_element(By.CSS_SELECTOR, "button.silence").is_enabled()
     # Forcing the form anyway (enabling it in the page) is refused by the server.
@@ -222,7 +222,7 @@ def test_operator_runs_an_ad_hoc_reconcile_and_watches_it_finish(
 ) -> None:
     d = page
     log_in(d, console, OPERATOR)
-    d.get(console.url + "/families/P000013")
+    d.get(console.url + "/families/P000029")
     submit(d, d.find_element(By.ID, "reconcile"))
     assert flash(d).startswith("Ad hoc reconcile queued as task ")
     box = d.find_element(By.ID, "adhoc")
@@ -234,6 +234,6 @@ def test_operator_runs_an_ad_hoc_reconcile_and_watches_it_finish(
     wait_for(finished, 180, "the ad hoc run to finish on the worker", every=0.5)
     assert box.get_attribute("data-state") == "done", (box.text, worker.log()[-3000:])
     assert box.text.startswith("done: run ")
-    assert "patient P000013" in d.find_element(By.ID, "audit").text
+    assert "patient P000029" in d.find_element(By.ID, "audit").text
     submit(d, d.find_element(By.ID, "adhoc-reload"))
-    assert d.current_url.endswith("/families/P000013")
+    assert d.current_url.endswith("/families/P000029")

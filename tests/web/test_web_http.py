@@ -16,7 +16,7 @@ from worker.state.models import FindingState as S
 from worker.web import auth
 from worker.web.security import COOKIE, SessionData
 
-PAGES = ["/", "/findings", "/families/P000013", "/batches/1", "/adhoc/x"]
+PAGES = ["/", "/findings", "/families/P000029", "/batches/1", "/adhoc/x"]
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 
 
@@ -102,7 +102,7 @@ def test_the_session_cookie_is_httponly_samesite_and_secure_over_https(
 
 def test_every_response_carries_a_strict_content_security_policy(console: LiveConsole) -> None:
     client = console.login(OPERATOR)
-    for path in ["/", "/findings", "/families/P000013", "/login", "/healthz",
+    for path in ["/", "/findings", "/families/P000029", "/login", "/healthz",
                  "/static/console.js"]:
         r = client.get(path, headers=HTML)
         csp = r.headers["content-security-policy"]
@@ -131,7 +131,7 @@ def _post_routes(console: LiveConsole) -> list[str]:
     paths = []
     for route in console.app.routes:
         if "POST" in (getattr(route, "methods", None) or ()):
-            paths.append(route.path.replace("{patient_id:str}", "P000013")
+            paths.append(route.path.replace("{patient_id:str}", "P000029")
                           .replace("{run_id:int}", "1").replace("{decision:str}", "approve")
                           .replace("{fingerprint:str}", "fp").replace("{switch:str}", "pause"))
     return paths
@@ -142,7 +142,7 @@ def test_every_state_changing_request_without_the_csrf_token_is_refused(
 ) -> None:
     client = console.login(OPERATOR)
     routes = _post_routes(console)
-    assert {"/login", "/logout", "/fixes/pause", "/families/P000013/reconcile",
+    assert {"/login", "/logout", "/fixes/pause", "/families/P000029/reconcile",
             "/findings/fp/silence", "/batches/1/approve"} <= set(routes)
     for path in routes:
         for data in ({}, {"csrf_token": "forged"}):
@@ -158,7 +158,7 @@ def test_a_viewer_may_look_but_every_operator_action_is_refused(
     console: LiveConsole, world: World
 ) -> None:
     client = console.login(VIEWER)
-    page = client.get("/families/P000013", headers=HTML)
+    page = client.get("/families/P000029", headers=HTML)
     assert page.status_code == 200
     assert 'id="reconcile" type="submit" disabled' in page.text
     token = csrf_of(page.text)
@@ -214,14 +214,14 @@ def test_links_carry_ids_only_even_when_names_are_shown(
     live = LiveConsole(settings, world.sessions).start()
     try:
         client = live.login(OPERATOR)
-        html = client.get("/families/P000013", headers=HTML).text
+        html = client.get("/families/P000029", headers=HTML).text
     finally:
         live.stop()
     import csv
 
     with (world.practice / "op" / "contacts.csv").open() as fh:
         people = {r["contact_id"]: r for r in csv.DictReader(fh)}
-    mother = people["C000012"]
+    mother = people["C000030"]
     assert f"{mother['first_name']} {mother['last_name']}" in html
     targets = re.findall(r'(?:href|action)="([^"]*)"', html)
     assert targets and all(re.fullmatch(r"[/A-Za-z0-9_.?=&;:#-]*", t) for t in targets), targets

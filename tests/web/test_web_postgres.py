@@ -32,7 +32,7 @@ def test_operator_actions_on_postgresql_are_done_and_audited(
     assert make_url(world.settings.state_db_url).get_backend_name() == "postgresql"
     practice = world.settings.practice
     client = console.login(OPERATOR)
-    family = client.get("/families/P000004", headers=HTML).text
+    family = client.get("/families/P000012", headers=HTML).text
     token = csrf_of(family)
     fp = re.search(r'action="/findings/([^"]+)/silence"', family).group(1)  # type: ignore[union-attr]
 
@@ -42,9 +42,9 @@ def test_operator_actions_on_postgresql_are_done_and_audited(
         return client.get(r.headers["location"], headers=HTML).text
 
     page = post(f"/findings/{fp}/silence", reason="family moved; chart closes next month",
-                until="2031-01-15", back="/families/P000004")
+                until="2031-01-15", back="/families/P000012")
     assert "Silenced patient_inactive until 2031-01-15 00:00 EST." in page
-    page = post(f"/findings/{fp}/unsilence", back="/families/P000004")
+    page = post(f"/findings/{fp}/unsilence", back="/families/P000012")
     assert "open again" in page
     run_id = world.staged_run()
     page = post(f"/batches/{run_id}/approve")
@@ -68,7 +68,7 @@ def test_operator_actions_on_postgresql_are_done_and_audited(
     assert actions[:2] == ["silence", "unsilence"]
     assert actions.count("approve batch") >= 2  # the batch, and each family it touched
     assert actions[-2:] == ["pause fixes", "resume fixes"]
-    audit = client.get("/families/P000004", headers=HTML).text
+    audit = client.get("/families/P000012", headers=HTML).text
     assert "family moved; chart closes next month" in audit
 
 

@@ -7,6 +7,7 @@ SQLite file is planned against an empty in-memory schema) and never claims a win
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -239,17 +240,21 @@ def seed_example(sessions: sessionmaker[Session], practice: str, now: datetime) 
         row("contact_inactive", "warning", "silenced", 20 * day,
             "contact C20202 has Joint authority on chart P10202 but is inactive",
             patient="P10202", contact="C20202"),
+        row("welcome_not_sent", "info", "open", timedelta(hours=1, minutes=5),
+            "contact C20640 is authorized but has no portal account and no Welcome email in "
+            "the window", patient="P10640", contact="C20640"),
         row("welcome_not_sent", "info", "resolved", 2 * day,
             "contact C20123 is authorized but has no portal account and no Welcome email in "
             "the window", contact="C20123", resolved=timedelta(hours=8)),
     ]
+    staged = rows[-2]  # its resend is one of a batch the mass-change guard holds
     with sessions.begin() as session:
         session.add_all(rows)
         session.flush()
         staged_at = now - timedelta(hours=1)
         for i in range(64):  # a mass-change batch held back by the guard
             session.add(ActionRow(
-                practice=practice, finding_id=rows[0].id, run_id=812, kind="resend_welcome",
+                practice=practice, finding_id=staged.id, run_id=812, kind="resend_welcome",
                 idempotency_key=f"example:staged:{i}", params={}, status="staged",
                 created_at=staged_at))
         kv_set(session, practice, "guard", {
@@ -295,12 +300,15 @@ def render_demo_example(path: Path | str, workdir: Path | str) -> Path:
     import contextlib
     import io
 
-    from worker.devtools.demo import run_demo
+    from worker.devtools.demo import DEMO_MINUTES, PRACTICE, run_demo
     from worker.scan.wiring import state_sessions
 
     state = Path(workdir) / "demo.sqlite"
+    generated = datetime.fromisoformat(
+        json.loads((PRACTICE / "generator.json").read_text(encoding="utf-8"))["now"])
     with contextlib.redirect_stdout(io.StringIO()):
-        run_demo(state_db=state)
+        # In the practice's own time (not ending now), so the example is the same each day.
+        run_demo(state_db=state, end=generated + timedelta(minutes=DEMO_MINUTES))
     settings = load_settings(
         state_db_url=f"sqlite:///{state}", digest_timezone="America/New_York",
         digest_time="07:30", digest_recipients={"front_desk": ["frontdesk@example.invalid"]},

@@ -333,7 +333,11 @@ def _lines_status(st: dict[str, Any], now: datetime) -> Iterable[str]:
                    f"reject {batch['run_id']}")
         last = st["last_success"]
         dm = st["deadman"]
-        if last:
+        if last and dm.get("demo"):
+            yield (f"last scan  demo run {last.get('run_id')} succeeded "
+                   f"{fmt_seconds(last['age_seconds'])} ago · dead-man's switch not armed "
+                   "(only oprecon demo has scanned this database; a worker's scans arm it)")
+        elif last:
             yield (f"last scan  {last.get('kind', 'scan')} run {last.get('run_id')} succeeded "
                    f"{fmt_seconds(last['age_seconds'])} ago · dead-man's switch "
                    f"{'ok' if dm['ok'] else 'OVERDUE'} (limit {fmt_seconds(dm['limit_seconds'])})")

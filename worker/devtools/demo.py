@@ -5,14 +5,21 @@ manifest) is read from CSV for OP and through the portal simulator over real HTT
 the portal, with a SQLite state database. Time is simulated: a first read, a second one
 15 minutes later that confirms and fixes, and a third once the portal has caught up,
 which verifies the fixes. The result is scored against the manifest.
+
+The simulated 40 minutes end now: the practice was generated at a fixed time
+(`generator.json` "now"), so its exports are copied next to the state database with
+every timestamp moved by the same amount (`shift_practice`), and the demo runs in that
+copy's time. The state database then holds real, recent times, and `oprecon status`,
+the console and the digest preview show a run that finished minutes ago, not weeks.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +77,43 @@ def _step(deps: Deps, clock: Any, at: datetime, title: str) -> RunResult:
     return result
 
 
-def run_demo(*, keep: bool = False, practice: Path = PRACTICE, state_db: Path = STATE_DB) -> None:
+# An ISO 8601 time with its offset, as the exports write `updated_at`, `created_at`,
+# `last_sync_at` and `at`; dates of birth have no time and are never matched.
+_TIMESTAMP = re.compile(
+    r"\b(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2}))")
+DEMO_MINUTES = 40  # first read, confirmation at +15, verification at +40
+
+
+def shift_practice(src: Path, dest: Path, delta: timedelta) -> Path:
+    """Copy a practice's exports to `dest` with every timestamp moved by `delta`.
+
+    Text-level, so every other byte (a planted bad value included) is kept as it is; a
+    time that does not parse is left alone, as the exports' reader would report it."""
+    def move(m: re.Match[str]) -> str:
+        text = m.group(1)
+        try:
+            at = datetime.fromisoformat(text)
+        except ValueError:
+            return text
+        return (at + delta).isoformat()
+
+    for folder in ("op", "portal"):
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+        for path in sorted((src / folder).glob("*.csv")):
+            text = path.read_text(encoding="utf-8")
+            (dest / folder / path.name).write_text(_TIMESTAMP.sub(move, text), encoding="utf-8")
+    return dest
+
+
+def run_demo(*, keep: bool = False, practice: Path = PRACTICE, state_db: Path = STATE_DB,
+             end: datetime | None = None) -> None:
+    """Run the demo so that its last read is at `end` (default: now)."""
     from worker.devtools.simulator import SimClock, Simulator, start_simulator
 
     state_db = state_db.resolve()  # engines are cached per URL: never a relative path
     if not keep and state_db.exists():
         state_db.unlink()
+    state_db.parent.mkdir(parents=True, exist_ok=True)
     settings = load_settings(
         state_db_url=f"sqlite:///{state_db}",
         log_level="WARNING",  # the demo prints its own story; warnings still show
@@ -83,25 +121,29 @@ def run_demo(*, keep: bool = False, practice: Path = PRACTICE, state_db: Path = 
         mass_change_max_percent=0,
     )
     setup_logging(settings.log_level, settings.log_format)
-    t0, expected = _load_manifest(practice)
+    generated, expected = _load_manifest(practice)
+    end = (end or datetime.now(UTC)).replace(microsecond=0)
+    t0 = end - timedelta(minutes=DEMO_MINUTES)
+    exports = shift_practice(practice, state_db.parent / "demo-practice", t0 - generated)
     clock = SimClock(t0)
     simulator = Simulator(clock=clock, seed=1)
-    simulator.load_portal_dir(practice / "portal", op_dir=practice / "op")
+    simulator.load_portal_dir(exports / "portal", op_dir=exports / "op")
     server, url = start_simulator(simulator)
     portal = HttpPortal(url, None)
     portal_dir = state_db.parent / "demo-portal"
     try:
-        deps = Deps(settings, state_sessions(settings), CsvOPSource(practice / "op"), portal,
+        deps = Deps(settings, state_sessions(settings), CsvOPSource(exports / "op"), portal,
                     portal_writable=True)
         typer.echo(f"oprecon demo — practice {practice.name}: OP exports + portal simulator "
-                   f"at {url}, state in {state_db}")
+                   f"at {url}, state in {state_db}; its {DEMO_MINUTES} simulated minutes "
+                   "end now")
         runs = [
             _step(deps, clock, t0, "first read: OP-only problems alerted, portal "
                   "mismatches wait for a second read"),
             _step(deps, clock, t0 + timedelta(minutes=15),
                   "15 minutes later: mismatches confirmed, safe fixes sent"),
-            _step(deps, clock, t0 + timedelta(minutes=40),
-                  "40 minutes: holds ended, fixes verified against a fresh read"),
+            _step(deps, clock, t0 + timedelta(minutes=DEMO_MINUTES),
+                  f"{DEMO_MINUTES} minutes: holds ended, fixes verified against a fresh read"),
         ]
         _export_portal(portal, portal_dir)
     finally:
@@ -109,7 +151,7 @@ def run_demo(*, keep: bool = False, practice: Path = PRACTICE, state_db: Path = 
         server.shutdown()
         simulator.close()
     _report(runs, expected)
-    config = _write_console_config(state_db, practice, portal_dir)
+    config = _write_console_config(state_db, exports, portal_dir)
     typer.echo(
         f"\nExplore: OPRECON_STATE_DB_URL=sqlite:///{state_db} oprecon findings "
         "(or status, digest --preview)"
