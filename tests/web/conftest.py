@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from console_world import OPERATOR, VIEWER, LiveConsole, World
 
-from worker.devtools.demo import PRACTICE, copy_practice
+from worker.devtools.demo import PRACTICE, shift_practice
 from worker.devtools.simulator import SimClock, Simulator, start_simulator
 from worker.scan.engine import Deps, reconcile
 from worker.scan.wiring import build_deps, state_sessions
@@ -29,8 +29,12 @@ def state_overrides() -> dict[str, Any]:
 @pytest.fixture
 def world(tmp_path: Path, make_settings: Any, state_overrides: dict[str, Any]
           ) -> Iterator[World]:
-    practice = copy_practice(tmp_path / "practice")
-    t0 = datetime.fromisoformat(json.loads((PRACTICE / "generator.json").read_text())["now"])
+    generated = datetime.fromisoformat(
+        json.loads((PRACTICE / "generator.json").read_text())["now"])
+    # Like `oprecon demo`, the world happens now: the pages (and the screenshots in docs/)
+    # show ages of minutes, as staff would see them, not weeks.
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=15)
+    practice = shift_practice(PRACTICE, tmp_path / "practice", t0 - generated)
     clock = SimClock(t0)
     simulator = Simulator(clock=clock, seed=1)
     simulator.load_portal_dir(practice / "portal", op_dir=practice / "op")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -239,9 +238,3 @@ def _write_console_config(state_db: Path, practice: Path, portal_dir: Path) -> P
         encoding="utf-8",
     )
     return path
-
-
-def copy_practice(dest: Path) -> Path:
-    """Copy the bundled practice (tests and docs use it as a fixture)."""
-    shutil.copytree(PRACTICE, dest, dirs_exist_ok=True)
-    return dest
