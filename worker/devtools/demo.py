@@ -36,6 +36,8 @@ from worker.scan.wiring import state_sessions
 from worker.sources.csv_source import CsvOPSource
 from worker.sources.portal_http import HttpPortal
 
+# Written by `oprecon generate --patients 150 --seed 7 --now 2026-11-02T14:00:00+00:00`;
+# the console tests (tests/web) and docs/ name its ids: regenerate them together.
 PRACTICE = Path(__file__).resolve().parent / "demo_practice"
 STATE_DB = Path("var") / "demo.sqlite"
 
