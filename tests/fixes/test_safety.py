@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import REDIS_URL
 from factory import MemorySource, clean_family, patient_user
 from freezegun import freeze_time
 
+from tests.conftest import REDIS_URL
 from worker.fixes.apply import TransientPortalError
 from worker.fixes.rails import (
     BreakerOpen,

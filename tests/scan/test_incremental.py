@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import PG_ADMIN_URL
 from sqlalchemy import select
 
 from config.settings import Settings
+from tests.conftest import PG_ADMIN_URL
 from worker.devtools.generator import generate_practice
 from worker.model.records import Contact, FamilyContact, PortalUser
 from worker.scan.engine import Deps, reconcile

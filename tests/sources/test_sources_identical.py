@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from conftest import PG_ADMIN_URL
 
+from tests.conftest import PG_ADMIN_URL
 from worker.devtools.generator import generate_practice
 from worker.devtools.simulator import SimClock, Simulator, start_simulator
 from worker.model.records import InvalidRecord
