@@ -1620,3 +1620,17 @@ def test_next_check_says_staff_approval_root_cause_or_hold(env: Any, smtp: SmtpS
             "to show the fix")
     assert said in text and said in html
     assert "on the next scan" not in text
+
+    # `oprecon findings` (and the console, through the same function) says the same in
+    # a table column: who or what the fix is waiting for.
+    import io
+
+    from worker.cli.state import list_findings
+
+    out = io.StringIO()
+    list_findings(e.settings, None, None, False, 50, now=NOW, out=out)
+    lines = {ln.split()[1]: ln for ln in out.getvalue().splitlines()[2:] if ln.strip()
+             and len(ln.split()) > 1}
+    assert "staff approval: oprecon fixes approve 7" in lines["welcome_not_sent"]
+    assert "after patient_email_present P2 is fixed in OP" in lines["caregiver_link_missing"]
+    assert "next scan" in lines["authority_invalid"]

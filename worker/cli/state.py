@@ -21,6 +21,7 @@ from worker.runtime import health
 from worker.runtime import operations as ops
 from worker.runtime.health import fmt_seconds
 from worker.runtime.operations import (
+    Waits,
     collect_status,
     effective_state,
     next_check,
@@ -135,6 +136,7 @@ def list_findings(
     rank = case(SEVERITY_ORDER, value=FindingRow.severity, else_=9)
     target = patient or contact
     with read_sessions(settings)() as session:
+        waits = Waits.read(session, settings)
         if target is None:
             total = session.scalar(
                 select(func.count()).select_from(FindingRow).where(*where)) or 0
@@ -163,7 +165,8 @@ def list_findings(
         _print(out, table(
             ["fingerprint", "check", "severity", "state", "ids", "age", "next check"],
             [(r.fingerprint, r.check, r.severity, effective_state(r, now), ids_text(r),
-              fmt_seconds((now - r.first_seen_at).total_seconds()), next_check(r, now, settings))
+              fmt_seconds((now - r.first_seen_at).total_seconds()),
+              next_check(r, now, settings, waits))
              for r in rows],
         ))
     what = "finding(s)" if state in (None, "all") else f"{state} finding(s)"

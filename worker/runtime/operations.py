@@ -7,6 +7,8 @@ refusal is an `OperationRefused` with one line that says why.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -78,8 +80,34 @@ def effective_state(row: FindingRow, now: datetime) -> str:
     return str(row.state)
 
 
-def next_check(row: FindingRow, now: datetime, settings: Settings) -> str:
+@dataclass(frozen=True)
+class Waits:
+    """What open findings wait on besides time, read once per listing: fixes the
+    mass-change guard holds for staff (finding id → staged run) and open OP-side root
+    causes (worker.checks.rootcause)."""
+
+    staged: Mapping[int, int]
+    causes: Any
+
+    @classmethod
+    def read(cls, session: Session, settings: Settings) -> Waits:
+        from worker.digest.build import root_causes, staged_fixes
+
+        return cls(staged_fixes(session, settings.practice), root_causes(session, settings))
+
+
+def next_check(row: FindingRow, now: datetime, settings: Settings,
+               waits: Waits | None = None) -> str:
+    """What happens next to a finding, short enough for a table column."""
     state = row.state
+    if waits is not None and state not in (S.RESOLVED, S.SILENCED, S.ESCALATED):
+        run = waits.staged.get(row.id)
+        if run is not None:
+            return f"staff approval: oprecon fixes approve {run}"
+        blocker = waits.causes.blocker_of(row) if waits.causes else None
+        if blocker is not None:
+            on = blocker.patient_id or blocker.contact_id or ""
+            return f"after {blocker.check} {on} is fixed in OP".replace("  ", " ")
     if state == S.SILENCED:
         if row.silenced_until is None:
             return "silenced"

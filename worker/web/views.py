@@ -16,7 +16,7 @@ from config.settings import Settings, SettingsError
 from worker.checks.catalog import BY_ID, CHECK_IDS
 from worker.checks.remedies import REMEDIES
 from worker.runtime import health
-from worker.runtime.operations import collect_status, effective_state, next_check
+from worker.runtime.operations import Waits, collect_status, effective_state, next_check
 from worker.state.models import AuditEntry, FindingEvent, FindingRow, Run
 from worker.state.models import FindingState as S
 
@@ -139,15 +139,17 @@ def findings_page(settings: Settings, session: Session, f: Filters, now: datetim
                                 .order_by(FindingRow.id.desc()).limit(PAGE_SIZE + 1)))
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]
+    waits = Waits.read(session, settings)
     return {
         "total": total,
-        "rows": [finding_view(r, settings, now) for r in rows],
+        "rows": [finding_view(r, settings, now, waits) for r in rows],
         "next": f.query(before=rows[-1].id) if more and rows else None,
         "first": f.query(before=None) if f.before else None,
     }
 
 
-def finding_view(row: FindingRow, settings: Settings, now: datetime) -> dict[str, Any]:
+def finding_view(row: FindingRow, settings: Settings, now: datetime,
+                 waits: Waits | None = None) -> dict[str, Any]:
     tz = ZoneInfo(settings.digest_timezone)
     check = BY_ID.get(row.check)
     return {
@@ -160,7 +162,7 @@ def finding_view(row: FindingRow, settings: Settings, now: datetime) -> dict[str
         "portal_user_id": row.portal_user_id, "contact_ids": row.contact_ids or [],
         "detail": row.detail, "age": age_text(row.first_seen_at, now),
         "first_seen": local(row.first_seen_at, tz),
-        "next": next_check(row, now, settings),
+        "next": next_check(row, now, settings, waits),
         "silenced_until": local(row.silenced_until, tz), "silenced_by": row.silenced_by,
         "silence_reason": row.silence_reason,
         "remedy": REMEDIES.get(row.check, ()),
@@ -226,7 +228,8 @@ def contact_findings(settings: Settings, session: Session, contact_id: str, now:
             or_(FindingRow.contact_id == contact_id,
                 cast(FindingRow.contact_ids, String).like(pattern, escape="\\")))
         .order_by(FindingRow.state == S.RESOLVED, FindingRow.id).limit(PAGE_SIZE))
-    return [finding_view(r, settings, now) for r in rows]
+    waits = Waits.read(session, settings)
+    return [finding_view(r, settings, now, waits) for r in rows]
 
 
 def family(settings: Settings, session: Session, patient_id: str, now: datetime,
@@ -247,8 +250,9 @@ def family(settings: Settings, session: Session, patient_id: str, now: datetime,
         select(AuditEntry).where(AuditEntry.practice == settings.practice,
                                  AuditEntry.patient_id == patient_id)
         .order_by(AuditEntry.at.desc(), AuditEntry.id.desc()).limit(200)))
+    waits = Waits.read(session, settings)
     return {
-        "findings": [finding_view(r, settings, now) for r in rows],
+        "findings": [finding_view(r, settings, now, waits) for r in rows],
         "timeline": [{"at": local(e.at, tz), "check": by_id[e.finding_id].check,
                       "fingerprint": by_id[e.finding_id].fingerprint,
                       "from": e.from_state or "", "to": e.to_state, "cause": e.cause,
