@@ -21,6 +21,7 @@ from factory import caregiver, contact, fc, link, patient, patient_user, source,
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.conftest import BROKER_URL
 from worker.devtools.simulator import SimClock, Simulator, SimulatorServer, start_simulator
 from worker.fixes.apply import TransientPortalError, apply_action
 from worker.fixes.rails import portal_guard
@@ -36,7 +37,9 @@ from worker.state.db import kv_get, kv_set
 from worker.state.models import ActionRow, ActionStatus, FindingEvent, FindingRow
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-TEST_BROKER = "redis://127.0.0.1:6379/13"  # a db of its own: the test counts its queue
+# A db of its own on the test Redis (OPRECON_TEST_BROKER_URL's server): the test counts
+# and flushes its queue.
+TEST_BROKER = BROKER_URL.rsplit("/", 1)[0] + "/13"
 
 OP = [
     patient("P1"), contact("C1"), fc("P1", "C1"),
