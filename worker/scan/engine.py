@@ -528,11 +528,14 @@ _COALESCE_DONE = (ActionStatus.APPLIED, ActionStatus.ALREADY, ActionStatus.UNCON
 
 
 def coalesce_intent(
-    session: Session, action: ActionRow, row: FindingRow, now: datetime, run_id: int | None
+    session: Session, action: ActionRow, row: FindingRow, now: datetime, run_id: int | None,
+    *, because: str | None = None,
 ) -> int | None:
     """Attach a new intent to the same user's refresh that is queued, running, or whose
     hold has not ended: it makes no call of its own and its finding is verified with
-    that one. Returns the primary fix's id, or None when this intent is the primary."""
+    that one. Returns the primary fix's id, or None when this intent is the primary.
+    `because` (e.g. who released a staged fix) leads the finding's event."""
+    lead = f"{because}; " if because else ""
     if action.coalesce_key is None:
         return None
     candidates = session.scalars(
@@ -549,8 +552,8 @@ def coalesce_intent(
             action.status = ActionStatus.COALESCED
             action.coalesced_into = primary.id
             transition(session, row, S.FIX_QUEUED, now,
-                       f"fix {action.kind} served by fix {primary.id} (one per portal user)",
-                       run_id)
+                       f"{lead}fix {action.kind} served by fix {primary.id} (one per portal "
+                       "user)", run_id)
             return primary.id
         served = session.get(FindingRow, primary.finding_id)
         if served is not None and served.state == S.HELD and served.next_check_at is not None \
@@ -562,7 +565,7 @@ def coalesce_intent(
             row.fix_attempts += 1
             row.next_check_at = served.next_check_at
             transition(session, row, S.HELD, now,
-                       f"fix {action.kind} for this portal user already made by fix "
+                       f"{lead}fix {action.kind} for this portal user already made by fix "
                        f"{primary.id}; verifying with it", run_id)
             return primary.id
     return None
