@@ -1,10 +1,11 @@
 """Drill: the portal misbehaving under a whole scan, and under the fixes that follow.
 
 The HTTP client's single-call rules (reads retried on 429/5xx/timeouts/drops, writes
-only when the portal surely did not take them, stop on broken JSON) are tested in tests/sources/test_portal_http.py, the breaker's
-arithmetic in tests/fixes/test_safety.py. Here the same faults hit a complete scan
-(worker.runtime.service.scan, as the task runs it) of a generated practice served by the
-simulator, and a batch of journaled fixes applied as the fix task applies them.
+only when the portal surely did not take them, stop on broken JSON) are tested in
+tests/sources/test_portal_http.py, the breaker's arithmetic in tests/fixes/test_safety.py.
+Here the same faults hit a complete scan (worker.runtime.service.scan, as the task runs
+it) of a generated practice served by the simulator, and a batch of journaled fixes
+applied as the fix task applies them.
 
 Shown: transient faults on every paged read leave the scan's findings exactly those of
 the manifest; an answer that is not the API's (broken JSON, wrong shape) fails the scan
