@@ -115,6 +115,32 @@ def test_a_link_to_a_deleted_contact_is_a_stale_link() -> None:
                    for x in run_checks(CheckContext(snap(*gone, unreadable), NOW)))
 
 
+def test_a_link_to_a_deleted_patient_is_a_stale_link() -> None:
+    """OP no longer has the child's chart (deleted or merged away) but the portal still
+    links the parent to the child's account: OP authorizes nobody for a chart it does not
+    have, so it is the same privacy problem as a deleted contact's link (guide: the
+    parent's source refresh resyncs their dependents from OP)."""
+    base = clean_family()
+    gone = without(base, base[0], base[2])  # patient P1 and its family-contact row
+    found = {x.check: x for x in run_checks(CheckContext(snap(*gone), NOW))}
+    stale = found["caregiver_link_stale"]
+    assert (stale.patient_id, stale.contact_id, stale.portal_user_id) == ("P1", "C1", "U1")
+    assert stale.severity is Severity.HIGH and stale.action is Action.FIX
+    assert "dependent user U2" in stale.detail and "no longer exists" in stale.detail
+    assert found["portal_orphan_user"].portal_user_id == "U2"  # the account still needs removing
+    # Unknown is not absent: a patients row naming P1 that could not be read, or one
+    # whose id could not be read at all, may be that very chart.
+    for unreadable in (InvalidRecord("patients.csv", 2, "bad dob", patient_id="P1",
+                                     table="patients"),
+                       InvalidRecord("patients.csv", 2, "bad patient_id", table="patients")):
+        assert not any(x.check == "caregiver_link_stale"
+                       for x in run_checks(CheckContext(snap(*gone, unreadable), NOW)))
+    # Another chart's unreadable row says nothing about P1.
+    other = InvalidRecord("patients.csv", 2, "bad dob", patient_id="P9", table="patients")
+    assert "caregiver_link_stale" in {
+        x.check for x in run_checks(CheckContext(snap(*gone, other), NOW))}
+
+
 def test_contact_email_invalid_blank_is_info_malformed_is_warning() -> None:
     blank = [patient("P5"), contact("C5", email=""), fc("P5", "C5")]
     bad = [patient("P6"), contact("C6", email="mom@@example"), fc("P6", "C6")]

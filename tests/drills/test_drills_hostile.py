@@ -48,7 +48,7 @@ from worker.sources.portal_http import (
     PortalTlsError,
 )
 from worker.state.db import make_engine, migrate, session_factory
-from worker.state.models import FindingRow
+from worker.state.models import ActionRow, FindingRow
 from worker.state.models import FindingState as S
 
 NOW = datetime(2026, 11, 2, 14, 0, tzinfo=UTC)
@@ -165,6 +165,142 @@ def test_a_date_format_change_is_one_alert_for_the_file_and_no_fixes(
     assert not [f for f in found if f.check in ("caregiver_link_stale", "welcome_not_sent",
                                                  "caregiver_link_missing")]
     assert not result.plan.fixes
+
+
+def _partial_deps(root: Path, sessions: Any, make_settings: Any) -> Deps:
+    """Over exports, planning fixes as if the portal took them (what is asserted is
+    that none is planned), with no propagation delay so a mismatch is acted on at once."""
+    return Deps(make_settings(propagation_delay_minutes=0), sessions, CsvOPSource(root / "op"),
+                CsvPortalSource(root / "portal"), portal_writable=True)
+
+
+def _real_email_on(root: Path, user_id: str, at: datetime) -> None:
+    """Someone types a real address on a child's portal account: a fix (dummy email)."""
+    def change(rows: list[list[str]]) -> None:
+        for row in rows[1:]:
+            if row[0] == user_id:
+                row[5], row[8] = "kid@example.org", at.isoformat()
+
+    edit(root / "portal/portal_users.csv", change)
+
+
+def test_an_incremental_scan_raises_the_unreadable_alert_and_plans_no_fixes(
+    tmp_path: Path, sessions: Any, make_settings: Any
+) -> None:
+    """The date format of family_contacts.csv changes after the nightly full scan. Every
+    row's time is unreadable, so the next incremental scan reads them all as changed:
+    one high alert for the file, as a full scan raises, no fix planned (not even one
+    the family contacts do not touch), nothing resolved; and the verdict stays for the
+    partial runs after it until a full read finds the file readable."""
+    from worker.scan.incremental import full_reconcile, incremental_reconcile
+
+    root = write(tmp_path, families(20))
+    deps = _partial_deps(root, sessions, make_settings)
+    assert checks([i.finding for i in full_reconcile(deps, NOW).plan.items]) == [
+        "contact_email_invalid"]
+
+    def us_dates(rows: list[list[str]]) -> None:
+        for row in rows[1:]:
+            row[4] = "01/01/2026 00:00"
+
+    edit(root / "op/family_contacts.csv", us_dates)
+    _real_email_on(root, "U3p", NOW + timedelta(minutes=1))
+    result = incremental_reconcile(deps, NOW + timedelta(minutes=2))
+    found = [i.finding for i in result.plan.items]
+    alerts = [f for f in found if f.check == "invalid_record"]
+    assert len(alerts) == 1 and alerts[0].severity == "high"
+    assert alerts[0].detail.startswith(
+        "family_contacts.csv: at least 20 of 20 rows (100.0%) cannot be read (counted among "
+        "the rows changed since the last scan), over the 1% limit")
+    [dummy] = [i for i in result.plan.items
+               if i.finding.check == "portal_patient_email_not_dummy"]
+    assert dummy.decision == "alert" and "too much of the input cannot be read" in dummy.reason
+    assert not result.plan.fixes and result.action_ids == []
+    assert result.sync.resolved == 0 and state_of(sessions, "contact_email_invalid") == [S.OPEN]
+
+    # The export is mended (the rows keep their old times): an incremental scan does not
+    # read them again, so the verdict of the scan that found the file broken stands...
+    edit(root / "op/family_contacts.csv",
+         lambda rows: [row.__setitem__(4, OLD) for row in rows[1:]])
+    later = incremental_reconcile(deps, NOW + timedelta(minutes=4))
+    [dummy] = [i for i in later.plan.items
+               if i.finding.check == "portal_patient_email_not_dummy"]
+    assert not later.plan.fixes and dummy.reason == (
+        "too much of the input could not be read when last measured (family_contacts (20 "
+        f"of 20 rows, run {result.run_id})): no fixes until a full read finds it readable")
+    # ...until a full read finds it readable: the alert is resolved, the fix planned.
+    full = full_reconcile(deps, NOW + timedelta(minutes=5))
+    assert [i.finding.check for i in full.plan.fixes] == ["portal_patient_email_not_dummy"]
+    with sessions() as s:
+        states = {r.severity: r.state for r in s.scalars(select(FindingRow).where(
+            FindingRow.check == "invalid_record"))}
+    assert states == {"high": S.RESOLVED}
+
+
+def test_an_incremental_scan_keeps_to_the_last_full_reads_verdict(
+    tmp_path: Path, sessions: Any, make_settings: Any
+) -> None:
+    """Ten authority typos in 20 family contacts, with their old times: the full scan
+    raises the file's alert. The incremental scans after it do not read those rows again
+    (they did not change), but they plan no fixes either, as the full scan did not."""
+    from worker.scan.incremental import full_reconcile, incremental_reconcile
+
+    root = write(tmp_path, families(20))
+    edit(root / "op/family_contacts.csv",
+         lambda rows: [row.__setitem__(3, "Jiont") for row in rows[1:11]])
+    deps = _partial_deps(root, sessions, make_settings)
+    first = full_reconcile(deps, NOW)
+    [alert] = [i.finding for i in first.plan.items if i.finding.severity == "high"]
+    assert alert.detail.startswith("family_contacts.csv: 10 of 20 rows (50.0%) cannot be read")
+
+    _real_email_on(root, "U13p", NOW + timedelta(minutes=1))
+    result = incremental_reconcile(deps, NOW + timedelta(minutes=2))
+    [dummy] = [i for i in result.plan.items]
+    assert dummy.finding.check == "portal_patient_email_not_dummy"
+    assert dummy.decision == "alert" and dummy.reason == (
+        "too much of the input could not be read when last measured (family_contacts (10 "
+        f"of 20 rows, run {first.run_id})): no fixes until a full read finds it readable")
+    assert result.action_ids == []
+    with sessions() as s:  # the file's alert is the full scan's, still open
+        assert [r.state for r in s.scalars(select(FindingRow).where(
+            FindingRow.check == "invalid_record", FindingRow.severity == "high"))] == [S.OPEN]
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_a_sharded_full_scan_raises_the_unreadable_alert_and_releases_no_fix(
+    tmp_path: Path, sessions: Any, make_settings: Any, order: tuple[int, int]
+) -> None:
+    """The same date format change under a sharded full scan, whichever shard finishes
+    last: one alert for the file (by shard 0), no finding per row from either shard, no
+    fix released, and the verdict kept for the incremental scans after it."""
+    from worker.scan import shards
+    from worker.scan.engine import BLIND_KEY
+    from worker.state.db import kv_get
+
+    root = write(tmp_path, families(20))
+    edit(root / "op/family_contacts.csv",
+         lambda rows: [row.__setitem__(4, "01/01/2026 00:00") for row in rows[1:]])
+    _real_email_on(root, "U3p", NOW - timedelta(hours=1))
+    deps = _partial_deps(root, sessions, make_settings)
+    parent = shards.start(deps, 2, now=NOW)
+    results = {i: shards.run_shard(deps, parent, i, 2, now=NOW) for i in order}
+    with sessions() as s:
+        rows = list(s.scalars(select(FindingRow).where(FindingRow.check == "invalid_record")))
+        kept = kv_get(s, "test", BLIND_KEY)
+    [row] = rows
+    assert row.severity == "high" and row.detail.startswith(
+        "family_contacts.csv: 20 of 20 rows (100.0%) cannot be read, over the 1% limit")
+    with sessions() as s:
+        dummy = s.scalars(select(FindingRow).where(
+            FindingRow.check == "portal_patient_email_not_dummy")).one()
+    assert dummy.portal_user_id == "U3p" and dummy.state == S.OPEN
+    assert not any(r.plan.fixes for r in results.values())  # both measured the file
+    assert results[order[-1]].action_ids == []
+    with sessions() as s:
+        statuses = {a.status for a in s.scalars(select(ActionRow))}
+    assert statuses <= {"deferred"}  # kept for the next run that can act, none released
+    assert kept is not None and set(kept["over"]) == {"family_contacts"}
+    assert kept["over"]["family_contacts"]["run_id"] == parent
 
 
 def test_an_unterminated_quote_reports_the_rows_it_swallowed_by_line_range(

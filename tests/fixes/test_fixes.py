@@ -21,6 +21,7 @@ from factory import caregiver, contact, fc, link, patient, patient_user, source,
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.conftest import BROKER_URL
 from worker.devtools.simulator import SimClock, Simulator, SimulatorServer, start_simulator
 from worker.fixes.apply import TransientPortalError, apply_action
 from worker.fixes.rails import portal_guard
@@ -36,7 +37,9 @@ from worker.state.db import kv_get, kv_set
 from worker.state.models import ActionRow, ActionStatus, FindingEvent, FindingRow
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-TEST_BROKER = "redis://127.0.0.1:6379/13"  # a db of its own: the test counts its queue
+# A db of its own on the test Redis (OPRECON_TEST_BROKER_URL's server): the test counts
+# and flushes its queue.
+TEST_BROKER = BROKER_URL.rsplit("/", 1)[0] + "/13"
 
 OP = [
     patient("P1"), contact("C1"), fc("P1", "C1"),
@@ -277,14 +280,17 @@ def test_a_problem_that_comes_back_after_it_was_resolved_is_fixed_again(world: W
 # -- failures ---------------------------------------------------------------------------------
 
 
-def test_transient_500_leaves_the_action_retrying_then_a_later_attempt_applies(
+def test_a_429_leaves_the_action_retrying_then_a_later_attempt_applies(
     world: World, redis_client: redis.Redis
 ) -> None:
+    """A 429 says the portal did not process the call: the fix is retried at once (by
+    its own task, which keeps the claim)."""
     settings = world.settings_for()
     deps = world.deps(settings)
     reconcile(deps, kind="full", now=T0)
     email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
-    world.http.post("/_sim/faults", json={"status": 500, "count": 1, "path": "/users/U2"})
+    world.http.post("/_sim/faults", json={"status": 429, "retry_after": 0, "count": 1,
+                                          "path": "/users/U2"})
     guard = portal_guard(settings, client=redis_client)
     with pytest.raises(TransientPortalError):
         apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
@@ -299,7 +305,75 @@ def test_transient_500_leaves_the_action_retrying_then_a_later_attempt_applies(
     assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
                         guard=guard, now=at(T0), owner="task-1") == "applied"
     assert action_row(deps.sessions, email.id).status == "applied"
-    assert world.requests("PATCH /users/{user_id}") == 2  # the 500, then the real one
+    assert world.requests("PATCH /users/{user_id}") == 2  # the 429, then the real one
+    assert [w["applied"] for w in world.calls()["writes"]] == [1]
+
+
+@pytest.mark.parametrize(
+    ("delay_minutes", "outcome"),
+    [(0, "already"),  # a portal whose reads show a change at once
+     (15, "unconfirmed")],  # the real portal's delay: a re-read cannot tell yet
+)
+def test_a_write_answered_500_after_it_was_applied_is_called_once(
+    world: World, redis_client: redis.Redis, delay_minutes: int, outcome: str
+) -> None:
+    """The portal makes the change and then answers 500. Retrying would send it a second
+    time; instead the fix re-reads: `already` when the change shows, else `unconfirmed`
+    and held from the call. Celery's retry and the resume tick find it finished. One
+    PATCH, counted by the portal, whatever the client's own retry setting."""
+    world.sim.store.delay = timedelta(minutes=delay_minutes)
+    settings = world.settings_for()
+    deps = world.deps(settings, world.portal(max_retries=3))
+    reconcile(deps, kind="full", now=T0)
+    email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
+    world.http.post("/_sim/faults", json={"status": 500, "applied": True,
+                                          "path": "/users/U2"})
+    guard = portal_guard(settings, client=redis_client)
+    for _ in range(2):  # the first delivery, then its redelivery (or Celery's retry)
+        assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                            op=deps.op, guard=guard, now=at(T0), owner="task-1") == outcome
+    assert world.requests("PATCH /users/{user_id}") == 1
+    assert [w["applied"] for w in world.calls()["writes"]] == [1]
+    row = action_row(deps.sessions, email.id)
+    assert row.error is not None and "answered HTTP 500" in row.error
+    assert "not repeated" in row.error and U2_EMAIL not in row.error
+    assert redis_client.zcard("oprecon:test:portal:breaker:fail") == 1  # the breaker saw it
+    held = finding(deps.sessions, email)
+    assert held.state == "held" and held.next_check_at == T0 + settings.hold
+
+    # The hold's verification finds the change there: resolved, still one call.
+    world.sim.clock.set(T0 + timedelta(minutes=15))
+    reconcile(deps, kind="full", now=T0 + timedelta(minutes=15))
+    assert finding(deps.sessions, email).state == "resolved"
+    assert world.requests("PATCH /users/{user_id}") == 1
+
+
+def test_a_write_answered_500_that_was_not_applied_is_retried_after_the_hold(
+    world: World,
+) -> None:
+    """A 500 that came before the change: the re-read cannot tell it from one that came
+    after, so the fix is held; the verification finds the problem still there, and the
+    next scan makes a second attempt (bounded by verify_max_retries): two calls, the
+    change applied once."""
+    settings = world.settings_for()
+    deps = world.deps(settings)
+    reconcile(deps, kind="full", now=T0)
+    email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
+    world.http.post("/_sim/faults", json={"status": 500, "path": "/users/U2"})
+    assert apply_action(deps.sessions, deps.portal, email.id, time_rules(settings),
+                        op=deps.op, now=at(T0)) == "unconfirmed"
+    assert world.requests("PATCH /users/{user_id}") == 1
+    assert world.calls()["writes"] == []  # the portal never took it
+
+    later = T0 + timedelta(minutes=15)
+    world.sim.clock.set(later)
+    again = reconcile(deps, kind="full", now=later)
+    (retry,) = [i for i in again.action_ids
+                if action_row(deps.sessions, i).kind == FixKind.SET_DUMMY_EMAIL]
+    assert action_row(deps.sessions, retry).idempotency_key != email.idempotency_key
+    assert apply_action(deps.sessions, deps.portal, retry, time_rules(settings), op=deps.op,
+                        now=at(later)) == "applied"
+    assert world.requests("PATCH /users/{user_id}") == 2
     assert [w["applied"] for w in world.calls()["writes"]] == [1]
 
 
@@ -310,7 +384,8 @@ def test_a_fix_that_keeps_failing_transiently_is_given_up_and_escalated(world: W
     deps = world.deps(settings, world.portal(max_retries=0))
     reconcile(deps, kind="full", now=T0)
     email = by_kind(deps.sessions)[FixKind.SET_DUMMY_EMAIL]
-    world.http.post("/_sim/faults", json={"status": 503, "count": 10, "path": "/users/U2"})
+    world.http.post("/_sim/faults", json={"status": 429, "retry_after": 0, "count": 10,
+                                          "path": "/users/U2"})
     for _ in range(3):
         with pytest.raises(TransientPortalError):
             apply_action(deps.sessions, deps.portal, email.id, time_rules(settings), op=deps.op,
@@ -488,6 +563,47 @@ def test_guard_stages_a_batch_once_alerts_once_and_approve_applies_it(
     assert lines[-1] == f"run {run_id}: no staged fixes to approve"
 
 
+def test_approving_a_staged_batch_makes_one_refresh_per_portal_user(world: World) -> None:
+    """C2 is authorized on P2 and P4 and their user U3 is linked to neither child: two
+    findings, one refresh of U3 in a scan. Staged by the guard and approved by staff, the
+    batch makes the same one call, and both findings are held and verified with it."""
+    state = portal_state()
+    state["users"] += [patient_user("U5", "P4")]
+    state["expected_links"] += [("U3", "U5")]
+    world.sim.load(**state)
+    world.op.records += [patient("P4"), fc("P4", "C2")]
+    settings, deps, run_id = staged_world(world)
+    with deps.sessions() as s:
+        refreshes = list(s.scalars(select(ActionRow).where(
+            ActionRow.kind == FixKind.REFRESH_SOURCE).order_by(ActionRow.id)))
+    assert [a.status for a in refreshes] == ["staged", "staged"]
+
+    lines: list[str] = []
+    assert release_staged(settings, run_id, approve=True, by="oncall-7", mode="local",
+                          sessions=deps.sessions, echo=lines.append, now=T0,
+                          op=deps.op) == 4
+    assert lines == [f"run {run_id}: approved 4 staged fix(es); 1 served by another fix for "
+                     "the same portal user (one call per user); applied here: 3 applied"]
+    assert world.requests(ROUTES[FixKind.REFRESH_SOURCE]) == 1
+    primary, follower = (action_row(deps.sessions, a.id) for a in refreshes)
+    assert (primary.status, follower.status) == ("applied", "coalesced")
+    assert follower.coalesced_into == primary.id
+    first, second = finding(deps.sessions, primary), finding(deps.sessions, follower)
+    assert first.state == second.state == "held"
+    assert first.next_check_at == second.next_check_at == T0 + timedelta(minutes=20)
+    with deps.sessions() as s:
+        causes = list(s.scalars(select(FindingEvent.cause).where(
+            FindingEvent.finding_id == follower.finding_id)))
+    assert any("approved by oncall-7" in c and f"served by fix {primary.id}" in c
+               for c in causes), causes
+
+    world.sim.clock.set(T0 + timedelta(minutes=20))
+    reconcile(deps, kind="full", now=T0 + timedelta(minutes=20))
+    assert finding(deps.sessions, primary).state == "resolved"
+    assert finding(deps.sessions, follower).state == "resolved"
+    assert world.requests(ROUTES[FixKind.REFRESH_SOURCE]) == 1
+
+
 def test_reject_drops_the_batch_and_leaves_the_findings_open(world: World) -> None:
     settings, deps, run_id = staged_world(world)
     lines: list[str] = []
@@ -584,11 +700,18 @@ def test_per_check_policies(world: World) -> None:
 # -- the Welcome email: once per window, valid addresses only --------------------------------
 
 
+def only_c3(world: World, *op_records: Any) -> None:
+    """A practice of C3's family alone: OP holds `op_records`, and the portal none of the
+    other families' accounts (they would point at records OP no longer has)."""
+    world.op.records = list(op_records)
+    world.sim.load(audit=portal_state()["audit"], expected_links=[])
+
+
 def test_welcome_is_resent_at_most_once_per_window(world: World) -> None:
     settings = world.settings_for(welcome_window_days=7, hold_minutes=15)
     deps = world.deps(settings)
-    world.op.records = [r for r in OP if getattr(r, "patient_id", None) == "P3"
-                        or getattr(r, "contact_id", None) == "C3"]
+    only_c3(world, *[r for r in OP if getattr(r, "patient_id", None) == "P3"
+                     or getattr(r, "contact_id", None) == "C3"])
     first = reconcile(deps, kind="full", now=T0)
     (action_id,) = first.action_ids
     assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
@@ -620,7 +743,7 @@ def test_a_new_email_address_gets_its_own_resend_within_the_window(
     deps = world.deps(settings)
     if backend == "postgresql":
         deps.sessions = request.getfixturevalue("pg_sessions")
-    world.op.records = [patient("P3"), contact("C3"), fc("P3", "C3")]
+    only_c3(world, patient("P3"), contact("C3"), fc("P3", "C3"))
     first = reconcile(deps, kind="full", now=T0)
     (action_id,) = first.action_ids
     assert apply_action(deps.sessions, deps.portal, action_id, time_rules(settings), op=deps.op,
@@ -654,7 +777,7 @@ def test_a_new_email_address_gets_its_own_resend_within_the_window(
 
 def test_no_resend_to_an_address_that_failed_validation(world: World) -> None:
     deps = world.deps(world.settings_for())
-    world.op.records = [patient("P3"), contact("C3", email="c3@@example"), fc("P3", "C3")]
+    only_c3(world, patient("P3"), contact("C3", email="c3@@example"), fc("P3", "C3"))
     result = reconcile(deps, kind="full", now=T0)
     checks = {i.finding.check for i in result.plan.items}
     assert "welcome_not_sent" not in checks

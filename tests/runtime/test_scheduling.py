@@ -64,6 +64,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 INTERVAL_MINUTES = 0.05
 INTERVAL = INTERVAL_MINUTES * 60  # 3 s between scheduled incremental scans
+# A setting name with a letter missing (OPRECON_PROPAGATION_DELAY_MINUTES).
+TYPO = "OPRECON_PROPAGATION_DELAY_MINUTS"
 PHI = ("PatC1", "DoeC1", "PatC2", "DoeC2", "c1@example.org", "c2@example.org",
        "kid2@example.org", "wrong@example.org")
 
@@ -294,8 +296,9 @@ class Cluster:
     def hb_dir(self, name: str) -> Path:
         return self.root / f"hb-{name}"
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        env = {**self.env, "OPRECON_HEARTBEAT_DIR": str(self.hb_dir(name))}
+    def start(self, name: str, *args: str,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        env = {**self.env, "OPRECON_HEARTBEAT_DIR": str(self.hb_dir(name)), **(env or {})}
         cwd = self.root / name
         cwd.mkdir(exist_ok=True)
         with (self.root / f"{name}.out").open("ab") as out, \
@@ -461,8 +464,9 @@ def cluster(tmp_path: Path, practice_dir: Path, state_db: str) -> Iterator[Clust
     )
     c = Cluster(root, env, settings, port)
     try:
+        # With a misspelt setting, as operators make them: the worker says so at start.
         c.start("worker", "worker", "-c", "2", "-n", "sched@%h", "--without-mingle",
-                "--without-gossip")
+                "--without-gossip", env={TYPO: "20"})
         c.start("beat-a", "beat")
 
         def ready() -> bool:
@@ -795,6 +799,11 @@ def test_worker_logs_are_json_with_task_ids_and_no_phi(cluster: Cluster) -> None
     assert lines and all(line.startswith("{") for line in lines), [
         line for line in lines if not line.startswith("{")][:5]
     events = [json.loads(line) for line in lines]
+    # The misspelt OPRECON_ variable it was started with: one warning line, naming it
+    # (its setting silently keeps its default otherwise), not one per pool process.
+    typos = [e for e in events if e.get("event") == "unknown_environment_variables"]
+    assert [(e["level"], e["names"]) for e in typos] == [("warning", [TYPO])], typos
+    assert "typo" in typos[0]["hint"]
     finished = [e for e in events if e.get("event") == "run_finished"]
     assert finished and all(e.get("task_id") and e.get("task_name") for e in finished)
     assert {e["level"] for e in events} <= {"debug", "info", "warning", "error", "critical"}

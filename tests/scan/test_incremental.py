@@ -170,13 +170,25 @@ def _stamp(rng: random.Random, base: datetime) -> str:
 
 
 def delete(tables: Tables, rng: random.Random, kind: str) -> str:
-    """Delete OP rows as staff do: a family-contact row, or a contact with all of theirs
-    (a merge leaves the other record). Preferably one whose portal account still sees a
-    child, so the link must be reported at once (caregiver_link_stale)."""
+    """Delete OP rows as staff do: a family-contact row, or a contact or a patient with
+    all of their family-contact rows (a merge leaves the other record). Preferably one
+    whose portal account still sees a child or is seen, so the link must be reported at
+    once (caregiver_link_stale)."""
     cons, fcs = live(tables["contacts"]), live(tables["family_contacts"])
     linked = {u["op_contact_id"] for u in tables["portal_users"]
               if u["op_contact_id"] and u["active"] == "true"}
-    if kind == "delete_fc":
+    if kind == "delete_patient":
+        seen = {u["op_patient_id"] for u in tables["portal_users"]
+                if u["op_patient_id"] and u["active"] == "true"}
+        pats = live(tables["patients"])
+        with_fc = {f["patient_id"] for f in fcs}
+        candidates = [p for p in pats if p["patient_id"] in seen & with_fc] or pats
+        gone = rng.choice(candidates)
+        gone[DELETED] = True
+        for f in fcs:
+            if f["patient_id"] == gone["patient_id"]:
+                f[DELETED] = True
+    elif kind == "delete_fc":
         candidates = [f for f in fcs if f["contact_id"] in linked] or fcs
         rng.choice(candidates)[DELETED] = True
     else:
@@ -296,7 +308,8 @@ def test_incremental_matches_full_after_random_changes(
 
         rng = random.Random(f"changes-{backend}")
         kinds = [change(tables, rng) for _ in range(20)]
-        kinds += [delete(tables, rng, k) for k in ("delete_fc", "delete_contact") * 2]
+        kinds += [delete(tables, rng, k)
+                  for k in ("delete_fc", "delete_contact", "delete_patient") * 2]
         store.write(tables)
 
         later = NOW + timedelta(minutes=30)
@@ -310,7 +323,8 @@ def test_incremental_matches_full_after_random_changes(
 
         # Only deletions now (found by the row counts this time); the pending findings
         # of the last run come due.
-        kinds = [delete(tables, rng, k) for k in ("delete_fc", "delete_contact")]
+        kinds = [delete(tables, rng, k)
+                 for k in ("delete_fc", "delete_contact", "delete_patient")]
         store.write(tables)
         latest = later + timedelta(minutes=20)
         again = incremental_reconcile(inc, latest)
@@ -527,6 +541,49 @@ def test_a_deleted_contact_still_linked_is_caught_by_the_next_incremental_scan(
     second = incremental_reconcile(deps, confirm)
     [again] = [i for i in second.plan.items if i.finding.check == "caregiver_link_stale"]
     assert again.immediate and again.decision in (Decision.FIX, Decision.ALERT)
+    with deps.sessions() as session:
+        notices = immediate_notices(session, deps.settings, confirm)
+    assert any(n.window_key.startswith(f"immediate:{f.fingerprint}:") for n in notices)
+
+
+def test_a_deleted_patient_still_linked_is_caught_by_the_next_incremental_scan(
+    tmp_path: Path, make_settings: Any
+) -> None:
+    """Staff delete (or merge away) a child's chart while the portal still links the
+    parent to the child's account: OP authorizes nobody for a chart it no longer has, so
+    the link is stale, as for a deleted contact. The next incremental scan raises it
+    (high, immediate notice) after the portal's delay, besides the orphaned account."""
+    from factory import caregiver, contact, fc, link, patient, patient_user, source
+
+    from worker.digest.build import immediate_notices
+    from worker.sources.csv_source import write_op_csv, write_portal_csv
+
+    write_portal_csv(tmp_path / "portal",
+                     [caregiver("U1", "C1"), patient_user("U2", "P1"),
+                      patient_user("U4", "P2")],
+                     [link("U1", "U2"), link("U1", "U4")], [source("U1")], [])
+    write_op_csv(tmp_path / "op", [patient("P1"), patient("P2")], [contact("C1")],
+                 [fc("P1", "C1"), fc("P2", "C1")])
+    deps = state_deps(tmp_path / "s.sqlite", make_settings(),
+                      CsvOPSource(tmp_path / "op"), CsvPortalSource(tmp_path / "portal"))
+    assert not full_reconcile(deps, NOW).plan.items
+    incremental_reconcile(deps, NOW + timedelta(seconds=10))
+
+    write_op_csv(tmp_path / "op", [patient("P1")], [contact("C1")], [fc("P1", "C1")])
+    first = incremental_reconcile(deps, NOW + timedelta(minutes=1))
+    assert "P2" in first.scope.patient_ids
+    by_check = {i.finding.check: i for i in first.plan.items}
+    assert set(by_check) == {"caregiver_link_stale", "portal_orphan_user"}
+    f = by_check["caregiver_link_stale"].finding
+    assert (f.patient_id, f.contact_id, f.portal_user_id) == ("P2", "C1", "U1")
+    assert str(f.severity) == "high" and "OP patient P2 no longer exists" in f.detail
+
+    confirm = NOW + timedelta(minutes=17)
+    second = incremental_reconcile(deps, confirm)
+    [again] = [i for i in second.plan.items if i.finding.check == "caregiver_link_stale"]
+    # The fix is the parent's source refresh (read-only exports: staff apply it).
+    assert again.immediate and again.decision in (Decision.FIX, Decision.ALERT)
+    assert again.finding.fix is not None and str(again.finding.fix) == "refresh_source"
     with deps.sessions() as session:
         notices = immediate_notices(session, deps.settings, confirm)
     assert any(n.window_key.startswith(f"immediate:{f.fingerprint}:") for n in notices)

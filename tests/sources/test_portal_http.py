@@ -205,12 +205,36 @@ def test_backoff_stays_within_the_budget(served: tuple[SimulatorServer, str]) ->
     assert sum(sleeps) <= 3.0 + 1e-9
 
 
-def test_a_write_survives_a_503(
-    portal: HttpPortal, server: SimulatorServer, sim: Simulator
+def test_a_write_survives_a_429(
+    portal: HttpPortal, server: SimulatorServer, sim: Simulator, sleeps: list[float]
 ) -> None:
-    server.faults.add({"status": 503, "path": "/users/u-p2"})
+    """A 429 says the portal did not process the request: it is sent again."""
+    server.faults.add({"status": 429, "retry_after": 1, "path": "/users/u-p2"})
     portal.set_user_email("u-p2", "p2@dummy.com", "fix-1")
     assert requests_to(server, "PATCH /users/{user_id}") == 2
+    assert sleeps == [1.0]
+    assert sim.store.write_counts() == [
+        {"endpoint": "PATCH /users/{user_id}", "key": "fix-1", "applied": 1}
+    ]
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_write_answered_5xx_is_not_sent_again_it_may_have_been_applied(
+    portal: HttpPortal, server: SimulatorServer, sim: Simulator, sleeps: list[float],
+    status: int,
+) -> None:
+    """The portal made the change, then failed while answering. Sending it again would
+    lean on the portal honouring the key: one request, and the caller decides from a
+    re-read (worker.fixes.apply)."""
+    server.faults.add({"status": status, "applied": True, "path": "/users/u-p2"})
+    with pytest.raises(PortalUnavailable) as err:
+        portal.set_user_email("u-p2", "p2@dummy.com", "fix-1")
+    assert err.value.in_doubt and err.value.transient
+    assert (err.value.status, err.value.kind, err.value.attempts) == (
+        status, "server_error", 1)
+    assert f"HTTP {status} after sending; not repeated" in str(err.value)
+    assert requests_to(server, "PATCH /users/{user_id}") == 1
+    assert sleeps == []
     assert sim.store.write_counts() == [
         {"endpoint": "PATCH /users/{user_id}", "key": "fix-1", "applied": 1}
     ]

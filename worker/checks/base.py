@@ -18,7 +18,7 @@ from email_validator import EmailNotValidError, validate_email
 from worker.checks.catalog import BY_ID
 from worker.model.findings import Action, Finding, Severity
 from worker.model.records import FamilyContact
-from worker.model.snapshot import Snapshot
+from worker.model.snapshot import FileShares, Snapshot, shares_over
 
 CheckFn = Callable[["CheckContext"], Iterable[Finding]]
 
@@ -41,15 +41,34 @@ class CheckContext:
     whole: bool = True
     # Findings dropped because they would rest on a row that could not be read.
     suppressed_unknown: int = 0
+    # The unreadable shares a partial run measured outside its snapshot (a shard's whole
+    # streams, an incremental scan's changed rows against each file's size): these
+    # decide the limit when given, as the snapshot's own shares do for a whole run.
+    files: FileShares | None = None
+    # Files the last whole read found over the limit, for a partial run that cannot
+    # measure them itself: (unreadable, total) as that read counted them.
+    carried: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def measured_over(self) -> dict[str, tuple[int, int]]:
+        """Tables this run itself found with too large a share of unreadable rows:
+        (unreadable, total)."""
+        over = self.memo.get("measured_over")
+        if over is None:
+            percent, least = self.unreadable_percent, self.unreadable_min_rows
+            if self.files is not None:
+                over = shares_over(self.files.shares, percent, least)
+            elif self.whole:
+                over = self.snapshot.unreadable_over(percent, least)
+            else:
+                over = {}
+            self.memo["measured_over"] = over
+        return over  # type: ignore[return-value]
 
     def over_limit(self) -> dict[str, tuple[int, int]]:
-        """Tables with too large a share of unreadable rows: (unreadable, total)."""
-        over = self.memo.get("over_limit")
-        if over is None:
-            over = self.memo["over_limit"] = (
-                self.snapshot.unreadable_over(self.unreadable_percent, self.unreadable_min_rows)
-                if self.whole else {})
-        return over  # type: ignore[return-value]
+        """Tables over the unreadable limit, as this run measured them or else as the
+        last whole read did: one alert for each instead of one per row, no fixes, and
+        no finding resolved."""
+        return {**self.carried, **self.measured_over()}
 
     def blind(self, *tables: str) -> bool:
         """Whether the absence of a row from any of `tables` proves nothing this run."""

@@ -46,7 +46,9 @@ def caregiver_link_stale(ctx: CheckContext) -> Iterator[Finding]:
     """Also a link whose caregiver's OP contact is gone (deleted, or merged away): OP
     authorizes nobody through a contact it no longer has, so the portal shows the child
     to someone it should not, which is the same privacy problem as withdrawn authority.
-    A contact whose row could not be read is unknown, not gone: no conclusion then."""
+    Likewise a link to a dependent whose OP patient is gone: OP authorizes nobody for a
+    chart it no longer has. A contact or patient whose row could not be read is
+    unknown, not gone: no conclusion then."""
     snap = ctx.snapshot
     if ctx.blind("family_contacts"):
         return  # an unreadable row may be the very authorization that looks absent
@@ -61,8 +63,21 @@ def caregiver_link_stale(ctx: CheckContext) -> Iterator[Finding]:
             continue
         contact = snap.contacts.get(cu.op_contact_id)
         patient = snap.patients.get(du.op_patient_id)
-        if patient is None or not patient.active:
-            continue  # orphans and inactive patients have checks of their own
+        if patient is None:
+            if (ctx.blind("patients") or ctx.unknown(patient_id=du.op_patient_id)
+                    or (contact is not None and ctx.skip_recent(contact))):
+                continue  # a patients row without a readable id may be this very chart
+            yield finding(
+                "caregiver_link_stale",
+                f"portal user {cu_id} can still see dependent user {du_id}, but that "
+                f"user's OP patient {du.op_patient_id} no longer exists (deleted or merged)",
+                patient_id=du.op_patient_id,
+                contact_id=cu.op_contact_id,
+                portal_user_id=cu_id,
+            )
+            continue
+        if not patient.active:
+            continue  # inactive patients have a check of their own
         if contact is None:
             if (ctx.blind("contacts") or cu.op_contact_id in unreadable
                     or ctx.skip_recent(patient)):

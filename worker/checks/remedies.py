@@ -87,10 +87,13 @@ REMEDIES: dict[str, tuple[str, ...]] = {
     ),
     "caregiver_link_stale": (
         "Privacy: the portal still shows this child to a person OP no longer authorizes, "
-        "or whose contact record OP no longer has (deleted or merged).",
+        "or whose contact record OP no longer has, or the child's chart is no longer in OP "
+        "(deleted or merged).",
         "Confirm in OP (child's chart > Family Contacts) that removing the access was "
         "intended; if the contact was merged, make sure the remaining record has the "
-        "authority it should.",
+        "authority it should; if the chart was merged into another, the person sees the "
+        "child through the remaining chart once it lists them with Joint or Exclusive "
+        "authority.",
         "oprecon refreshes the person's portal connection when fixes are on; by hand: OP "
         "Portal admin > Users > the person > Profile > Sources, Disconnect then Connect.",
         "If the child is still listed under their Dependents after 20 minutes, contact OP "

@@ -14,6 +14,14 @@ audit log only after the portal's delay — it does not call again but records t
 `unconfirmed` and holds the finding from the time of the lost call: the hold's
 verification decides (resolved, or a new attempt).
 
+The same holds when the call itself ends in doubt: no answer (a timeout, a connection
+lost after sending) or a 5xx answer, which a portal may give after it made the change.
+Such a call is never sent again blindly: the fix re-reads, records `already` when the
+change shows, and otherwise is `unconfirmed` and held; when the hold ends the
+verification resolves the finding or reopens it, and the next attempt is a new fix
+(bounded by `verify_max_retries`, then escalated). Only what surely did not reach the
+portal (a refused connection, a 429, the breaker) is retried at once.
+
 Welcome resends keep ids only in the journal: the address is read from OP at apply time.
 """
 
@@ -195,11 +203,15 @@ def apply_action(
     except Exception as err:  # noqa: BLE001 — classified below, nothing swallowed silently
         reason = f"{type(err).__name__}: {str(err)[:300]}"
         if getattr(err, "in_doubt", False):
-            # Sent, but no answer: it may have been applied. Decide as after a crash.
+            # Sent, and no answer or a server error: it may have been applied. Decide as
+            # after a crash, from a re-read, never by sending it again.
             guard.record(False, type(err).__name__)
-            bound.warning("fix_call_in_doubt", error=type(err).__name__)
+            status = getattr(err, "status", None)
+            bound.warning("fix_call_in_doubt", error=type(err).__name__, status=status)
+            cause = (f"the portal answered HTTP {status} to the call"
+                     if status is not None else "the portal call got no answer")
             return _recover(sessions, portal, replace(got, called_at=called), view, rules,
-                            now(), op, bound)
+                            now(), op, bound, cause=cause)
         if _is_transient(err):
             guard.record(False, type(err).__name__)
             claims.keep_for_retry(sessions, got, now(), retry_in, lease, reason)
@@ -224,9 +236,10 @@ def _sent_params(view: _ActionView, email: str | None) -> dict[str, Any] | None:
 def _recover(
     sessions: sessionmaker[Session], portal: Any, got: Claim, view: _ActionView,
     rules: TimeRules, at: datetime, op: Any, bound: Any,
+    cause: str = "a worker died during the portal call",
 ) -> str:
     """The previous holder died after its call may have gone out (or the call got no
-    answer): never call again.
+    answer, or a server error): never call again.
     The portal shows the change → `already`; it cannot tell (or the read fails) →
     `unconfirmed`, held from the time of the lost call; the verification decides."""
     email = (current_email(op, view.params.get("contact_id"))
@@ -239,11 +252,11 @@ def _recover(
     if done:
         bound.info("fix_recovered_already_applied")
         return _finish(sessions, got, ActionStatus.ALREADY, rules, at,
-                       "the portal showed the change after a lost worker's call")
+                       f"{cause}, and a re-read showed the change: not repeated")
     bound.warning("fix_recovered_unconfirmed")
     return _finish(sessions, got, ActionStatus.UNCONFIRMED, rules, at,
-                   "a worker died during the portal call and the portal cannot show whether "
-                   "it arrived: not repeated; the hold's verification decides",
+                   f"{cause}, and the portal cannot show yet whether it arrived: not "
+                   "repeated; the hold's verification decides",
                    hold_from=got.called_at)
 
 
@@ -357,7 +370,8 @@ def _move(
         finding.fix_attempts += 1
         hold = rules.hold_for(action.kind, finding.fix_attempts)
         finding.next_check_at = (hold_from or at) + hold
-        what = ("outcome unknown (its worker died mid-call), not repeated"
+        what = ("outcome unknown (its worker died mid-call, or the portal gave no answer or "
+                "a server error), not repeated"
                 if status is ActionStatus.UNCONFIRMED else "applied")
         transition(
             session, finding, S.HELD, at,

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings, SettingsError
-from worker.scan.engine import time_rules, utcnow
+from worker.scan.engine import coalesce_intent, time_rules, utcnow
 from worker.scan.lifecycle import transition
 from worker.state.db import kv_get, kv_set
 from worker.state.models import ActionRow, ActionStatus, FindingEvent, FindingRow
@@ -49,6 +49,9 @@ def release_staged(
 
     approve: each staged fix whose finding is still open becomes an intent (the finding
     goes to fix_queued, with an event naming who approved it) and is committed first.
+    Fixes are coalesced as a scan coalesces them (worker.scan.engine.coalesce_intent):
+    a source refresh for a portal user whose refresh is already released, queued,
+    running or in its hold makes no call of its own and is verified with that one.
     Then, with mode "auto" (the CLI), the fixes are queued on the worker's `fix` queue
     when the broker answers, so they go through the same rate limit, breaker and
     retries as every other fix; if it does not answer they are applied here, one by
@@ -90,6 +93,7 @@ def release_staged(
             echo(f"run {run_id}: no staged fixes to {'approve' if approve else 'reject'}")
             return 0
         released: list[int] = []
+        served = 0
         dropped = 0
         for action in rows:
             finding = session.get(FindingRow, action.finding_id)
@@ -103,11 +107,14 @@ def release_staged(
                 dropped += 1
                 continue
             action.status = ActionStatus.INTENT
-            transition(
-                session, finding, S.FIX_QUEUED, at,
-                f"staged fix {action.kind} approved by {who} (mass-change guard, run {run_id})",
-                run_id,
-            )
+            session.flush()  # visible to the coalescing of the fixes released after it
+            approved = f"staged fix {action.kind} approved by {who} (mass-change guard, run " \
+                       f"{run_id})"
+            if coalesce_intent(session, action, finding, at, run_id,
+                               because=approved) is not None:
+                served += 1  # one call per portal user, as in a scan
+                continue
+            transition(session, finding, S.FIX_QUEUED, at, approved, run_id)
             released.append(action.id)
         _settle_guard(session, settings.practice, run_id, verb, who, at)
     log.info("staged_batch_" + verb, run_id=run_id, fixes=len(rows), by=who)
@@ -117,19 +124,26 @@ def release_staged(
              "their findings stay open for staff")
         return len(rows)
     skipped = f"; {dropped} dropped (finding no longer waiting)" if dropped else ""
+    if served:
+        skipped += (f"; {served} served by another fix for the same portal user (one call "
+                    "per user)")
+    if not released and served:
+        echo(f"run {run_id}: approved {served} staged fix(es){skipped}")
+        return served
     if not released:
         echo(f"run {run_id}: approved, but none of {len(rows)} staged fix(es) is still "
              f"needed{skipped}")
         return 0
+    approved_n = len(released) + served
     if mode != "local" and _enqueue(enqueue, settings, released, required=mode == "queue"):
-        echo(f"run {run_id}: approved {len(released)} staged fix(es){skipped}; queued on the "
+        echo(f"run {run_id}: approved {approved_n} staged fix(es){skipped}; queued on the "
              f"worker's fix queue as action(s) {_ids(released)}")
-        return len(released)
+        return approved_n
     outcome = _apply_here(settings, sessions, released, lambda: now or utcnow(), op)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(outcome.items()))
-    echo(f"run {run_id}: approved {len(released)} staged fix(es){skipped}; applied here: "
+    echo(f"run {run_id}: approved {approved_n} staged fix(es){skipped}; applied here: "
          f"{summary}")
-    return len(released)
+    return approved_n
 
 
 def _operator() -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import gc
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 from worker.model.findings import Finding
 from worker.model.records import (
@@ -274,14 +275,87 @@ class Snapshot:
     def unreadable_over(self, percent: float, min_rows: int = 0) -> dict[str, tuple[int, int]]:
         """Tables whose unreadable rows (at least `min_rows` of them) exceed `percent` of
         their rows: (bad, total)."""
-        out: dict[str, tuple[int, int]] = {}
-        for table, bad in sorted(self.unknown.unreadable.items()):
-            total = bad + self.rows_read(table)
-            if total and bad >= min_rows and bad * 100.0 > percent * total:
-                out[table] = (bad, total)
-        return out
+        shares = {table: (bad, bad + self.rows_read(table))
+                  for table, bad in self.unknown.unreadable.items()}
+        return shares_over(shares, percent, min_rows)
 
     @property
     def records(self) -> int:
         c = self.counts()
         return sum(v for k, v in c.items() if k != "invalid")
+
+
+# -- the unreadable share of whole files, measured outside a snapshot ---------------------
+
+_R = TypeVar("_R")
+
+
+def over_limit(bad: int, total: int, percent: float, min_rows: int) -> bool:
+    """Whether `bad` unreadable rows of `total` are too many to act on
+    (settings.unreadable_alert_percent, unreadable_alert_min_rows)."""
+    return bool(total) and bad >= min_rows and bad * 100.0 > percent * total
+
+
+def shares_over(shares: dict[str, tuple[int, int]], percent: float,
+                min_rows: int = 0) -> dict[str, tuple[int, int]]:
+    """The (bad, total) entries of `shares` over the limit, by table name."""
+    return {table: (bad, total) for table, (bad, total) in sorted(shares.items())
+            if over_limit(bad, total, percent, min_rows)}
+
+
+@dataclass
+class FileShares:
+    """Unreadable rows per file as a run measured them outside its snapshot: a shard of
+    a sharded scan streams whole files but keeps only its part of them; an incremental
+    scan reads only the rows changed since the last scan, and counts each OP file's rows.
+
+    `shares`: table → (unreadable rows, rows in the file). `lower_bound`: the unreadable
+    rows counted are only some of the file's (an incremental scan's changed rows), so
+    the share is at least this much. `examples`: the first unreadable rows, for the alert.
+    """
+
+    shares: dict[str, tuple[int, int]] = field(default_factory=dict)
+    examples: dict[str, list[InvalidRecord]] = field(default_factory=dict)
+    lower_bound: bool = False
+    # Tables in which a row named no id at all (what `Unknowns.blind` says of a snapshot).
+    blind: set[str] = field(default_factory=set)
+
+
+class FileTally:
+    """Counts a stream of whole files into `FileShares` (readable rows, unreadable rows
+    as `Unknowns` counts them, the first few unreadable ones) without keeping the rows."""
+
+    EXAMPLES = 3
+
+    def __init__(self) -> None:
+        self.unknown = Unknowns()
+        self.readable: dict[str, int] = {}
+        self.examples: dict[str, list[InvalidRecord]] = {}
+
+    def add(self, table: str, record: object) -> None:
+        if isinstance(record, InvalidRecord):
+            if record.table is None:
+                return
+            self.unknown.add(record)
+            seen = self.examples.setdefault(record.table, [])
+            if len(seen) < self.EXAMPLES:
+                seen.append(record)
+        else:
+            self.readable[table] = self.readable.get(table, 0) + 1
+
+    def count(self, table: str, records: Iterable[_R]) -> Iterator[_R]:
+        """`records`, passed through and counted as rows of `table`."""
+        for record in records:
+            self.add(table, record)
+            yield record
+
+    def shares(self, tables: Iterable[str]) -> FileShares:
+        """The whole-file shares of `tables` (every one of them streamed whole)."""
+        out = FileShares()
+        for table in tables:
+            bad = self.unknown.unreadable.get(table, 0)
+            out.shares[table] = (bad, bad + self.readable.get(table, 0))
+            if table in self.examples:
+                out.examples[table] = list(self.examples[table])
+        out.blind = {t for t in self.unknown.blind if t in out.shares}
+        return out

@@ -26,7 +26,7 @@ from worker.checks import CheckContext, run_checks
 from worker.checks.rootcause import BLOCKERS
 from worker.model.findings import FixKind
 from worker.model.scope import ALL, Scope, for_contact, for_patient
-from worker.model.snapshot import Snapshot
+from worker.model.snapshot import FileShares, Snapshot
 from worker.model.text import address_key
 from worker.scan import failures
 from worker.scan.explain import describe
@@ -110,8 +110,28 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-# kv key: the tables the last whole read could not conclude absences from.
+# kv key: the tables the last whole read could not conclude absences from ("tables"),
+# and the files it found over the unreadable limit ("over": table → bad, total, run, at).
 BLIND_KEY = "blind_tables"
+
+
+def unreadable_verdict(
+    over: dict[str, tuple[int, int]], run_id: int | None, now: datetime
+) -> dict[str, dict[str, Any]]:
+    """What BLIND_KEY keeps of a run's over-limit files, for the runs after it."""
+    return {table: {"bad": bad, "total": total, "run_id": run_id, "at": now.isoformat()}
+            for table, (bad, total) in sorted(over.items())}
+
+
+def carried_reason(over: dict[str, Any]) -> str | None:
+    """Why a run that cannot measure the files itself plans no fixes: the last run that
+    did found too much of one unreadable (kept until a full read finds it readable)."""
+    if not over:
+        return None
+    files = ", ".join(f"{t} ({v.get('bad')} of {v.get('total')} rows, run {v.get('run_id')})"
+                      for t, v in sorted(over.items()))
+    return (f"too much of the input could not be read when last measured ({files}): no "
+            "fixes until a full read finds it readable")
 
 
 def time_rules(settings: Settings) -> TimeRules:
@@ -192,6 +212,7 @@ def reconcile(
     defer_fixes: bool = False,
     keep_op_ids: bool = False,
     write_section: Callable[[], AbstractContextManager[Ceded | None]] | None = None,
+    files: FileShares | None = None,
 ) -> RunResult:
     """Run every check on a fresh read and fold the result into the state database.
 
@@ -202,6 +223,12 @@ def reconcile(
     not queued, and the guard is left to whoever settles the whole run.
     `write_section` (a practice scan's, worker.scan.locks.practice_write) is entered
     around the state writes and yields the ids to leave to newer family runs.
+
+    `files`: the unreadable shares a partial run measured outside its snapshot (a
+    shard's whole streams, an incremental scan's changed rows), which decide the
+    unreadable limit as a whole run's snapshot does. A partial run that read no file
+    whole (an incremental or family run) also keeps to the last whole read's verdict
+    (BLIND_KEY "over"): no fixes while a file was over the limit then.
     """
     settings = deps.settings
     practice = settings.practice
@@ -228,12 +255,17 @@ def reconcile(
             trace.extend(describe(snap, scope.kind, scope.target))
 
         whole = scope_override is None
+        carried: dict[str, Any] = {}
         if not whole:
             # A neighbourhood holds no row that names no id: what the last whole read
             # could not conclude from, this one cannot either.
             with deps.sessions() as early:
-                blind = (kv_get(early, practice, BLIND_KEY) or {}).get("tables", [])
-            snap.unknown.blind.update(blind)
+                kept = kv_get(early, practice, BLIND_KEY) or {}
+            snap.unknown.blind.update(kept.get("tables", []))
+            if files is None or files.lower_bound:
+                carried = dict(kept.get("over") or {})
+            if files is not None:
+                snap.unknown.blind.update(files.blind)
 
         t1 = time.perf_counter()
         ctx = CheckContext(
@@ -245,6 +277,9 @@ def reconcile(
             unreadable_min_rows=settings.unreadable_alert_min_rows,
             whole=whole,
             duplicate_threshold=settings.duplicate_match_threshold,
+            files=files,
+            carried={t: (int(v.get("bad") or 0), int(v.get("total") or 0))
+                     for t, v in carried.items()},
         )
         every = run_checks(ctx)
         findings = [f for f in every if scope.covers_finding(f)]
@@ -295,7 +330,7 @@ def reconcile(
                     portal_writable=deps.portal_writable,
                     paused=bool((kv_get(session, practice, "paused") or {}).get("paused")),
                     breaker_open=_breaker_open(session, practice, now),
-                    unreadable=_unreadable_reason(ctx),
+                    unreadable=_unreadable_reason(ctx) or carried_reason(carried),
                 )
                 plan = make_plan(
                     findings, result_sync.rows, settings, now, gate,
@@ -313,9 +348,22 @@ def reconcile(
                 else:
                     action_ids = _journal(session, plan, result_sync, now, run_id,
                                           defer=defer_fixes)
+                    over = ctx.measured_over()
                     if whole:
-                        kv_set(session, practice, BLIND_KEY, {"tables": sorted(
-                            snap.unknown.blind | set(ctx.over_limit()))}, now)
+                        kv_set(session, practice, BLIND_KEY, {
+                            "tables": sorted(snap.unknown.blind | set(over)),
+                            "over": unreadable_verdict(over, run_id, now),
+                        }, now)
+                    elif over and files is not None and files.lower_bound:
+                        # A file found over the limit among the changed rows stays so
+                        # for later partial runs (which may not read those rows again)
+                        # until a full read finds it readable.
+                        kept = kv_get(session, practice, BLIND_KEY) or {}
+                        kv_set(session, practice, BLIND_KEY, {
+                            "tables": sorted(set(kept.get("tables", [])) | set(over)),
+                            "over": {**(kept.get("over") or {}),
+                                     **unreadable_verdict(over, run_id, now)},
+                        }, now)
                     elapsed = time.perf_counter() - t0
                     _finish_run(session, run_id, kind, snap, plan, result_sync, now, elapsed)
                     session.commit()
@@ -349,10 +397,11 @@ def reconcile(
 
 
 def _unreadable_reason(ctx: CheckContext) -> str | None:
-    over = ctx.over_limit()
+    over = ctx.measured_over()
     if not over:
         return None
-    files = ", ".join(f"{t} ({bad} of {total} rows)" for t, (bad, total) in over.items())
+    least = "at least " if ctx.files is not None and ctx.files.lower_bound else ""
+    files = ", ".join(f"{t} ({least}{bad} of {total} rows)" for t, (bad, total) in over.items())
     return f"too much of the input cannot be read ({files}): no fixes this run"
 
 
@@ -528,11 +577,14 @@ _COALESCE_DONE = (ActionStatus.APPLIED, ActionStatus.ALREADY, ActionStatus.UNCON
 
 
 def coalesce_intent(
-    session: Session, action: ActionRow, row: FindingRow, now: datetime, run_id: int | None
+    session: Session, action: ActionRow, row: FindingRow, now: datetime, run_id: int | None,
+    *, because: str | None = None,
 ) -> int | None:
     """Attach a new intent to the same user's refresh that is queued, running, or whose
     hold has not ended: it makes no call of its own and its finding is verified with
-    that one. Returns the primary fix's id, or None when this intent is the primary."""
+    that one. Returns the primary fix's id, or None when this intent is the primary.
+    `because` (e.g. who released a staged fix) leads the finding's event."""
+    lead = f"{because}; " if because else ""
     if action.coalesce_key is None:
         return None
     candidates = session.scalars(
@@ -549,8 +601,8 @@ def coalesce_intent(
             action.status = ActionStatus.COALESCED
             action.coalesced_into = primary.id
             transition(session, row, S.FIX_QUEUED, now,
-                       f"fix {action.kind} served by fix {primary.id} (one per portal user)",
-                       run_id)
+                       f"{lead}fix {action.kind} served by fix {primary.id} (one per portal "
+                       "user)", run_id)
             return primary.id
         served = session.get(FindingRow, primary.finding_id)
         if served is not None and served.state == S.HELD and served.next_check_at is not None \
@@ -562,7 +614,7 @@ def coalesce_intent(
             row.fix_attempts += 1
             row.next_check_at = served.next_check_at
             transition(session, row, S.HELD, now,
-                       f"fix {action.kind} for this portal user already made by fix "
+                       f"{lead}fix {action.kind} for this portal user already made by fix "
                        f"{primary.id}; verifying with it", run_id)
             return primary.id
     return None

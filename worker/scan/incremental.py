@@ -64,7 +64,7 @@ from worker.model.records import (
     PortalUser,
 )
 from worker.model.scope import Scope, for_contact, for_patient
-from worker.model.snapshot import Snapshot
+from worker.model.snapshot import FileShares, FileTally, Snapshot, shares_over
 from worker.scan.deletions import TABLES, DeletionWatch, Removed
 from worker.scan.engine import Deps, RunResult, ScopeRequest, reconcile, utcnow
 from worker.scan.lifecycle import SyncResult
@@ -339,6 +339,8 @@ class Changes:
     audit: list[Any] = field(default_factory=list)
     # OP rows deleted since the last scan (their ids are among `ids`).
     removed: Removed = field(default_factory=Removed)
+    # The changed OP rows read, readable or not: what the scan measures the files by.
+    tally: FileTally = field(default_factory=FileTally)
 
 
 def read_changes(
@@ -356,6 +358,7 @@ def read_changes(
         rows = changed[table] = list(reads.changed(reads.op, table, method, since))
         for record in rows:
             out.ids.add_record(record)
+            out.tally.add(table, record)
     if deleted is not None:
         out.removed = deleted(changed)
         out.ids.patients |= out.removed.patients
@@ -718,16 +721,21 @@ def incremental_reconcile(
 
     since = datetime.fromisoformat(mark["at"]) - overlap(settings)
     reads = Reads(deps.op, deps.portal)
+    sizes: dict[str, int] = {}
 
     def deleted(changed: dict[str, list[Any]]) -> Removed:
         # Counted after the changed rows were read: a row added meanwhile makes the
         # counts disagree, which costs an id read, never a missed deletion.
         counts = {t: reads.count(t) for t in TABLES}
+        sizes.update(counts)
         return watch.check(reads, deps.sessions, changed, counts)
 
     changes = read_changes(reads, since, now, settings.welcome_window, deleted)
     removed = changes.removed
-    if not changes.ids and not changes.emails and not due:
+    files = measured_files(changes.tally, sizes)
+    over = shares_over(files.shares, settings.unreadable_alert_percent,
+                       settings.unreadable_alert_min_rows)
+    if not changes.ids and not changes.emails and not due and not over:
         result = _nothing_changed(deps, now, since, reads.rows, time.perf_counter() - t0,
                                   task_id)
         if watch.read_ids:
@@ -755,13 +763,13 @@ def incremental_reconcile(
     scope = Scope(
         "entities", label, frozenset(scope_ids.patients), frozenset(scope_ids.contacts),
         frozenset(scope_ids.users), exclude_checks=excluded,
-        duplicate_contact_ids=duplicate_ids,
+        duplicate_contact_ids=duplicate_ids, files=frozenset(over),
     )
     result = reconcile(
         deps, ScopeRequest("entities", label), kind="incremental", now=now, task_id=task_id,
         snapshot=snap, scope_override=scope,
         population=max(int(mark.get("patients") or 0), len(snap.patients)),
-        write_section=write_section,
+        write_section=write_section, files=files,
     )
     result.read_seconds += t_read
     result.total_seconds += t_read
@@ -777,6 +785,21 @@ def incremental_reconcile(
              affected_contacts=len(scope_ids.contacts), affected_users=len(scope_ids.users),
              seconds=round(time.perf_counter() - t0, 3))
     return result
+
+
+def measured_files(tally: FileTally, sizes: dict[str, int]) -> FileShares:
+    """The unreadable share of each OP file as far as an incremental scan can tell: the
+    unreadable rows among those it read as changed (a row whose time cannot be read is
+    always among them; one with an old readable time was reported by the scan that
+    first read it) against the file's row count, which it takes anyway to notice
+    deletions (`count_rows`; an export's count leaves out lines that do not split into
+    the header's fields, so when those outnumber it the unreadable rows are added). It
+    sees only some of a file's unreadable rows: the share it finds is a lower bound."""
+    shares = tally.shares(table for table in TABLES if table in sizes)
+    shares.shares = {table: (bad, sizes[table] if bad <= sizes[table] else sizes[table] + bad)
+                     for table, (bad, _) in shares.shares.items()}
+    shares.lower_bound = True
+    return shares
 
 
 def _ids_read(removed: Removed) -> str:

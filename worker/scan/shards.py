@@ -26,13 +26,25 @@ with a SQL OP source (docs/benchmarks.md, "Scaling out").
 Fixes: a shard journals its fixes as deferred; the last shard counts them all against
 the mass-change guard (`settle_fixes`), so a mass change spread over N shards is stopped
 exactly as one full scan would stop it.
+
+Unreadable files: every shard streams patients, contacts, portal users and the audit
+whole, and shard 0 also family contacts, links and sources; each counts the readable
+and unreadable rows of what it streams (`FileTally`), so the share of each file is the
+one a full scan finds. Another shard whose neighbourhood holds an unreadable row of
+family contacts, links or sources streams that file whole too (a cost paid only when
+the file has such rows), so it folds those rows into the file's alert as a full scan
+does instead of raising one finding per row. A file over `unreadable_alert_percent` is
+one high alert (raised by shard 0, which owns findings that name no id), the shards
+that measured it plan no fixes and resolve nothing, and `settle_fixes` releases none
+of the run's fixes; the verdict is kept (kv "blind_tables") for the partial runs after
+it, as a full scan's is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -53,12 +65,15 @@ from worker.model.records import (
     PortalUser,
 )
 from worker.model.scope import Scope
+from worker.model.snapshot import FileShares, FileTally, shares_over
 from worker.scan.engine import (
+    BLIND_KEY,
     Deps,
     RunResult,
     ScopeRequest,
     coalesce_intent,
     reconcile,
+    unreadable_verdict,
     utcnow,
 )
 from worker.scan.incremental import WATERMARK, Ids, Reads, WriteSection, neighbourhood
@@ -74,6 +89,9 @@ log = structlog.get_logger(__name__)
 PARENT_KIND = "full"
 SHARD_KIND = "shard"
 DUPLICATES = frozenset({"contact_duplicate"})
+# The files every shard streams whole; shard 0 streams the others whole too.
+STREAMED = ("patients", "contacts", "portal_users", "portal_audit")
+ALL_FILES = (*STREAMED, "family_contacts", "portal_links", "portal_sources")
 
 
 class ShardedScanRunning(RuntimeError):
@@ -197,11 +215,13 @@ def _locked_parent(session: Session, parent_id: int) -> Run:
 def mark_shard(
     deps: Deps, parent_id: int, index: int, *, run: RunResult | None = None,
     population: int | None = None, error: str | None = None, now: datetime | None = None,
-    released: list[int] | None = None,
+    released: list[int] | None = None, files: FileShares | None = None,
 ) -> str:
     """Record one shard's outcome on the parent; the last shard to succeed finishes the
     scan and settles the fixes every shard deferred (`settle_fixes`), appending the ids
     of those it released to `released` for the caller to enqueue after the commit.
+    `files`: the unreadable shares of the files the shard streamed whole; the finished
+    scan keeps the verdict for the runs after it (kv "blind_tables").
     Idempotent: a shard that runs again leaves the same marks. Returns the parent's
     status."""
     now = now or utcnow()
@@ -214,6 +234,7 @@ def mark_shard(
         failed = dict(summary.get("failed") or {})
         runs = dict(summary.get("runs") or {})
         counts = dict(summary.get("counts") or {})
+        unreadable = dict(summary.get("unreadable") or {})
         if error is not None:
             failed[str(index)] = error[:300]
         else:
@@ -223,9 +244,18 @@ def mark_shard(
                 runs[str(index)] = run.run_id
                 counts[str(index)] = {k: v for k, v in run.summary().items()
                                       if k in ("findings", "new", "resolved")}
+            if files is not None:
+                settings = deps.settings
+                unreadable[str(index)] = {
+                    "over": {t: list(v) for t, v in shares_over(
+                        files.shares, settings.unreadable_alert_percent,
+                        settings.unreadable_alert_min_rows).items()},
+                    "blind": sorted(files.blind),
+                }
         if population is not None:
             summary.setdefault("patients", population)  # for later incremental guards
-        summary.update(done=sorted(done), failed=failed, runs=runs, counts=counts)
+        summary.update(done=sorted(done), failed=failed, runs=runs, counts=counts,
+                       unreadable=unreadable)
         parent.summary = summary
         if failed:
             if parent.status == "running":
@@ -240,10 +270,27 @@ def mark_shard(
             }, now)
             kv_set(session, practice, "last_success",
                    {"at": at, "run_id": parent_id, "kind": PARENT_KIND}, now)
+            over, blind = _unreadable(summary)
+            kv_set(session, practice, BLIND_KEY, {
+                "tables": sorted(blind | set(over)),
+                "over": unreadable_verdict(over, parent_id, now),
+            }, now)
             ids = settle_fixes(session, deps.settings, parent, now)
             if released is not None:
                 released.extend(ids)
         return parent.status
+
+
+def _unreadable(summary: dict[str, Any]) -> tuple[dict[str, tuple[int, int]], set[str]]:
+    """The files the shards found over the unreadable limit, and those with a row that
+    names no id, as the shards that streamed them whole reported them."""
+    over: dict[str, tuple[int, int]] = {}
+    blind: set[str] = set()
+    for report in (summary.get("unreadable") or {}).values():
+        for table, (bad, total) in (report.get("over") or {}).items():
+            over[table] = (int(bad), int(total))
+        blind.update(report.get("blind") or ())
+    return over, blind
 
 
 def settle_fixes(session: Session, settings: Settings, parent: Run, now: datetime) -> list[int]:
@@ -251,10 +298,21 @@ def settle_fixes(session: Session, settings: Settings, parent: Run, now: datetim
     here, with all of them planned, they are counted together against the practice's
     population. Within the guard each becomes an intent (its finding fix_queued) and
     the ids are returned; over it, the whole batch is staged under the parent run, with
-    one alert, for `oprecon fixes approve|reject <parent run>`."""
+    one alert, for `oprecon fixes approve|reject <parent run>`.
+
+    When a shard found a file over the unreadable limit, none is released: they stay
+    deferred (the next run that plans the same fix, once the files read, adopts them),
+    as a full scan over such a file plans none."""
     summary = parent.summary or {}
     shard_runs = [int(r) for r in (summary.get("runs") or {}).values()]
     if not shard_runs:
+        return []
+    over, _ = _unreadable(summary)
+    if over:
+        files = ", ".join(f"{t} ({bad} of {total} rows)" for t, (bad, total) in over.items())
+        parent.summary = {**summary, "fixes_withheld": (
+            f"too much of the input cannot be read ({files}): no fixes this run")}
+        log.warning("sharded_fixes_withheld", run_id=parent.id, files=sorted(over))
         return []
     actions = list(session.scalars(
         select(ActionRow).where(ActionRow.practice == settings.practice,
@@ -309,6 +367,7 @@ class _Ownership:
     all_contacts: list[Contact]
     audit: list[Any]
     extra: list[Any]
+    files: FileShares
 
 
 def _learn(deps: Deps, index: int, count: int) -> _Ownership:
@@ -320,7 +379,8 @@ def _learn(deps: Deps, index: int, count: int) -> _Ownership:
     extra: list[Any] = []
     all_contacts: list[Contact] = []
     population = 0
-    for p in op.patients():
+    tally = FileTally()  # the unreadable share of every file streamed whole here
+    for p in tally.count("patients", op.patients()):
         if isinstance(p, Patient):
             population += 1
             patients.add(p.patient_id)
@@ -328,7 +388,7 @@ def _learn(deps: Deps, index: int, count: int) -> _Ownership:
             patients.add(p.patient_id)
         elif first:
             extra.append(p)  # an unreadable row without an id: nobody's but shard 0's
-    for c in op.contacts():
+    for c in tally.count("contacts", op.contacts()):
         if isinstance(c, Contact):
             contacts.add(c.contact_id)
             if first:
@@ -337,7 +397,7 @@ def _learn(deps: Deps, index: int, count: int) -> _Ownership:
             contacts.add(c.contact_id)
         elif first and not (c.patient_id and c.patient_id in patients):
             extra.append(c)
-    for u in portal.users():
+    for u in tally.count("portal_users", portal.users()):
         if isinstance(u, PortalUser):
             users.add(u.user_id)
         elif u.portal_user_id:
@@ -348,7 +408,7 @@ def _learn(deps: Deps, index: int, count: int) -> _Ownership:
     # Every Welcome event (the check keeps the latest per email) and unreadable row, as
     # a full scan reads them; the neighbourhood keeps those of its contacts and users.
     audit: list[Any] = []
-    for event in portal.audit():
+    for event in tally.count("portal_audit", portal.audit()):
         if isinstance(event, AuditEvent):
             if event.action == WELCOME_ACTION and event.email:
                 audit.append(event)
@@ -363,20 +423,23 @@ def _learn(deps: Deps, index: int, count: int) -> _Ownership:
         users={u for u in users if shard_of(u, count) == index},
     )
     if first:
-        _rest(deps, patients, contacts, users, mine, extra)
-    return _Ownership(patients, contacts, users, mine, population, all_contacts, audit, extra)
+        _rest(deps, patients, contacts, users, mine, extra, tally)
+    files = tally.shares(ALL_FILES if first else STREAMED)
+    return _Ownership(patients, contacts, users, mine, population, all_contacts, audit, extra,
+                      files)
 
 
 def _rest(deps: Deps, patients: set[str], contacts: set[str], users: set[str],
-          mine: Ids, extra: list[Any]) -> None:
+          mine: Ids, extra: list[Any], tally: FileTally) -> None:
     """Shard 0's share of the tables no shard reads in full: family contacts naming no
     known record, links from an unknown caregiver (their known end is read with its
-    neighbourhood), and unreadable rows whose ids are unknown."""
-    for fc in deps.op.family_contacts():
+    neighbourhood), and unreadable rows whose ids are unknown. Every row is counted
+    into `tally`: shard 0 measures these files for the whole run."""
+    for fc in tally.count("family_contacts", deps.op.family_contacts()):
         if not ((fc.patient_id and fc.patient_id in patients)
                 or (fc.contact_id and fc.contact_id in contacts)):
             extra.append(fc)
-    for link in deps.portal.links():
+    for link in tally.count("portal_links", deps.portal.links()):
         if isinstance(link, CaregiverLink):
             if link.caregiver_user_id not in users:
                 extra.append(link)
@@ -384,11 +447,29 @@ def _rest(deps: Deps, patients: set[str], contacts: set[str], users: set[str],
                     mine.users.add(link.dependent_user_id)
         elif not (link.portal_user_id and link.portal_user_id in users):
             extra.append(link)
-    for source in deps.portal.sources():
+    for source in tally.count("portal_sources", deps.portal.sources()):
         if isinstance(source, InvalidRecord) and not (
             source.portal_user_id and source.portal_user_id in users
         ):
             extra.append(source)
+
+
+def _measure_rest(deps: Deps, files: FileShares, snap: Any) -> FileShares:
+    """A shard other than 0 whose neighbourhood holds an unreadable row of family
+    contacts, links or sources measures that file whole (module docstring)."""
+    readers: dict[str, Callable[[], Iterable[Any]]] = {
+        "family_contacts": deps.op.family_contacts, "portal_links": deps.portal.links,
+        "portal_sources": deps.portal.sources}
+    met = [t for t in readers if t not in files.shares and snap.unknown.unreadable.get(t)]
+    if not met:
+        return files
+    tally = FileTally()
+    for table in met:
+        for _ in tally.count(table, readers[table]()):
+            pass
+    more = tally.shares(met)
+    return FileShares({**files.shares, **more.shares}, {**files.examples, **more.examples},
+                      blind=files.blind | more.blind)
 
 
 def _snapshot(deps: Deps, own: _Ownership, index: int) -> tuple[Any, int]:
@@ -442,6 +523,8 @@ def run_shard(
     try:
         own = _learn(deps, index, count)
         snap, rows = _snapshot(deps, own, index)
+        if index != 0:
+            own.files = _measure_rest(deps, own.files, snap)
         t_read = time.perf_counter() - t0
         label = f"shard {index + 1}/{count} of run {parent_id}"
         scope = ShardScope(
@@ -456,6 +539,7 @@ def run_shard(
             deps, ScopeRequest("entities", label), kind=SHARD_KIND, now=now,
             task_id=task_id, snapshot=snap, scope_override=scope,
             population=own.population, defer_fixes=True, write_section=write_section,
+            files=own.files,
         )
         result.read_seconds += t_read
         result.total_seconds += t_read
@@ -467,7 +551,7 @@ def run_shard(
         raise
     released: list[int] = []
     status = mark_shard(deps, parent_id, index, run=result, population=own.population,
-                        now=now, released=released)
+                        now=now, released=released, files=own.files)
     result.action_ids = released  # enqueued by the task, now that they are committed
     log.info("shard_scan", parent_run_id=parent_id, shard=index, shards=count,
              run_id=result.run_id, rows_read=rows, owned_patients=len(own.mine.patients),

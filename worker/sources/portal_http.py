@@ -3,7 +3,8 @@
 Failures are sorted by what the caller should do next:
 
 - `PortalUnavailable` (transient): timeouts, dropped connections, 429 and 5xx, still
-  failing after bounded retries. Try again later; a breaker may open.
+  failing after bounded retries. Try again later; a breaker may open. For a write that
+  may have been applied (`in_doubt`), "later" means after a re-read, never at once.
 - `PortalRejected` (terminal): any other 4xx. Retrying the same request cannot help.
 - `PortalProtocolError` (terminal for the call): the portal answered something that is not
   the contract (broken JSON, a page of the wrong shape, a page of nothing but bad items).
@@ -11,10 +12,12 @@ Failures are sorted by what the caller should do next:
 Only the first group is retried, with exponential backoff and full jitter, honouring
 Retry-After, inside a per-call sleep budget well under a minute so a Celery task's time
 limits stay meaningful (CELERY.md §1 rows 9 and 11). A write is retried only when it
-surely did not reach the portal (the connection was never made) or the portal answered
-(429, 5xx): a write that timed out or lost its connection after sending may have been
-applied, so it is not sent again — `PortalUnavailable.in_doubt` says so and the fix
-decides from a re-read (worker.fixes.apply), not from the portal's idempotency.
+surely did not reach the portal (the connection was never made) or the portal said it
+did not process it (429). A write that timed out or lost its connection after sending,
+or that the portal answered with a 5xx, may have been applied (a server error can come
+after the change was made), so it is not sent again — `PortalUnavailable.in_doubt` says
+so and the fix decides from a re-read (worker.fixes.apply), not from the portal's
+idempotency.
 
 One item that does not parse becomes an `InvalidRecord` and the read goes on; bad data is
 a finding, not a failed run. Errors and logs name methods, routes and ids, never values.
@@ -476,13 +479,17 @@ class HttpPortal:
                         attempts=attempt,
                     )
             self._notify(method, route, status, kind, time.perf_counter() - started)
-            if write and sent and status is None:
+            if write and sent and (status is None or status >= 500):
+                # No answer, or a server error that may have come after the change was
+                # made: sending it again would lean on the portal's idempotency.
                 log.warning("portal_write_in_doubt", method=method, route=route, kind=kind,
-                            attempts=attempt)
+                            status=status, attempts=attempt)
+                what = f"HTTP {status}" if status is not None else kind
                 raise PortalUnavailable(
-                    f"portal {method} {path}: {kind} after sending; not repeated (it may "
+                    f"portal {method} {path}: {what} after sending; not repeated (it may "
                     "have been applied)",
-                    method=method, path=path, kind=kind, attempts=attempt, in_doubt=True,
+                    method=method, path=path, kind=kind, status=status, attempts=attempt,
+                    in_doubt=True,
                 )
 
             delay: float | None = None

@@ -66,6 +66,7 @@ class _Rule:
     status: int | None = None
     status_left: int = 0
     retry_after: float | None = None
+    applied: bool = False  # `status` answers a request that was processed first
     left: dict[str, int] = field(default_factory=dict)  # drop, malformed, wrong_shape, partial
 
     def matches(self, path: str) -> bool:
@@ -84,6 +85,7 @@ class Fault:
     outcome: str | None = None  # "drop", "status", "malformed", "wrong_shape", "partial"
     status: int | None = None
     retry_after: float | None = None
+    applied: bool = False  # process the request, then answer `status` instead
 
 
 _OUTCOMES = ("drop", "malformed", "wrong_shape", "partial")
@@ -93,8 +95,10 @@ class FaultPlan:
     """Faults for the next n matching requests, then nothing: retries meet a healthy server.
 
     A spec is `{"latency_ms": ms, "status": 429|500|503|..., "count": n, "retry_after": s,
-    "drop": n, "malformed": n, "wrong_shape": n, "partial": n, "path": "/users"}`;
-    `count` (default 1) applies to `status` and `latency_ms`. Each request takes at most
+    "applied": bool, "drop": n, "malformed": n, "wrong_shape": n, "partial": n,
+    "path": "/users"}`; `count` (default 1) applies to `status` and `latency_ms`. With
+    `applied` the request is processed (a write is accepted) before `status` answers it:
+    a portal that fails after doing the work. Each request takes at most
     one outcome (drop, then status, malformed, wrong_shape, partial); `partial` (a short
     page with a valid cursor) only applies to paged reads. Admin requests are exempt.
     """
@@ -110,7 +114,8 @@ class FaultPlan:
                 raise BadRequest(f"{name} must be a non-negative integer")
             return value
 
-        known = {"latency_ms", "status", "count", "retry_after", "path", *_OUTCOMES}
+        known = {"latency_ms", "status", "count", "retry_after", "path", "applied",
+                 *_OUTCOMES}
         unknown = sorted(set(spec) - known)
         if unknown:
             raise BadRequest(f"unknown fault field(s): {', '.join(unknown)}")
@@ -124,6 +129,11 @@ class FaultPlan:
         path = spec.get("path")
         if path is not None and not isinstance(path, str):
             raise BadRequest("path must be a string")
+        applied = spec.get("applied", False)
+        if not isinstance(applied, bool):
+            raise BadRequest("applied must be true or false")
+        if applied and status is None:
+            raise BadRequest("applied needs a status to answer with")
         latency = count("latency_ms")
         rule = _Rule(
             path=path,
@@ -132,6 +142,7 @@ class FaultPlan:
             status=status,
             status_left=n if status is not None else 0,
             retry_after=retry_after,
+            applied=applied,
             left={name: count(name) for name in _OUTCOMES},
         )
         if not rule.spent:
@@ -146,7 +157,8 @@ class FaultPlan:
         with self._lock:
             return [
                 {"path": r.path, "latency_ms": r.latency_ms, "latency_left": r.latency_left,
-                 "status": r.status, "status_left": r.status_left, **r.left}
+                 "status": r.status, "status_left": r.status_left, "applied": r.applied,
+                 **r.left}
                 for r in self._rules
             ]
 
@@ -156,6 +168,7 @@ class FaultPlan:
         outcome: str | None = None
         status: int | None = None
         retry_after: float | None = None
+        applied = False
         with self._lock:
             for rule in self._rules:
                 if not rule.matches(path):
@@ -167,8 +180,9 @@ class FaultPlan:
                     outcome = self._outcome(rule, paged)
                     if outcome == "status":
                         status, retry_after = rule.status, rule.retry_after
+                        applied = rule.applied
             self._rules = [r for r in self._rules if not r.spent]
-        return Fault(latency, outcome, status, retry_after)
+        return Fault(latency, outcome, status, retry_after, applied)
 
     @staticmethod
     def _outcome(rule: _Rule, paged: bool) -> str | None:
@@ -313,7 +327,7 @@ class _Handler(BaseHTTPRequestHandler):
             return  # shutting down: drop it
         if fault.outcome == "drop":
             return  # close the connection without a response
-        if fault.outcome == "status":
+        if fault.outcome == "status" and not fault.applied:
             status = fault.status or 500
             headers = {}
             if status == 429:
@@ -339,6 +353,10 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("simulator: %s %s failed", self.command, route.template)
             reply = _error(500, "internal", "internal error")
+        if fault.outcome == "status":  # `applied`: the work is done, the answer is not
+            status = fault.status or 500
+            reply = (status, {"error": "injected",
+                              "message": f"simulated HTTP {status} after processing"}, {})
         self._send(*reply)
 
     def _authorized(self) -> bool:
