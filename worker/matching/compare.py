@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from rapidfuzz.distance import JaroWinkler, Levenshtein
-from rapidfuzz.process import cpdist
+from rapidfuzz.process import cdist, cpdist
 
 from worker.matching.columns import Columns
 
@@ -51,16 +51,37 @@ class Compared:
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct (a, b) code pairs and, per input pair, its index among them."""
     key = a.astype(np.int64) << 32 | (b.astype(np.int64) & 0xFFFFFFFF)
-    uniq, inverse = np.unique(key, return_inverse=True)
-    return (uniq >> 32).astype(np.int64), (uniq & 0xFFFFFFFF).astype(np.int64), inverse
+    order = np.argsort(key)  # np.unique(return_inverse=True) does the same, slower
+    key = key[order]
+    first = np.empty(len(key), dtype=bool)
+    first[:1] = True
+    np.not_equal(key[1:], key[:-1], out=first[1:])
+    uniq = key[first]
+    inverse = np.empty(len(key), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return uniq >> 32, uniq & 0xFFFFFFFF, inverse
 
 
-def _similarity(values: np.ndarray, a: np.ndarray, b: np.ndarray, scorer: Any) -> np.ndarray:
-    """scorer(values[a[k]], values[b[k]]) for each k (`values`: an object array), in C++
-    on two threads; cheaper than finding the distinct pairs first."""
+def _similarity(values: np.ndarray, a: np.ndarray, b: np.ndarray, scorer: Any,
+                cutoff: float | None = None, distinct: bool = True) -> np.ndarray:
+    """scorer(values[a[k]], values[b[k]]) for each k (`values`: an object array), in
+    rapidfuzz's C++ on two threads; 0 where below `cutoff`.
+
+    rapidfuzz spends most of its time per pair converting the two strings, so each
+    distinct (a, b) pair is scored once (`distinct`: names and streets repeat a lot;
+    not worth a sort for emails and phones), and a small vocabulary (cities) is scored
+    all against all once and looked up.
+    """
     if not len(a):
         return np.empty(0, dtype=np.float64)
-    return np.asarray(cpdist(values[a], values[b], scorer=scorer, workers=WORKERS))
+    if len(values) ** 2 <= len(a):
+        table = cdist(values, values, scorer=scorer, score_cutoff=cutoff, workers=WORKERS)
+        return np.asarray(table[a, b])
+    if distinct:
+        ua, ub, inverse = _unique_pairs(a, b)
+        return _similarity(values, ua, ub, scorer, cutoff, distinct=False)[inverse]
+    return np.asarray(cpdist(values[a], values[b], scorer=scorer, score_cutoff=cutoff,
+                             workers=WORKERS))
 
 
 def _shares_word(cols: Columns, a: np.ndarray, b: np.ndarray, first_word: bool) -> np.ndarray:
@@ -143,15 +164,17 @@ def name_levels(cols: Columns, a: np.ndarray, b: np.ndarray,
     rest = np.flatnonzero(~same & ~missing)
     related = np.zeros(len(a), dtype=bool)
     if len(rest):
-        ra, rb = a[rest], b[rest]
-        sim = _similarity(cols.name_obj, ra, rb, JaroWinkler.normalized_similarity)
+        # Names repeat: each distinct pair of names is compared once.
+        ua, ub, inv = _unique_pairs(a[rest], b[rest])
+        sim = _similarity(cols.name_obj, ua, ub, JaroWinkler.normalized_similarity,
+                          distinct=False)
         lv = np.where(sim >= 0.92, 2, np.where(sim >= 0.80, 1, 0)).astype(np.int8)
-        shares = _shares_word(cols, ra, rb, first_word)
-        rel = _related(cols, ra, rb) & ~shares  # "Mary"/"Mary Ann" is a middle name
+        shares = _shares_word(cols, ua, ub, first_word)
+        rel = _related(cols, ua, ub) & ~shares  # "Mary"/"Mary Ann" is a middle name
         lv[(rel | shares) & (lv < 3)] = 3
         lv[sim >= 1.0] = 4  # the same letters, spaced differently ("Kayl a", "O Brien")
-        level[rest] = lv
-        related[rest] = rel
+        level[rest] = lv[inv]
+        related[rest] = rel[inv]
     level[missing] = -1
     return level, related
 
@@ -203,7 +226,8 @@ def _id_levels(values: np.ndarray, ci: np.ndarray, cj: np.ndarray,
     level[same] = np.where(family[ci[same]], 2, 3)
     rest = np.flatnonzero(~same & ~missing & named)
     if len(rest):
-        dist = _similarity(values, ci[rest], cj[rest], Levenshtein.distance)
+        dist = _similarity(values, ci[rest], cj[rest], Levenshtein.distance, cutoff=1,
+                           distinct=False)
         level[rest[dist <= 1]] = 1
     level[missing] = -1
     return level
@@ -258,7 +282,10 @@ def _people(cols: Columns, i: np.ndarray, j: np.ndarray, digits: np.ndarray, out
     swapped = np.zeros(n, dtype=bool)
     if len(weak):
         c1, _ = name_levels(cols, fi[weak], lj[weak])
-        c2, _ = name_levels(cols, li[weak], fj[weak])
+        # A swap needs both crossed levels >= 1: the second only where the first is.
+        c2 = np.full(len(weak), -1, dtype=np.int8)
+        ok = np.flatnonzero(c1 >= 1)
+        c2[ok] = name_levels(cols, li[weak[ok]], fj[weak[ok]])[0]
         better = (np.minimum(c1, c2) >= 1) & (np.maximum(c1, c2) >= 2) & (
             c1.astype(np.int16) + c2 > first[weak].astype(np.int16) + last[weak])
         sel = weak[better]
@@ -283,14 +310,17 @@ def _address_levels(cols: Columns, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     ni, nj = cols.number[i], cols.number[j]
     missing = ((si < 0) & (pi < 0)) | ((sj < 0) & (pj < 0))
     level = np.zeros(len(i), dtype=np.int8)
-    both = np.flatnonzero((si >= 0) & (sj >= 0))
-    street_sim = np.zeros(len(i), dtype=np.float64)
-    if len(both):
-        street_sim[both] = _similarity(cols.street_obj, si[both], sj[both],
-                                       JaroWinkler.normalized_similarity)
     same_post = (pi == pj) & (pi >= 0)
     same_num = (ni == nj) & (ni >= 0)
-    similar_street = street_sim >= 0.9
+    similar_street = (si == sj) & (si >= 0)
+    # With one postcode the street's similarity changes nothing: compared elsewhere only.
+    # (rapidfuzz returns float32; compared in float64, as always, a Jaro-Winkler of
+    # exactly 0.9 is just below the line.)
+    need = np.flatnonzero((si >= 0) & (sj >= 0) & ~similar_street & ~same_post)
+    if len(need):
+        similar_street[need] = _similarity(cols.street_obj, si[need], sj[need],
+                                           JaroWinkler.normalized_similarity
+                                           ).astype(np.float64) >= 0.9
     level[same_post | similar_street] = 1
     level[same_num & (same_post | similar_street)] = 2
     ai, aj = cols.addr[i], cols.addr[j]
