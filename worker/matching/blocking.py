@@ -74,15 +74,23 @@ def _block_pairs(keys: np.ndarray, rows: np.ndarray, cap: int) -> tuple[np.ndarr
     if len(keys) < 2:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, 0
-    order = np.argsort(keys)  # the order within a block does not matter: i < j later
-    keys, rows = keys[order], rows[order]
+    width = int(rows.max()) + 1
+    if int(keys.max()) < np.iinfo(np.int64).max // width:
+        # Sort (key, row) packed into one integer: several times faster than an argsort.
+        packed = keys * width + rows
+        packed.sort()
+        keys, rows = packed // width, packed % width
+        del packed
+    else:
+        order = np.argsort(keys)  # the order within a block does not matter: i < j later
+        keys, rows = keys[order], rows[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     sizes = np.diff(np.r_[starts, len(keys)])
     out_i, out_j = [], []
-    for size in np.unique(sizes):
-        if size < 2 or size > cap:
-            continue
+    for size in range(2, min(cap, int(sizes.max())) + 1):
         at = starts[sizes == size]
+        if not len(at):
+            continue
         a, b = np.triu_indices(int(size), 1)
         out_i.append(rows[(at[:, None] + a).ravel()])
         out_j.append(rows[(at[:, None] + b).ravel()])
