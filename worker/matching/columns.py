@@ -168,6 +168,8 @@ class Columns:
         self.phone_obj = np.array(self.phones, dtype=object)
         self.street_obj = np.array(self.streets, dtype=object)
         self.city_obj = np.array(self.cities, dtype=object)
+        # Filled by compare: per vocabulary, each value's length and character histogram.
+        self.char_counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         # Filled by blank_common: values so common they identify nobody (placeholders).
         self.placeholder_values = 0
         self.placeholder_contacts = 0

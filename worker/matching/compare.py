@@ -62,6 +62,44 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return uniq >> 32, uniq & 0xFFFFFFFF, inverse
 
 
+_BINS = 32  # characters hashed into this many bins for `_char_counts`
+
+
+def _char_counts(cols: Columns, vocab: str) -> tuple[np.ndarray, np.ndarray]:
+    """Length and character histogram (32 bins) of each value of `cols.<vocab>`, once
+    per run: a cheap upper bound on how similar two values can be."""
+    if vocab not in cols.char_counts:
+        strings = getattr(cols, vocab).tolist()
+        lens = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+        chars = np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)
+        owner = np.repeat(np.arange(len(strings), dtype=np.int64), lens)
+        counts = np.bincount(owner * _BINS + chars % _BINS, minlength=len(strings) * _BINS)
+        dtype = np.uint8 if counts.max(initial=0) < 256 else np.int32
+        cols.char_counts[vocab] = lens, counts.reshape(-1, _BINS).astype(dtype)
+    return cols.char_counts[vocab]
+
+
+def _could_reach(cols: Columns, vocab: str, a: np.ndarray, b: np.ndarray,
+                 floor: float) -> np.ndarray:
+    """Pairs whose Jaro-Winkler similarity may reach `floor` (never misses one that does).
+
+    Jaro counts matching characters, which cannot outnumber the characters the two values
+    have in common (`c`, bounded above by the histograms), so Jaro <= (c/|a| + c/|b| + 1)/3,
+    and Winkler's prefix bonus adds at most 0.4 of the rest. A margin keeps float32
+    rounding (rapidfuzz's scores) on the safe side.
+    """
+    lens, counts = _char_counts(cols, vocab)
+    out = np.empty(len(a), dtype=bool)
+    step = 200_000  # bounds the (pairs x 32) temporaries
+    for lo in range(0, len(a), step):
+        pa, pb = a[lo:lo + step], b[lo:lo + step]
+        common = np.minimum(counts[pa], counts[pb]).sum(axis=1)
+        jaro = (common / lens[pa] + common / lens[pb] + 1.0) / 3.0
+        jaro[common == 0] = 0.0
+        out[lo:lo + step] = jaro + 0.4 * (1.0 - jaro) >= floor - 1e-6
+    return out
+
+
 def _similarity(values: np.ndarray, a: np.ndarray, b: np.ndarray, scorer: Any,
                 cutoff: float | None = None, distinct: bool = True) -> np.ndarray:
     """scorer(values[a[k]], values[b[k]]) for each k (`values`: an object array), in
@@ -82,6 +120,18 @@ def _similarity(values: np.ndarray, a: np.ndarray, b: np.ndarray, scorer: Any,
         return _similarity(values, ua, ub, scorer, cutoff, distinct=False)[inverse]
     return np.asarray(cpdist(values[a], values[b], scorer=scorer, score_cutoff=cutoff,
                              workers=WORKERS))
+
+
+def _jaro_winkler(cols: Columns, vocab: str, a: np.ndarray, b: np.ndarray,
+                  floor: float) -> np.ndarray:
+    """Jaro-Winkler of distinct value pairs of `cols.<vocab>` where it may reach `floor`;
+    0 elsewhere (the callers only ask whether it reaches `floor` or more)."""
+    sim = np.zeros(len(a), dtype=np.float32)
+    maybe = np.flatnonzero(_could_reach(cols, vocab, a, b, floor))
+    if len(maybe):
+        sim[maybe] = _similarity(getattr(cols, vocab), a[maybe], b[maybe],
+                                 JaroWinkler.normalized_similarity, distinct=False)
+    return sim
 
 
 def _shares_word(cols: Columns, a: np.ndarray, b: np.ndarray, first_word: bool) -> np.ndarray:
@@ -166,8 +216,7 @@ def name_levels(cols: Columns, a: np.ndarray, b: np.ndarray,
     if len(rest):
         # Names repeat: each distinct pair of names is compared once.
         ua, ub, inv = _unique_pairs(a[rest], b[rest])
-        sim = _similarity(cols.name_obj, ua, ub, JaroWinkler.normalized_similarity,
-                          distinct=False)
+        sim = _jaro_winkler(cols, "name_obj", ua, ub, 0.80)
         lv = np.where(sim >= 0.92, 2, np.where(sim >= 0.80, 1, 0)).astype(np.int8)
         shares = _shares_word(cols, ua, ub, first_word)
         rel = _related(cols, ua, ub) & ~shares  # "Mary"/"Mary Ann" is a middle name
@@ -179,14 +228,16 @@ def name_levels(cols: Columns, a: np.ndarray, b: np.ndarray,
     return level, related
 
 
+_NIBBLES = np.arange(28, -1, -4, dtype=np.uint32)  # YYYYMMDD, one digit per 4 bits
+
+
 def _digits(cols: Columns) -> np.ndarray:
-    """The 8 digits YYYYMMDD of each DOB, as a (n, 8) int8 array."""
-    out = np.zeros((cols.n, 8), dtype=np.int8)
-    y, m, d = cols.y.astype(np.int32), cols.m.astype(np.int32), cols.d.astype(np.int32)
-    for pos, div in enumerate((1000, 100, 10, 1)):
-        out[:, pos] = (y // div) % 10
-    out[:, 4], out[:, 5] = m // 10, m % 10
-    out[:, 6], out[:, 7] = d // 10, d % 10
+    """The 8 digits YYYYMMDD of each DOB packed into one uint32, 4 bits a digit."""
+    y, m, d = cols.y.astype(np.uint32), cols.m.astype(np.uint32), cols.d.astype(np.uint32)
+    out = np.zeros(cols.n, dtype=np.uint32)
+    for digit in (y // 1000 % 10, y // 100 % 10, y // 10 % 10, y % 10, m // 10, m % 10,
+                  d // 10, d % 10):
+        out = out << np.uint32(4) | digit
     return out
 
 
@@ -195,17 +246,25 @@ def _dob_levels(cols: Columns, i: np.ndarray, j: np.ndarray,
     di, dj = cols.dob[i], cols.dob[j]
     missing = (di < 0) | (dj < 0)
     level = np.zeros(len(i), dtype=np.int8)
-    xi, xj = digits[i], digits[j]
-    diff = xi != xj
-    ham = diff.sum(axis=1)
-    adjacent = np.zeros(len(i), dtype=bool)
-    for k in range(7):
-        adjacent |= diff[:, k] & diff[:, k + 1] & (xi[:, k] == xj[:, k + 1]) & (
-            xi[:, k + 1] == xj[:, k])
+    # Digits that differ: a 1 in the low bit of each differing 4-bit digit, summed into
+    # the top 4 bits by one multiplication.
+    x = digits[i] ^ digits[j]
+    x = (x | x >> np.uint32(1) | x >> np.uint32(2) | x >> np.uint32(3)) & np.uint32(0x11111111)
+    ham = (x * np.uint32(0x11111111)) >> np.uint32(28)
+    two = np.flatnonzero(ham == 2)
+    adjacent = np.zeros(len(two), dtype=bool)
+    if len(two):  # two adjacent digits transposed: looked at digit by digit
+        xi = (digits[i[two], None] >> _NIBBLES) & np.uint32(15)
+        xj = (digits[j[two], None] >> _NIBBLES) & np.uint32(15)
+        diff = xi != xj
+        for k in range(7):
+            adjacent |= diff[:, k] & diff[:, k + 1] & (xi[:, k] == xj[:, k + 1]) & (
+                xi[:, k + 1] == xj[:, k])
     swap = (cols.y[i] == cols.y[j]) & (cols.m[i] == cols.d[j]) & (cols.d[i] == cols.m[j]) & (
         cols.m[i] != cols.m[j])
-    level[ham == 2] = 1
-    level[(ham == 1) | ((ham == 2) & adjacent) | swap] = 2
+    level[two] = 1
+    level[two[adjacent]] = 2
+    level[(ham == 1) | swap] = 2
     level[ham == 0] = 3
     level[missing] = -1
     apart = np.abs(cols.y[i].astype(np.int32) - cols.y[j].astype(np.int32))
@@ -318,9 +377,9 @@ def _address_levels(cols: Columns, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     # exactly 0.9 is just below the line.)
     need = np.flatnonzero((si >= 0) & (sj >= 0) & ~similar_street & ~same_post)
     if len(need):
-        similar_street[need] = _similarity(cols.street_obj, si[need], sj[need],
-                                           JaroWinkler.normalized_similarity
-                                           ).astype(np.float64) >= 0.9
+        ua, ub, inverse = _unique_pairs(si[need], sj[need])
+        sim = _jaro_winkler(cols, "street_obj", ua, ub, 0.9).astype(np.float64)
+        similar_street[need] = (sim >= 0.9)[inverse]
     level[same_post | similar_street] = 1
     level[same_num & (same_post | similar_street)] = 2
     ai, aj = cols.addr[i], cols.addr[j]
