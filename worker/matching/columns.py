@@ -81,6 +81,8 @@ def _phone_codes(raw: list) -> tuple[np.ndarray, list[str]]:
     codes = codes.astype(np.int32).reshape(-1)
     if len(uniq) and uniq[0] < 0:
         uniq, codes = uniq[1:], codes - 1
+    if not len(uniq):
+        return codes, []
     width = uniq // PHONE_KEY_BASE
     return codes, np.strings.zfill((uniq % PHONE_KEY_BASE).astype(str), width).tolist()
 
