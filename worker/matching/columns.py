@@ -77,8 +77,8 @@ def _phone_codes(raw: list) -> tuple[np.ndarray, list[str]]:
     """`_codes(raw, normalise_phone)` by integer keys: nearly every phone is distinct, and
     a numpy sort of integers codes them far faster than dicts of strings."""
     keys = np.fromiter(map(phone_key, raw), dtype=np.int64, count=len(raw))
-    uniq, codes = np.unique(keys, return_inverse=True)
-    codes = codes.astype(np.int32).reshape(-1)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    codes: np.ndarray = inverse.astype(np.int32).reshape(-1)
     if len(uniq) and uniq[0] < 0:
         uniq, codes = uniq[1:], codes - 1
     if not len(uniq):
