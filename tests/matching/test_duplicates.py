@@ -238,6 +238,21 @@ def test_rule_different_given_names_yields_when_dob_and_last_name_agree() -> Non
     )
 
 
+def test_rule_different_given_names_couple_born_the_same_day() -> None:
+    """Jack and Chelsea born the same day at one home: a couple, not a typo (no typo turns
+    one name into the other); with only the home in common they stay two people."""
+    home = {"address": "7845 Christian Circle Apt 20", "postcode": "34079"}
+    stats = DuplicateStats()
+    no_groups(
+        contact("c1", "Jack", "Turner", dob=date(1989, 6, 20), email="jt@x.org",
+                phone="806-557-3508", **home),
+        contact("c2", "Chelsea", "Turner", dob=date(1989, 6, 20), email="ct@y.org",
+                phone="214-498-9861", **home),
+        stats=stats,
+    )
+    assert stats.vetoed == {"different_given_names": 1}
+
+
 def test_rule_generation_apart_father_and_son_one_name() -> None:
     home = {"phone": "415-555-0111", "address": "1 Bay St", "postcode": "94110"}
     stats = DuplicateStats()
