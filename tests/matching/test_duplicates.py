@@ -8,11 +8,13 @@ import logging
 import random
 from datetime import date
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rapidfuzz.distance import JaroWinkler
 
-from worker.matching import blocking, duplicates, household, nicknames
+from worker.matching import blocking, compare, duplicates, household, nicknames
 from worker.matching.columns import Columns
 from worker.matching.compare import gender_variant
 from worker.matching.duplicates import (
@@ -509,6 +511,32 @@ def test_never_crashes_and_is_well_formed(people: list[Contact]) -> None:
         assert 0.0 < g.score <= 1.0
         assert g.reasons and set(g.reasons) <= REASONS
     assert [g.contact_ids for g in groups] == sorted(g.contact_ids for g in groups)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.text(alphabet="0123456789 -().+xX#ext", max_size=22),
+                          st.text(max_size=8)), max_size=20))
+def test_phones_coded_in_bulk_as_normalise_phone_reads_them(phones: list[str]) -> None:
+    cols = Columns(contact(f"c{k:02d}", "Ann", "Ray", phone=p) for k, p in enumerate(phones))
+    read = [cols.phones[code] if code >= 0 else "" for code in cols.phone]
+    assert read == [normalise_phone(p) for p in phones]
+    assert len(set(cols.phones)) == len(cols.phones)  # one code per normalised phone
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet="abcdeéilnorsty", min_size=1, max_size=9), min_size=2,
+                max_size=12, unique=True))
+def test_similarity_shortcut_never_skips_similar_names(names: list[str]) -> None:
+    """Jaro-Winkler is skipped where a character-count bound says a pair cannot reach
+    the threshold; it must never skip one that does."""
+    cols = Columns(contact(f"c{k:02d}", name, "Ray") for k, name in enumerate(names))
+    codes = np.arange(len(cols.names))
+    a, b = (x.ravel() for x in np.meshgrid(codes, codes))
+    for floor in (0.8, 0.9):
+        reach = compare._could_reach(cols, "name_obj", a, b, floor)
+        for x, y, ok in zip(a.tolist(), b.tolist(), reach.tolist(), strict=True):
+            sim = JaroWinkler.normalized_similarity(cols.name_obj[x], cols.name_obj[y])
+            assert ok or sim < floor - 1e-6, (cols.name_obj[x], cols.name_obj[y], sim)
 
 
 def test_gender_variants_are_two_names() -> None:

@@ -71,7 +71,8 @@ def _char_counts(cols: Columns, vocab: str) -> tuple[np.ndarray, np.ndarray]:
     if vocab not in cols.char_counts:
         strings = getattr(cols, vocab).tolist()
         lens = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
-        chars = np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)
+        chars = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"),
+                              dtype=np.uint32)
         owner = np.repeat(np.arange(len(strings), dtype=np.int64), lens)
         counts = np.bincount(owner * _BINS + chars % _BINS, minlength=len(strings) * _BINS)
         dtype = np.uint8 if counts.max(initial=0) < 256 else np.int32
