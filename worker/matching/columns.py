@@ -111,10 +111,10 @@ class Columns:
         # The suffix of a contact: its first name's and its last name's, joined.
         sfx_codes, sfx_values = _factorize([k[2] for k in keys])
         sfx_raw = sfx_codes[raw_codes].astype(np.int64)
-        pair_codes, pair_firsts = _factorize(
-            (sfx_raw[:n] * len(sfx_values) + sfx_raw[n:]).tolist())
+        pairs, pair_codes = np.unique(sfx_raw[:n] * len(sfx_values) + sfx_raw[n:],
+                                      return_inverse=True)
         joined = [sfx_values[p // len(sfx_values)] + sfx_values[p % len(sfx_values)]
-                  for p in pair_firsts]
+                  for p in pairs.tolist()]
         suffixes: dict[str, int] = {"": 0}
         ids = np.array([suffixes.setdefault(v, len(suffixes)) for v in joined],
                        dtype=np.int32)
