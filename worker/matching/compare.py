@@ -2,7 +2,8 @@
 
 Each field of a candidate pair gets a *level*; -1 means a value is missing on either side
 (no evidence either way, as in Fellegi–Sunter). String similarity is computed once per
-distinct pair of values, with rapidfuzz's vectorised `cpdist`.
+distinct pair of values, with rapidfuzz's vectorised `cpdist`, and only where a cheap
+character-count bound says the pair could reach the level's threshold at all.
 
 - first, last: 4 same · 3 one name holds the other (nickname, middle name, married or
   double name "Smith"/"Smith-Doe") · 2 Jaro-Winkler ≥ 0.92 · 1 ≥ 0.80 · 0 other.
