@@ -81,10 +81,13 @@ def _phone_codes(raw: list) -> tuple[np.ndarray, list[str]]:
     codes: np.ndarray = inverse.astype(np.int32).reshape(-1)
     if len(uniq) and uniq[0] < 0:
         uniq, codes = uniq[1:], codes - 1
-    if not len(uniq):
-        return codes, []
-    width = uniq // PHONE_KEY_BASE
-    return codes, np.strings.zfill((uniq % PHONE_KEY_BASE).astype(str), width).tolist()
+    # Back to text, with the leading zeros the integer lost: a kept phone has 7-10 digits.
+    digits, width = (uniq % PHONE_KEY_BASE).astype(str), uniq // PHONE_KEY_BASE
+    values = np.empty(len(uniq), dtype=object)
+    for w in range(7, 11):
+        if (sel := width == w).any():
+            values[sel] = np.char.zfill(digits[sel], w)
+    return codes, values.tolist()
 
 
 class Columns:
