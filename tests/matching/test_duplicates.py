@@ -8,11 +8,13 @@ import logging
 import random
 from datetime import date
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rapidfuzz.distance import JaroWinkler
 
-from worker.matching import blocking, duplicates, household, nicknames
+from worker.matching import blocking, compare, duplicates, household, nicknames
 from worker.matching.columns import Columns
 from worker.matching.compare import gender_variant
 from worker.matching.duplicates import (
@@ -236,6 +238,21 @@ def test_rule_different_given_names_yields_when_dob_and_last_name_agree() -> Non
         contact("c1", "Teresa", "Santacruz", dob=date(1989, 10, 7), email="ts@x.org"),
         contact("c2", "Amalia", "Santacruz", dob=date(1989, 10, 7), email="as@y.org"),
     )
+
+
+def test_rule_different_given_names_couple_born_the_same_day() -> None:
+    """Jack and Chelsea born the same day at one home: a couple, not a typo (no typo turns
+    one name into the other); with only the home in common they stay two people."""
+    home = {"address": "7845 Christian Circle Apt 20", "postcode": "34079"}
+    stats = DuplicateStats()
+    no_groups(
+        contact("c1", "Jack", "Turner", dob=date(1989, 6, 20), email="jt@x.org",
+                phone="806-557-3508", **home),
+        contact("c2", "Chelsea", "Turner", dob=date(1989, 6, 20), email="ct@y.org",
+                phone="214-498-9861", **home),
+        stats=stats,
+    )
+    assert stats.vetoed == {"different_given_names": 1}
 
 
 def test_rule_generation_apart_father_and_son_one_name() -> None:
@@ -494,6 +511,32 @@ def test_never_crashes_and_is_well_formed(people: list[Contact]) -> None:
         assert 0.0 < g.score <= 1.0
         assert g.reasons and set(g.reasons) <= REASONS
     assert [g.contact_ids for g in groups] == sorted(g.contact_ids for g in groups)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.text(alphabet="0123456789 -().+xX#ext", max_size=22),
+                          st.text(max_size=8)), max_size=20))
+def test_phones_coded_in_bulk_as_normalise_phone_reads_them(phones: list[str]) -> None:
+    cols = Columns(contact(f"c{k:02d}", "Ann", "Ray", phone=p) for k, p in enumerate(phones))
+    read = [cols.phones[code] if code >= 0 else "" for code in cols.phone]
+    assert read == [normalise_phone(p) for p in phones]
+    assert len(set(cols.phones)) == len(cols.phones)  # one code per normalised phone
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet="abcdeéilnorsty", min_size=1, max_size=9), min_size=2,
+                max_size=12, unique=True))
+def test_similarity_shortcut_never_skips_similar_names(names: list[str]) -> None:
+    """Jaro-Winkler is skipped where a character-count bound says a pair cannot reach
+    the threshold; it must never skip one that does."""
+    cols = Columns(contact(f"c{k:02d}", name, "Ray") for k, name in enumerate(names))
+    codes = np.arange(len(cols.names))
+    a, b = (x.ravel() for x in np.meshgrid(codes, codes))
+    for floor in (0.8, 0.9):
+        reach = compare._could_reach(cols, "name_obj", a, b, floor)
+        for x, y, ok in zip(a.tolist(), b.tolist(), reach.tolist(), strict=True):
+            sim = JaroWinkler.normalized_similarity(cols.name_obj[x], cols.name_obj[y])
+            assert ok or sim < floor - 1e-6, (cols.name_obj[x], cols.name_obj[y], sim)
 
 
 def test_gender_variants_are_two_names() -> None:

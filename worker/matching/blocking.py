@@ -43,6 +43,8 @@ NAME_PASSES = (BIT["dob_name"] | BIT["names"] | BIT["name_year"] | BIT["postcode
                | BIT["number_name"] | BIT["dob"])
 SMALL_BLOCK = 12  # the loosest passes (name_year, dob): only small blocks
 LOOSE_BLOCK = 12  # passes on names alone or with a postcode or house number
+_PASS_SHIFT = 4  # low bits of a packed pair key: the index of the pass that found it
+assert len(PASSES) <= 1 << _PASS_SHIFT
 
 
 @dataclass(slots=True)
@@ -72,15 +74,23 @@ def _block_pairs(keys: np.ndarray, rows: np.ndarray, cap: int) -> tuple[np.ndarr
     if len(keys) < 2:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, 0
-    order = np.argsort(keys, kind="stable")
-    keys, rows = keys[order], rows[order]
+    width = int(rows.max()) + 1
+    if int(keys.max()) < np.iinfo(np.int64).max // width:
+        # Sort (key, row) packed into one integer: several times faster than an argsort.
+        packed = keys * width + rows
+        packed.sort()
+        keys, rows = packed // width, packed % width
+        del packed
+    else:
+        order = np.argsort(keys)  # the order within a block does not matter: i < j later
+        keys, rows = keys[order], rows[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     sizes = np.diff(np.r_[starts, len(keys)])
     out_i, out_j = [], []
-    for size in np.unique(sizes):
-        if size < 2 or size > cap:
-            continue
+    for size in range(2, min(cap, int(sizes.max())) + 1):
         at = starts[sizes == size]
+        if not len(at):
+            continue
         a, b = np.triu_indices(int(size), 1)
         out_i.append(rows[(at[:, None] + a).ravel()])
         out_j.append(rows[(at[:, None] + b).ravel()])
@@ -122,28 +132,34 @@ def candidates(cols: Columns, cap: int, focus: np.ndarray | None = None) -> Cand
                         both, min(cap, LOOSE_BLOCK)),
         "dob": (dob, rows, SMALL_BLOCK),
     }
-    keys_all, bits_all = [], []
+    # Every pass's pairs as one int64 each: (lo * n + hi) << 4 | pass index. One sort
+    # of all of them then dedups across and within passes (a pair meets twice in a
+    # pass on either name) and gathers each pair's passes, with no argsort or hashing.
+    found_all = []
     oversized = 0
     for name, (keys, which, limit) in passes.items():
         bi, bj, over = _block_pairs(keys, which, limit)
         if name not in ("name_year", "dob"):  # these skip big blocks by design
             oversized += over
         lo_ij, hi_ij = np.minimum(bi, bj), np.maximum(bi, bj)
+        del bi, bj
         keep = lo_ij != hi_ij
         if focus is not None:
             keep &= focus[lo_ij] | focus[hi_ij]
-        found = np.unique(lo_ij[keep] * n + hi_ij[keep])
-        del bi, bj, lo_ij, hi_ij, keep
-        keys_all.append(found)
-        bits_all.append(np.full(len(found), BIT[name], dtype=np.int16))
-    pair_keys = np.concatenate(keys_all) if keys_all else np.empty(0, dtype=np.int64)
-    bits = np.concatenate(bits_all) if bits_all else np.empty(0, dtype=np.int16)
-    order = np.argsort(pair_keys, kind="stable")
-    pair_keys, bits = pair_keys[order], bits[order]
-    starts = np.flatnonzero(np.r_[True, pair_keys[1:] != pair_keys[:-1]]) if len(
-        pair_keys) else np.empty(0, dtype=np.int64)
-    uniq = pair_keys[starts]
-    merged = np.bitwise_or.reduceat(bits, starts) if len(starts) else bits
+        found_all.append((lo_ij[keep] * n + hi_ij[keep]) << _PASS_SHIFT | PASSES.index(name))
+        del lo_ij, hi_ij, keep
+    found = np.concatenate(found_all) if found_all else np.empty(0, dtype=np.int64)
+    del found_all
+    found.sort()
+    pair_keys = found >> _PASS_SHIFT
+    bits = (np.int16(1) << (found & ((1 << _PASS_SHIFT) - 1)).astype(np.int16))
+    del found
+    if len(pair_keys):
+        starts = np.flatnonzero(np.r_[True, pair_keys[1:] != pair_keys[:-1]])
+        uniq = pair_keys[starts]
+        merged = np.bitwise_or.reduceat(bits, starts)
+    else:
+        uniq, merged = pair_keys, bits
     del pair_keys, bits
     return Candidates((uniq // n).astype(np.int32), (uniq % n).astype(np.int32), merged,
                       oversized)

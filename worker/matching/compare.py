@@ -2,7 +2,8 @@
 
 Each field of a candidate pair gets a *level*; -1 means a value is missing on either side
 (no evidence either way, as in Fellegi–Sunter). String similarity is computed once per
-distinct pair of values, with rapidfuzz's vectorised `cpdist`.
+distinct pair of values, with rapidfuzz's vectorised `cpdist`, and only where a cheap
+character-count bound says the pair could reach the level's threshold at all.
 
 - first, last: 4 same · 3 one name holds the other (nickname, middle name, married or
   double name "Smith"/"Smith-Doe") · 2 Jaro-Winkler ≥ 0.92 · 1 ≥ 0.80 · 0 other.
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 from rapidfuzz.distance import JaroWinkler, Levenshtein
-from rapidfuzz.process import cpdist
+from rapidfuzz.process import cdist, cpdist
 
 from worker.matching.columns import Columns
 
@@ -51,16 +52,88 @@ class Compared:
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct (a, b) code pairs and, per input pair, its index among them."""
     key = a.astype(np.int64) << 32 | (b.astype(np.int64) & 0xFFFFFFFF)
-    uniq, inverse = np.unique(key, return_inverse=True)
-    return (uniq >> 32).astype(np.int64), (uniq & 0xFFFFFFFF).astype(np.int64), inverse
+    order = np.argsort(key)  # np.unique(return_inverse=True) does the same, slower
+    key = key[order]
+    first = np.empty(len(key), dtype=bool)
+    first[:1] = True
+    np.not_equal(key[1:], key[:-1], out=first[1:])
+    uniq = key[first]
+    inverse = np.empty(len(key), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return uniq >> 32, uniq & 0xFFFFFFFF, inverse
 
 
-def _similarity(values: np.ndarray, a: np.ndarray, b: np.ndarray, scorer: Any) -> np.ndarray:
-    """scorer(values[a[k]], values[b[k]]) for each k (`values`: an object array), in C++
-    on two threads; cheaper than finding the distinct pairs first."""
+_BINS = 32  # characters hashed into this many bins for `_char_counts`
+
+
+def _char_counts(cols: Columns, vocab: str) -> tuple[np.ndarray, np.ndarray]:
+    """Length and character histogram (32 bins) of each value of `cols.<vocab>`, once
+    per run: a cheap upper bound on how similar two values can be."""
+    if vocab not in cols.char_counts:
+        strings = getattr(cols, vocab).tolist()
+        lens = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+        chars = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"),
+                              dtype=np.uint32)
+        owner = np.repeat(np.arange(len(strings), dtype=np.int64), lens)
+        counts = np.bincount(owner * _BINS + chars % _BINS, minlength=len(strings) * _BINS)
+        dtype = np.uint8 if counts.max(initial=0) < 256 else np.int32
+        cols.char_counts[vocab] = lens, counts.reshape(-1, _BINS).astype(dtype)
+    return cols.char_counts[vocab]
+
+
+def _could_reach(cols: Columns, vocab: str, a: np.ndarray, b: np.ndarray,
+                 floor: float) -> np.ndarray:
+    """Pairs whose Jaro-Winkler similarity may reach `floor` (never misses one that does).
+
+    Jaro counts matching characters, which cannot outnumber the characters the two values
+    have in common (`c`, bounded above by the histograms), so Jaro <= (c/|a| + c/|b| + 1)/3,
+    and Winkler's prefix bonus adds at most 0.4 of the rest. A margin keeps float32
+    rounding (rapidfuzz's scores) on the safe side.
+    """
+    lens, counts = _char_counts(cols, vocab)
+    out = np.empty(len(a), dtype=bool)
+    step = 200_000  # bounds the (pairs x 32) temporaries
+    for lo in range(0, len(a), step):
+        pa, pb = a[lo:lo + step], b[lo:lo + step]
+        common = np.minimum(counts[pa], counts[pb]).sum(axis=1)
+        jaro = (common / lens[pa] + common / lens[pb] + 1.0) / 3.0
+        jaro[common == 0] = 0.0
+        out[lo:lo + step] = jaro + 0.4 * (1.0 - jaro) >= floor - 1e-6
+    return out
+
+
+def _similarity(values: np.ndarray, a: np.ndarray, b: np.ndarray, scorer: Any,
+                cutoff: float | None = None, distinct: bool = True) -> np.ndarray:
+    """scorer(values[a[k]], values[b[k]]) for each k (`values`: an object array), in
+    rapidfuzz's C++ on two threads; 0 where below `cutoff`.
+
+    rapidfuzz spends most of its time per pair converting the two strings, so each
+    distinct (a, b) pair is scored once (`distinct`: names and streets repeat a lot;
+    not worth a sort for emails and phones), and a small vocabulary (cities) is scored
+    all against all once and looked up.
+    """
     if not len(a):
         return np.empty(0, dtype=np.float64)
-    return np.asarray(cpdist(values[a], values[b], scorer=scorer, workers=WORKERS))
+    if len(values) ** 2 <= len(a):
+        table = cdist(values, values, scorer=scorer, score_cutoff=cutoff, workers=WORKERS)
+        return np.asarray(table[a, b])
+    if distinct:
+        ua, ub, inverse = _unique_pairs(a, b)
+        return _similarity(values, ua, ub, scorer, cutoff, distinct=False)[inverse]
+    return np.asarray(cpdist(values[a], values[b], scorer=scorer, score_cutoff=cutoff,
+                             workers=WORKERS))
+
+
+def _jaro_winkler(cols: Columns, vocab: str, a: np.ndarray, b: np.ndarray,
+                  floor: float) -> np.ndarray:
+    """Jaro-Winkler of distinct value pairs of `cols.<vocab>` where it may reach `floor`;
+    0 elsewhere (the callers only ask whether it reaches `floor` or more)."""
+    sim = np.zeros(len(a), dtype=np.float32)
+    maybe = np.flatnonzero(_could_reach(cols, vocab, a, b, floor))
+    if len(maybe):
+        sim[maybe] = _similarity(getattr(cols, vocab), a[maybe], b[maybe],
+                                 JaroWinkler.normalized_similarity, distinct=False)
+    return sim
 
 
 def _shares_word(cols: Columns, a: np.ndarray, b: np.ndarray, first_word: bool) -> np.ndarray:
@@ -143,27 +216,30 @@ def name_levels(cols: Columns, a: np.ndarray, b: np.ndarray,
     rest = np.flatnonzero(~same & ~missing)
     related = np.zeros(len(a), dtype=bool)
     if len(rest):
-        ra, rb = a[rest], b[rest]
-        sim = _similarity(cols.name_obj, ra, rb, JaroWinkler.normalized_similarity)
+        # Names repeat: each distinct pair of names is compared once.
+        ua, ub, inv = _unique_pairs(a[rest], b[rest])
+        sim = _jaro_winkler(cols, "name_obj", ua, ub, 0.80)
         lv = np.where(sim >= 0.92, 2, np.where(sim >= 0.80, 1, 0)).astype(np.int8)
-        shares = _shares_word(cols, ra, rb, first_word)
-        rel = _related(cols, ra, rb) & ~shares  # "Mary"/"Mary Ann" is a middle name
+        shares = _shares_word(cols, ua, ub, first_word)
+        rel = _related(cols, ua, ub) & ~shares  # "Mary"/"Mary Ann" is a middle name
         lv[(rel | shares) & (lv < 3)] = 3
         lv[sim >= 1.0] = 4  # the same letters, spaced differently ("Kayl a", "O Brien")
-        level[rest] = lv
-        related[rest] = rel
+        level[rest] = lv[inv]
+        related[rest] = rel[inv]
     level[missing] = -1
     return level, related
 
 
+_NIBBLES = np.arange(28, -1, -4, dtype=np.uint32)  # YYYYMMDD, one digit per 4 bits
+
+
 def _digits(cols: Columns) -> np.ndarray:
-    """The 8 digits YYYYMMDD of each DOB, as a (n, 8) int8 array."""
-    out = np.zeros((cols.n, 8), dtype=np.int8)
-    y, m, d = cols.y.astype(np.int32), cols.m.astype(np.int32), cols.d.astype(np.int32)
-    for pos, div in enumerate((1000, 100, 10, 1)):
-        out[:, pos] = (y // div) % 10
-    out[:, 4], out[:, 5] = m // 10, m % 10
-    out[:, 6], out[:, 7] = d // 10, d % 10
+    """The 8 digits YYYYMMDD of each DOB packed into one uint32, 4 bits a digit."""
+    y, m, d = cols.y.astype(np.uint32), cols.m.astype(np.uint32), cols.d.astype(np.uint32)
+    out = np.zeros(cols.n, dtype=np.uint32)
+    for digit in (y // 1000 % 10, y // 100 % 10, y // 10 % 10, y % 10, m // 10, m % 10,
+                  d // 10, d % 10):
+        out = out << np.uint32(4) | digit
     return out
 
 
@@ -172,17 +248,25 @@ def _dob_levels(cols: Columns, i: np.ndarray, j: np.ndarray,
     di, dj = cols.dob[i], cols.dob[j]
     missing = (di < 0) | (dj < 0)
     level = np.zeros(len(i), dtype=np.int8)
-    xi, xj = digits[i], digits[j]
-    diff = xi != xj
-    ham = diff.sum(axis=1)
-    adjacent = np.zeros(len(i), dtype=bool)
-    for k in range(7):
-        adjacent |= diff[:, k] & diff[:, k + 1] & (xi[:, k] == xj[:, k + 1]) & (
-            xi[:, k + 1] == xj[:, k])
+    # Digits that differ: a 1 in the low bit of each differing 4-bit digit, summed into
+    # the top 4 bits by one multiplication.
+    x = digits[i] ^ digits[j]
+    x = (x | x >> np.uint32(1) | x >> np.uint32(2) | x >> np.uint32(3)) & np.uint32(0x11111111)
+    ham = (x * np.uint32(0x11111111)) >> np.uint32(28)
+    two = np.flatnonzero(ham == 2)
+    adjacent = np.zeros(len(two), dtype=bool)
+    if len(two):  # two adjacent digits transposed: looked at digit by digit
+        xi = (digits[i[two], None] >> _NIBBLES) & np.uint32(15)
+        xj = (digits[j[two], None] >> _NIBBLES) & np.uint32(15)
+        diff = xi != xj
+        for k in range(7):
+            adjacent |= diff[:, k] & diff[:, k + 1] & (xi[:, k] == xj[:, k + 1]) & (
+                xi[:, k + 1] == xj[:, k])
     swap = (cols.y[i] == cols.y[j]) & (cols.m[i] == cols.d[j]) & (cols.d[i] == cols.m[j]) & (
         cols.m[i] != cols.m[j])
-    level[ham == 2] = 1
-    level[(ham == 1) | ((ham == 2) & adjacent) | swap] = 2
+    level[two] = 1
+    level[two[adjacent]] = 2
+    level[(ham == 1) | swap] = 2
     level[ham == 0] = 3
     level[missing] = -1
     apart = np.abs(cols.y[i].astype(np.int32) - cols.y[j].astype(np.int32))
@@ -203,7 +287,8 @@ def _id_levels(values: np.ndarray, ci: np.ndarray, cj: np.ndarray,
     level[same] = np.where(family[ci[same]], 2, 3)
     rest = np.flatnonzero(~same & ~missing & named)
     if len(rest):
-        dist = _similarity(values, ci[rest], cj[rest], Levenshtein.distance)
+        dist = _similarity(values, ci[rest], cj[rest], Levenshtein.distance, cutoff=1,
+                           distinct=False)
         level[rest[dist <= 1]] = 1
     level[missing] = -1
     return level
@@ -258,7 +343,10 @@ def _people(cols: Columns, i: np.ndarray, j: np.ndarray, digits: np.ndarray, out
     swapped = np.zeros(n, dtype=bool)
     if len(weak):
         c1, _ = name_levels(cols, fi[weak], lj[weak])
-        c2, _ = name_levels(cols, li[weak], fj[weak])
+        # A swap needs both crossed levels >= 1: the second only where the first is.
+        c2 = np.full(len(weak), -1, dtype=np.int8)
+        ok = np.flatnonzero(c1 >= 1)
+        c2[ok] = name_levels(cols, li[weak[ok]], fj[weak[ok]])[0]
         better = (np.minimum(c1, c2) >= 1) & (np.maximum(c1, c2) >= 2) & (
             c1.astype(np.int16) + c2 > first[weak].astype(np.int16) + last[weak])
         sel = weak[better]
@@ -283,14 +371,17 @@ def _address_levels(cols: Columns, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     ni, nj = cols.number[i], cols.number[j]
     missing = ((si < 0) & (pi < 0)) | ((sj < 0) & (pj < 0))
     level = np.zeros(len(i), dtype=np.int8)
-    both = np.flatnonzero((si >= 0) & (sj >= 0))
-    street_sim = np.zeros(len(i), dtype=np.float64)
-    if len(both):
-        street_sim[both] = _similarity(cols.street_obj, si[both], sj[both],
-                                       JaroWinkler.normalized_similarity)
     same_post = (pi == pj) & (pi >= 0)
     same_num = (ni == nj) & (ni >= 0)
-    similar_street = street_sim >= 0.9
+    similar_street = (si == sj) & (si >= 0)
+    # With one postcode the street's similarity changes nothing: compared elsewhere only.
+    # (rapidfuzz returns float32; compared in float64, as always, a Jaro-Winkler of
+    # exactly 0.9 is just below the line.)
+    need = np.flatnonzero((si >= 0) & (sj >= 0) & ~similar_street & ~same_post)
+    if len(need):
+        ua, ub, inverse = _unique_pairs(si[need], sj[need])
+        sim = _jaro_winkler(cols, "street_obj", ua, ub, 0.9).astype(np.float64)
+        similar_street[need] = (sim >= 0.9)[inverse]
     level[same_post | similar_street] = 1
     level[same_num & (same_post | similar_street)] = 2
     ai, aj = cols.addr[i], cols.addr[j]

@@ -229,12 +229,12 @@ def tf_bonus(cols: Columns, codes: np.ndarray, u_exact: float) -> np.ndarray:
 def weights(model: Model, gamma: np.ndarray, tf_first: np.ndarray,
             tf_last: np.ndarray) -> np.ndarray:
     """Match weight (bits, prior included) of each pair."""
-    bayes = model.bayes()
+    # Per field, a lookup table indexed by level + 1: a missing field (-1) adds 0.
+    table = np.zeros((len(FIELDS), MAX_LEVELS + 1))
+    table[:, 1:] = model.bayes()
     total = np.full(len(gamma), np.log2(model.prior / (1 - model.prior)))
     for f in range(len(FIELDS)):
-        g = gamma[:, f]
-        ok = g >= 0
-        total[ok] += bayes[f, g[ok]]
+        total += table[f][gamma[:, f] + 1]
     exact_first = gamma[:, F_FIRST] == LEVELS["first"] - 1
     exact_last = gamma[:, F_LAST] == LEVELS["last"] - 1
     total[exact_first] += tf_first[exact_first]

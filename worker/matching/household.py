@@ -11,9 +11,11 @@ of the Contact Manager step, so each rule below vetoes a pair outright:
   not (Daniel/Danielle, Joel/Joelle, Mario/Maria: `compare.gender_variant`), and not
   first/last swapped
   - unless the DOB is identical, the last names alike and (on practice data) a personal
-  email or phone or the home shared too: then a typo or a mix-up that happens to make
-  another real name, Dean/Dan, is far likelier than two people (twins at home are the
-  price, and rare among parents).
+  email or phone shared too, or the home and first names a typo could link (Jaro-Winkler
+  0.8 or more): then a typo or a mix-up that happens to make another real name,
+  Dean/Dan, is far likelier than two people (twins at home are the price, and rare
+  among parents). Two unlike names born the same day at one home (Jack/Chelsea) are a
+  couple who share a birthday: at a million contacts there are dozens.
 - `generation_apart`: both DOBs are known and 14 or more years apart, and not one
   typed digit apart (a parent and an adult child or grandparent with one name: Jr/Sr).
 - `different_suffix`: both names carry a generational suffix and they differ (Jr/Sr).
@@ -86,9 +88,10 @@ def veto(cols: Columns, i: np.ndarray, j: np.ndarray, cmp: Compared) -> np.ndarr
         cols.phone[j] >= 0)
     nothing_personal = (dob < 2) & (email != 3) & (phone != 3)
     # Same DOB and last name: a typo that made another real name, unless practice data
-    # shows nothing of one person's in common (then: twins, or strangers born one day).
+    # shows nothing of one person's in common (then: twins, or strangers born one day),
+    # or only the home with first names no typo links (a couple born the same day).
     identical_else = (dob == 3) & (last >= 1) & (
-        ~practice | (email == 3) | (phone == 3) | (g[:, F_ADDR] >= 2))
+        ~practice | (email == 3) | (phone == 3) | ((g[:, F_ADDR] >= 2) & (first >= 1)))
     rules = [
         ((known & (fi != fj) & (first < 3) & ~cmp.related) | cmp.gendered) & ~cmp.swapped
         & ~identical_else,

@@ -39,6 +39,9 @@ PLACEHOLDER_LOCALS = frozenset(
 )
 PLACEHOLDER_DOMAINS = frozenset({"dummy.com"})
 PLACEHOLDER_PHONES = frozenset({"1234567890", "0123456789"})
+_PLACEHOLDER_PHONE_BYTES = frozenset(p.encode() for p in PLACEHOLDER_PHONES)
+_NOT_DIGIT_BYTES = bytes(b for b in range(256) if not 48 <= b <= 57)
+PHONE_KEY_BASE = 10**10
 _UNIT_WORDS = frozenset({"apt", "apartment", "unit", "suite", "ste", "no", "number", "flat"})
 STREET_WORDS = {
     "street": "st", "avenue": "ave", "av": "ave", "road": "rd", "drive": "dr",
@@ -110,16 +113,29 @@ def normalise_email(raw: str) -> str:
     return f"{local}@{domain}"
 
 
+def _phone_digits(raw: str) -> bytes:
+    """The digits `normalise_phone` keeps (b"" for none), as ASCII bytes."""
+    text = raw or ""
+    for x in "xX":  # an extension after "x" dropped
+        cut = text.find(x)
+        if cut >= 0:
+            text = text[:cut]
+    digits = text.encode("ascii", "ignore").translate(None, _NOT_DIGIT_BYTES)[-10:]
+    if len(digits) < 7 or digits.count(digits[0]) == len(digits):
+        return b""
+    return b"" if digits in _PLACEHOLDER_PHONE_BYTES else digits
+
+
 def normalise_phone(raw: str) -> str:
     """Last 10 digits, or "" for something too short or obviously fake."""
-    text = (raw or "").lower()
-    cut = text.find("x")
-    if cut >= 0:
-        text = text[:cut]
-    digits = _NON_DIGIT.sub("", text)[-10:]
-    if len(digits) < 7 or digits.count(digits[0]) == len(digits):
-        return ""
-    return "" if digits in PLACEHOLDER_PHONES else digits
+    return _phone_digits(raw).decode()
+
+
+def phone_key(raw: str) -> int:
+    """`normalise_phone` as one integer (its length and its digits), -1 for "": a
+    million phones coded by a numpy sort rather than a dict of strings."""
+    digits = _phone_digits(raw)
+    return len(digits) * PHONE_KEY_BASE + int(digits) if digits else -1
 
 
 def normalise_postcode(raw: str) -> str:
