@@ -70,16 +70,16 @@ class Columns:
         self.email, self.emails = _codes([c.email for c in rows], normalise_email)
         self.phone, self.phones = _codes([c.phone for c in rows], normalise_phone)
         self.city, self.cities = _codes([c.city for c in rows], lambda v: fold(v).strip())
-        self.postcode, _ = _codes([c.postcode for c in rows], normalise_postcode)
+        self.postcode, self.postcodes = _codes([c.postcode for c in rows], normalise_postcode)
         address_raw = [c.address or "" for c in rows]
         parts = {v: address_parts(v) for v in dict.fromkeys(address_raw)}
-        self.number, numbers = _codes([parts[v][0] for v in address_raw], str)
+        self.number, self.numbers = _codes([parts[v][0] for v in address_raw], str)
         self.street, self.streets = _codes([parts[v][1] for v in address_raw], str)
         del address_raw, parts
         # The whole address (house, street, postcode) as one code; -1 without a street
         # or postcode. The house number's code is shifted by one (-1, none, becomes 0)
         # and spaced by the count of numbers, so "4 Main St" and "1 Oak St" never meet.
-        key = self.street.astype(np.int64) * (len(numbers) + 1) + (self.number + 1)
+        key = self.street.astype(np.int64) * (len(self.numbers) + 1) + (self.number + 1)
         key = key * (int(self.postcode.max(initial=0)) + 2) + self.postcode
         key[(self.street < 0) | (self.postcode < 0)] = -1
         _, self.addr = np.unique(key, return_inverse=True)
