@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Policy, Settings
 from worker.checks import CheckContext, run_checks
 from worker.checks.rootcause import BLOCKERS
+from worker.matching.index import Learned
 from worker.model.findings import FixKind
 from worker.model.scope import ALL, Scope, for_contact, for_patient
 from worker.model.snapshot import Snapshot
@@ -82,6 +83,9 @@ class RunResult:
     op_ids: dict[str, set[str]] | None = None
     # Rows a family-scoped run read from the sources (None: a practice read).
     rows_read: int | None = None
+    # With `keep_duplicate_index`: what the duplicate matcher learned over every contact
+    # (worker.matching.index.Learned), for incremental scans to come.
+    learned_duplicates: Learned | None = None
 
     def summary(self) -> dict[str, Any]:
         extra = {} if self.rows_read is None else {"rows_read": self.rows_read}
@@ -192,6 +196,7 @@ def reconcile(
     defer_fixes: bool = False,
     keep_op_ids: bool = False,
     write_section: Callable[[], AbstractContextManager[Ceded | None]] | None = None,
+    keep_duplicate_index: bool = False,
 ) -> RunResult:
     """Run every check on a fresh read and fold the result into the state database.
 
@@ -202,6 +207,7 @@ def reconcile(
     not queued, and the guard is left to whoever settles the whole run.
     `write_section` (a practice scan's, worker.scan.locks.practice_write) is entered
     around the state writes and yields the ids to leave to newer family runs.
+    `keep_duplicate_index`: return what the duplicate matcher learned (a full scan).
     """
     settings = deps.settings
     practice = settings.practice
@@ -245,6 +251,7 @@ def reconcile(
             unreadable_min_rows=settings.unreadable_alert_min_rows,
             whole=whole,
             duplicate_threshold=settings.duplicate_match_threshold,
+            keep_duplicate_index=keep_duplicate_index,
         )
         every = run_checks(ctx)
         findings = [f for f in every if scope.covers_finding(f)]
@@ -333,6 +340,7 @@ def reconcile(
             total_seconds=total, suppressed_recent=ctx.suppressed_recent,
             action_ids=action_ids, trace=trace,
             op_ids=op_row_ids(snap) if keep_op_ids else None,
+            learned_duplicates=ctx.learned_duplicates[0] if ctx.learned_duplicates else None,
         )
         bound.info("run_finished", run_id=run_id, **{
             k: v for k, v in result.summary().items() if k in ("records", "findings", "new",
