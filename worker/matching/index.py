@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 import zlib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +187,8 @@ class KeyIndex:
                 version, keys = int(z["version"][0]), z["keys"]
                 lengths, packed = z["lengths"], z["ids"]
             raw = zlib.decompress(packed.tobytes())
-        except (OSError, KeyError, IndexError, zlib.error, EOFError) as err:
+        except (OSError, KeyError, IndexError, ValueError, EOFError, zlib.error,
+                zipfile.BadZipFile) as err:
             raise ValueError(f"not a kept key index: {type(err).__name__}") from err
         if version != KEY_VERSION or keys.ndim != 2 or keys.shape[1] != len(KEYS) or (
                 len(lengths) != len(keys)) or int(lengths.sum()) != len(raw):
