@@ -598,21 +598,27 @@ def test_one_changed_contact_reads_its_candidates_not_the_practice(
     assert _open_duplicates(deps) == before
 
 
-@pytest.mark.parametrize("why", ["no model kept", "a scan kept no keys"])
+@pytest.mark.parametrize("why", ["no model kept", "a scan kept no keys", "a bulk change"])
 def test_without_a_kept_model_the_whole_matcher_runs_and_says_so(
-    why: str, practice: Path, tmp_path: Path, make_settings: Any
+    why: str, practice: Path, tmp_path: Path, make_settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A state DB from before the kept index (or a full scan that kept none: a sharded
     one) makes the next incremental scan read every contact and run the whole matcher,
-    as before, and say so; it keeps what it learned, so the scan after is cheap again."""
+    as before, and say so; it keeps what it learned, so the scan after is cheap again.
+    So does a bulk change (here: any change, with the bulk threshold lowered)."""
     from structlog.testing import capture_logs
 
+    from worker.scan import duplicate_index
     from worker.state.models import DuplicateIndex
 
     tables, store, op, deps = _one_changed_contact(practice, tmp_path, make_settings)
     with deps.sessions() as session, session.begin():
         if why == "no model kept":
             session.execute(sa.delete(DuplicateIndex))
+        elif why == "a bulk change":
+            monkeypatch.setattr(duplicate_index, "MIN_BULK", 0)
+            monkeypatch.setattr(duplicate_index, "BULK_SHARE", 0.0)
         else:  # the watermark moved on without the kept keys
             mark = kv_get(session, "test", WATERMARK)
             from worker.state.db import kv_set
@@ -627,14 +633,15 @@ def test_without_a_kept_model_the_whole_matcher_runs_and_says_so(
     with capture_logs() as logs:
         result = incremental_reconcile(deps, QUIET + timedelta(minutes=30))
     [fallback] = [e for e in logs if e["event"] == "duplicates_whole_rerun"]
-    assert ("no model learned" if why == "no model kept" else "miss changes") in (
-        fallback["reason"])
+    assert {"no model kept": "no model learned", "a scan kept no keys": "miss changes",
+            "a bulk change": "a bulk change"}[why] in fallback["reason"]
     assert any("the whole matcher ran" in line for line in result.trace)
     assert op.contact_rows >= len(live(tables["contacts"]))
     grown = [r for r in _duplicate_rows(deps) if "C9999999" in (r.contact_ids or ())]
     assert grown and set(group.contact_ids) < set(grown[0].contact_ids)
 
     # What it learned is kept: the next scan with a changed contact is cheap again.
+    monkeypatch.undo()
     tables["contacts"][-1]["first_name"] = parent["first_name"].upper()
     tables["contacts"][-1]["updated_at"] = (QUIET + timedelta(minutes=31)).isoformat()
     store.write(tables)

@@ -14,10 +14,11 @@ row per practice, ~90 bytes a contact). An incremental scan in which contacts ch
    watermark, and marks the index as covering it (`covered_at`).
 
 The kept index is used only while it covers the last watermark: a sharded full scan or
-a failed write leaves it behind, and so does a missing or older-version model. Then the
-scan falls back to reading every contact and running the whole matcher, as before, says
-so in its log and trace, and keeps what that run learned. A scan with no contact changes
-only moves `covered_at` along.
+a failed write leaves it behind, and so does a missing or older-version model. Then, and
+for a bulk change (more than `BULK_SHARE` of the contacts to decide), the scan falls back
+to reading every contact and running the whole matcher, as before, says so in its log
+and trace, and keeps what that run learned. A scan with no contact changes only moves
+`covered_at` along.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ from worker.state import duplicates as kept
 log = structlog.get_logger(__name__)
 
 Persist = Callable[[Session], None]
+
+# More contacts to decide than this share of the practice (and at least MIN_BULK): read
+# every contact and run the whole matcher instead of reading each one's candidates by id.
+BULK_SHARE = 0.05
+MIN_BULK = 1000
 
 _cache_lock = threading.Lock()
 _cache: dict[str, tuple[str, KeyIndex]] = {}  # practice -> (token, the build's keys)
@@ -141,6 +147,9 @@ def decide(deps: Any, reads: Any, focus: set[str], mark_at: datetime,
     model, index, reason = _kept_index(deps, mark_at)
     if model is None or index is None:
         return _whole(deps, reads, focus, now, reason)
+    if len(focus) > max(MIN_BULK, index.n * BULK_SHARE):
+        return _whole(deps, reads, focus, now, f"{len(focus)} contacts changed (a bulk "
+                      "change: one read of every contact costs less than reads by id)")
     rows_before = reads.rows
     current: dict[str, Contact] = {}
     for c in _read(reads, focus):
