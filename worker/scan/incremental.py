@@ -22,14 +22,16 @@ full scans almost nothing changes, so an incremental scan:
    adapters' targeted reads (`select_*`; a filtered full stream for adapters without);
 5. runs the ordinary `reconcile` on that partial snapshot.
 
-`contact_duplicate`: when contacts changed (deleted ones included), the scan also
-streams the whole contacts table and the matcher runs over all of it, as in a full scan
-(same blocks, same learned weights). The contacts it decides are the changed ones and
-every member of an open group holding one (`grouped_with`); it keeps the groups holding
-one of those (`Snapshot.duplicate_findings`), and the scope decides exactly the groups
-that hold one (`Scope.duplicate_contact_ids`): a new group is raised, a group that no
-longer holds, grew or shrank is resolved, groups of unchanged contacts nearby are left
-alone. With no contact changed, the check is skipped.
+`contact_duplicate`: when contacts changed (deleted ones included), the contacts it
+decides are the changed ones and every member of an open group holding one
+(`grouped_with`). worker.scan.duplicate_index compares them with every contact of the
+practice through the same blocks, with the parameters the last full scan learned, from
+the blocking keys that scan kept: it reads by id only them and their candidates (the
+whole contacts table and the whole matcher only when no usable index is kept). It keeps
+the groups holding one of those (`Snapshot.duplicate_findings`), and the scope decides
+exactly the groups that hold one (`Scope.duplicate_contact_ids`): a new group is raised,
+a group that no longer holds, grew or shrank is resolved, groups of unchanged contacts
+nearby are left alone. With no contact changed, the check is skipped.
 
 What it leaves to the nightly full scan (docs/benchmarks.md): portal links added or
 removed by hand (links carry no change time; our own fixes are verified through their
@@ -85,7 +87,7 @@ FamilyGuard = Callable[[float, Scope], AbstractContextManager[None]]
 WATERMARK = "watermark"
 OVERLAP_SLACK = timedelta(minutes=5)
 # Checks that need the whole practice, not a neighbourhood: skipped unless contacts
-# changed (then the contacts table is read whole for them).
+# changed (then decided through the kept duplicate index: worker.scan.duplicate_index).
 FULL_SCAN_ONLY = frozenset({"contact_duplicate"})
 
 
