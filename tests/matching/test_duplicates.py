@@ -136,6 +136,14 @@ def test_same_address_with_same_name_counts_despite_formatting() -> None:
     assert g.reasons == ("same first name", "same last name", "same address")
 
 
+def test_two_homes_on_one_postcode_are_never_the_same_address() -> None:
+    """More house numbers than streets once made "4 Main St" and "1 Oak St" one code."""
+    homes = ["1 Main St", "2 Main St", "3 Main St", "4 Main St", "1 Oak St"]
+    cols = Columns([contact(f"c{k}", "A", "B", address=a, postcode="04101")
+                    for k, a in enumerate(homes)])
+    assert len(set(cols.addr.tolist())) == len(homes)
+
+
 def test_dob_typo_and_a_move_with_the_same_email() -> None:
     g = one_group(
         contact("c1", "Lucia", "Ferraro", email="lf@x.org", dob=date(1986, 3, 14),

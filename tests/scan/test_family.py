@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scan.test_incremental import Store, pg_url, read_tables, state_deps  # noqa: F401
+from scan.test_incremental import Store, pg_databases, pg_url, read_tables, state_deps  # noqa: F401
 
 from config.settings import Settings, load_settings
 from worker.devtools.generator import generate_practice

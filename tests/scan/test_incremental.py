@@ -2,9 +2,15 @@
 
 A generated practice is scanned in full, the state database copied, ~20 random changes
 are made to the sources (planted defects fixed, new ones made, `updated_at` touched), and
-then one copy gets an incremental scan and the other a full one: the open findings
-(`contact_duplicate` aside, which only full scans decide) must be identical, state by
-state. The same on CSV exports, SQLite and PostgreSQL, whose targeted reads differ.
+then one copy gets an incremental scan and the other a full one: the open findings must
+be identical, state by state (`contact_duplicate` compared as groups: its detail carries
+the match probability, which an incremental scan computes with the last full scan's
+parameters). The same on CSV exports, SQLite and PostgreSQL, whose targeted reads
+differ; on PostgreSQL sources the state databases are PostgreSQL too.
+
+Duplicate groups in incremental scans (worker.scan.duplicate_index): one changed contact
+costs a few contact rows read by id, not the contacts table; without a kept model the
+whole matcher runs, as before, and says so.
 """
 
 from __future__ import annotations
@@ -133,22 +139,36 @@ class Store:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test (the targeted reads use arrays there)."""
+def pg_databases() -> Iterator[Any]:
+    """Fresh PostgreSQL databases for one test (sources, state), dropped after it."""
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"oprecon_inc_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    names: list[str] = []
+
+    def create() -> str:
+        name = f"oprecon_inc_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        names.append(name)
+        return sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(False)
+
     try:
-        yield sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(False)
+        yield create
     finally:
         with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            for name in names:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
-def state_deps(path: Path, settings: Settings, op: Any, portal: Any) -> Deps:
-    url = f"sqlite:///{path}"
+@pytest.fixture
+def pg_url(pg_databases: Any) -> str:
+    """A fresh PostgreSQL database for one test (the targeted reads use arrays there)."""
+    return str(pg_databases())
+
+
+def state_deps(path: Path | str, settings: Settings, op: Any, portal: Any) -> Deps:
+    """A migrated state DB: SQLite at `path`, or a database URL."""
+    url = path if isinstance(path, str) else f"sqlite:///{path}"
     migrate(url)
     return Deps(settings.model_copy(update={"state_db_url": url}),
                 session_factory(make_engine(url)), op, portal)
@@ -293,18 +313,27 @@ def test_incremental_matches_full_after_random_changes(
     backend: str, practice: Path, tmp_path: Path, make_settings: Any,
     request: pytest.FixtureRequest,
 ) -> None:
-    pg = request.getfixturevalue("pg_url") if backend == "postgresql" else None
-    store = Store(backend, tmp_path / "src", pg)
+    """On PostgreSQL sources the state databases are PostgreSQL too."""
+    create = request.getfixturevalue("pg_databases") if backend == "postgresql" else None
+    store = Store(backend, tmp_path / "src", create() if create else None)
+    states: list[Deps] = []
     try:
         tables = read_tables(practice)
         store.write(tables)
         settings = make_settings()
         op, portal = store.readers()
-        inc = state_deps(tmp_path / "inc.sqlite", settings, op, portal)
+        inc = state_deps(create() if create else tmp_path / "inc.sqlite", settings, op, portal)
+        states.append(inc)
         first = full_reconcile(inc, NOW)
         assert first.plan.items
-        shutil.copy(tmp_path / "inc.sqlite", tmp_path / "full.sqlite")
-        full = state_deps(tmp_path / "full.sqlite", settings, op, portal)
+        if create:
+            full = state_deps(create(), settings, op, portal)
+            states.append(full)
+            full_reconcile(full, NOW)
+        else:
+            shutil.copy(tmp_path / "inc.sqlite", tmp_path / "full.sqlite")
+            full = state_deps(tmp_path / "full.sqlite", settings, op, portal)
+        assert open_findings(full) == open_findings(inc)
 
         rng = random.Random(f"changes-{backend}")
         kinds = [change(tables, rng) for _ in range(20)]
@@ -338,6 +367,9 @@ def test_incremental_matches_full_after_random_changes(
             op.close()
             portal.close()
     finally:
+        for deps in states:  # before their databases are dropped
+            engine = deps.sessions.kw["bind"]
+            engine.dispose()
         store.close()
 
 
@@ -477,6 +509,160 @@ def test_incremental_scan_decides_a_changed_contacts_duplicate_group(
     before = _open_duplicates(deps)
     reconcile(deps, kind="full", now=NOW + timedelta(minutes=40))
     assert _open_duplicates(deps) == before
+
+
+class CountingOP:
+    """An OP source that counts the contact rows it hands out, however asked."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.contact_rows = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _count(self, rows: Iterator[Any]) -> Iterator[Any]:
+        for row in rows:
+            self.contact_rows += 1
+            yield row
+
+    def contacts(self, since: datetime | None = None) -> Iterator[Any]:
+        return self._count(self.inner.contacts(since))
+
+    def select_contacts(self, **ids: Any) -> Iterator[Any]:
+        return self._count(self.inner.select_contacts(**ids))
+
+    def read_changed(self, table: str, since: datetime) -> Iterator[Any]:
+        rows = self.inner.read_changed(table, since)
+        return self._count(rows) if table == "contacts" else rows
+
+
+def _duplicate_rows(deps: Any) -> list[FindingRow]:
+    with deps.sessions() as session:
+        return list(session.scalars(select(FindingRow).where(
+            FindingRow.check == "contact_duplicate")))
+
+
+def _one_changed_contact(
+    practice: Path, tmp_path: Path, make_settings: Any
+) -> tuple[Tables, Store, CountingOP, Deps]:
+    tables = read_tables(practice)
+    store = Store("csv", tmp_path / "src", None)
+    store.write(tables)
+    op, portal = store.readers()
+    counting = CountingOP(op)
+    deps = state_deps(tmp_path / "s.sqlite", make_settings(), counting, portal)
+    full_reconcile(deps, NOW)
+    # Settle what the generator changed just before NOW and confirm the pending findings
+    # (test_watermark_cheap_run_and_first_run): then only the test's changes are new.
+    incremental_reconcile(deps, NOW + timedelta(minutes=20))
+    incremental_reconcile(deps, QUIET - timedelta(minutes=20))
+    return tables, store, counting, deps
+
+
+QUIET = NOW + timedelta(minutes=60)
+
+
+def test_one_changed_contact_reads_its_candidates_not_the_practice(
+    practice: Path, tmp_path: Path, make_settings: Any
+) -> None:
+    """With what the full scan kept (its parameters, every contact's blocking keys), an
+    incremental scan in which one contact changed reads that contact and its candidates
+    by id: a re-registration of an unchanged parent is raised, and a group whose record
+    staff corrected to someone else is resolved, each from a few dozen contact rows."""
+    tables, store, op, deps = _one_changed_contact(practice, tmp_path, make_settings)
+    contacts = len(live(tables["contacts"]))
+    pairs = [r for r in _duplicate_rows(deps) if len(r.contact_ids or ()) == 2]
+    grouped = {c for r in _duplicate_rows(deps) for c in r.contact_ids or ()}
+    parent = next(r for r in tables["contacts"] if r["contact_id"] not in grouped
+                  and "@" in r["email"] and r["dob"] and r["active"] == "true")
+
+    # A re-registration of an unchanged contact (typed in capitals, a new phone).
+    tables["contacts"].append(dict(parent, contact_id="C9999999", phone="",
+                                   first_name=parent["first_name"].upper(),
+                                   updated_at=(QUIET + timedelta(minutes=1)).isoformat()))
+    store.write(tables)
+    op.contact_rows = 0
+    first = incremental_reconcile(deps, QUIET + timedelta(minutes=30))
+    assert any("through the kept blocking keys" in line for line in first.trace)
+    assert op.contact_rows < 25 < contacts, op.contact_rows
+    raised = [r for r in _duplicate_rows(deps) if "C9999999" in (r.contact_ids or ())]
+    assert [(tuple(r.contact_ids), r.state) for r in raised] == [
+        (tuple(sorted([parent["contact_id"], "C9999999"])), S.OPEN)]
+
+    # Staff correct one record of a pair: it was someone else all along.
+    group = pairs[0]
+    for row in tables["contacts"]:
+        if row["contact_id"] == group.contact_ids[1]:
+            row.update(first_name="Quentin", last_name="Abernathy-Voss", dob="1949-02-03",
+                       email="qav@example.net", phone="207-555-0188",
+                       address="1 Lighthouse Rd", postcode="04101",
+                       updated_at=(QUIET + timedelta(minutes=31)).isoformat())
+    store.write(tables)
+    op.contact_rows = 0
+    incremental_reconcile(deps, QUIET + timedelta(minutes=60))
+    assert op.contact_rows < 25, op.contact_rows
+    with deps.sessions() as session:
+        assert session.get(FindingRow, group.id).state == S.RESOLVED
+    # The nightly full scan agrees with both.
+    before = _open_duplicates(deps)
+    op.contact_rows = 0
+    full_reconcile(deps, QUIET + timedelta(minutes=70))
+    assert op.contact_rows >= contacts
+    assert _open_duplicates(deps) == before
+
+
+@pytest.mark.parametrize("why", ["no model kept", "a scan kept no keys", "a bulk change"])
+def test_without_a_kept_model_the_whole_matcher_runs_and_says_so(
+    why: str, practice: Path, tmp_path: Path, make_settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A state DB from before the kept index (or a full scan that kept none: a sharded
+    one) makes the next incremental scan read every contact and run the whole matcher,
+    as before, and say so; it keeps what it learned, so the scan after is cheap again.
+    So does a bulk change (here: any change, with the bulk threshold lowered)."""
+    from structlog.testing import capture_logs
+
+    from worker.scan import duplicate_index
+    from worker.state.models import DuplicateIndex
+
+    tables, store, op, deps = _one_changed_contact(practice, tmp_path, make_settings)
+    with deps.sessions() as session, session.begin():
+        if why == "no model kept":
+            session.execute(sa.delete(DuplicateIndex))
+        elif why == "a bulk change":
+            monkeypatch.setattr(duplicate_index, "MIN_BULK", 0)
+            monkeypatch.setattr(duplicate_index, "BULK_SHARE", 0.0)
+        else:  # the watermark moved on without the kept keys
+            mark = kv_get(session, "test", WATERMARK)
+            from worker.state.db import kv_set
+            kv_set(session, "test", WATERMARK, {**mark, "at": (QUIET + timedelta(
+                minutes=5)).isoformat()}, QUIET)
+    group = _duplicate_rows(deps)[0]
+    parent = next(r for r in tables["contacts"] if r["contact_id"] == group.contact_ids[0])
+    tables["contacts"].append(dict(parent, contact_id="C9999999", phone="",
+                                   updated_at=(QUIET + timedelta(minutes=6)).isoformat()))
+    store.write(tables)
+    op.contact_rows = 0
+    with capture_logs() as logs:
+        result = incremental_reconcile(deps, QUIET + timedelta(minutes=30))
+    [fallback] = [e for e in logs if e["event"] == "duplicates_whole_rerun"]
+    assert {"no model kept": "no model learned", "a scan kept no keys": "miss changes",
+            "a bulk change": "a bulk change"}[why] in fallback["reason"]
+    assert any("the whole matcher ran" in line for line in result.trace)
+    assert op.contact_rows >= len(live(tables["contacts"]))
+    grown = [r for r in _duplicate_rows(deps) if "C9999999" in (r.contact_ids or ())]
+    assert grown and set(group.contact_ids) < set(grown[0].contact_ids)
+
+    # What it learned is kept: the next scan with a changed contact is cheap again.
+    monkeypatch.undo()
+    tables["contacts"][-1]["first_name"] = parent["first_name"].upper()
+    tables["contacts"][-1]["updated_at"] = (QUIET + timedelta(minutes=31)).isoformat()
+    store.write(tables)
+    op.contact_rows = 0
+    again = incremental_reconcile(deps, QUIET + timedelta(minutes=60))
+    assert any("through the kept blocking keys" in line for line in again.trace)
+    assert op.contact_rows < 60
 
 
 def _open_duplicates(deps: Any) -> set[tuple[str, ...]]:

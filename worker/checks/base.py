@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -19,6 +20,9 @@ from worker.checks.catalog import BY_ID
 from worker.model.findings import Action, Finding, Severity
 from worker.model.records import FamilyContact
 from worker.model.snapshot import FileShares, Snapshot, shares_over
+
+if TYPE_CHECKING:
+    from worker.matching.index import Learned
 
 CheckFn = Callable[["CheckContext"], Iterable[Finding]]
 
@@ -41,6 +45,10 @@ class CheckContext:
     whole: bool = True
     # Findings dropped because they would rest on a row that could not be read.
     suppressed_unknown: int = 0
+    # A full scan keeps the duplicate matcher's learned parameters and every contact's
+    # blocking keys for incremental scans (worker.matching.index.Learned), here.
+    keep_duplicate_index: bool = False
+    learned_duplicates: list[Learned] = field(default_factory=list)
     # The unreadable shares a partial run measured outside its snapshot (a shard's whole
     # streams, an incremental scan's changed rows against each file's size): these
     # decide the limit when given, as the snapshot's own shares do for a whole run.

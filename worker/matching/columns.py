@@ -127,16 +127,17 @@ class Columns:
                                          repeats=False)
         self.phone, self.phones = _phone_codes([c.phone for c in rows])
         self.city, self.cities = _codes([c.city for c in rows], lambda v: fold(v).strip())
-        self.postcode, _ = _codes([c.postcode for c in rows], normalise_postcode)
+        self.postcode, self.postcodes = _codes([c.postcode for c in rows], normalise_postcode)
         addr_codes, addr_distinct = _factorize([c.address or "" for c in rows])
         parts = [address_parts(v) for v in addr_distinct]
-        number, _ = _codes([p[0] for p in parts], str)
+        number, self.numbers = _codes([p[0] for p in parts], str)
         street, self.streets = _codes([p[1] for p in parts], str)
         self.number, self.street = number[addr_codes], street[addr_codes]
         del addr_codes, addr_distinct, parts
         # The whole address (house, street, postcode) as one code; -1 without a street
-        # or postcode.
-        key = self.street.astype(np.int64) * (len(self.streets) + 1) + self.number
+        # or postcode. The house number's code is shifted by one (-1, none, becomes 0)
+        # and spaced by the count of numbers, so "4 Main St" and "1 Oak St" never meet.
+        key = self.street.astype(np.int64) * (len(self.numbers) + 1) + (self.number + 1)
         key = key * (int(self.postcode.max(initial=0)) + 2) + self.postcode
         key[(self.street < 0) | (self.postcode < 0)] = -1
         _, self.addr = np.unique(key, return_inverse=True)

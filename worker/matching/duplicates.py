@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -97,6 +97,8 @@ class DuplicateStats:
     vetoed: dict[str, int] = field(default_factory=dict)
     prior: float = 0.0
     trained: bool = False
+    # The parameters learned (an incremental scan scores with them: worker.matching.index).
+    model: fellegi_sunter.Model | None = None
 
 
 # -- reasons ------------------------------------------------------------------------------
@@ -160,12 +162,15 @@ def find_duplicate_groups(
     max_block: int = DEFAULT_MAX_BLOCK,
     stats: DuplicateStats | None = None,
     focus: Collection[str] | None = None,
+    on_columns: Callable[[Columns], None] | None = None,
 ) -> list[DuplicateGroup]:
     """Groups of contacts that are one person, by the pipeline of the module docstring.
 
     `focus` (contact ids), when given, returns only the groups holding one of them: the
     changed contacts of an incremental scan, compared with every contact through the
     same blocks and scored with weights learned from the same population.
+    `on_columns` is given the normalised columns before placeholders are made missing
+    (a full scan keeps their blocking keys: worker.matching.index).
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError("threshold must be in (0, 1)")
@@ -173,7 +178,7 @@ def find_duplicate_groups(
         raise ValueError("max_block must be at least 2")
     st = stats if stats is not None else DuplicateStats()
     with _gc_paused():
-        groups = _find(contacts, threshold, max_block, st, focus)
+        groups = _find(contacts, threshold, max_block, st, focus, on_columns)
     log.info(
         "duplicates: contacts=%d comparisons=%d pairs=%d groups=%d placeholder_values=%d "
         "placeholder_contacts=%d oversized_blocks=%d conflicting_links=%d vetoed=%s",
@@ -199,9 +204,11 @@ def _gc_paused() -> Iterator[None]:
 
 def _find(
     contacts: Iterable[Contact], threshold: float, max_block: int, st: DuplicateStats,
-    focus: Collection[str] | None,
+    focus: Collection[str] | None, on_columns: Callable[[Columns], None] | None = None,
 ) -> list[DuplicateGroup]:
     cols = Columns(contacts)
+    if on_columns is not None:
+        on_columns(cols)
     st.contacts = cols.n
     for name in ("email", "phone", "addr"):
         cols.blank_common(name, max_block)
@@ -213,7 +220,7 @@ def _find(
     cmp = compare(cols, cand.i, cand.j)
     vetoes = household.veto(cols, cand.i, cand.j, cmp)
     model = fellegi_sunter.train(cols, cmp.gamma, cand.passes, vetoes < 0)
-    st.prior, st.trained = model.prior, model.trained
+    st.prior, st.trained, st.model = model.prior, model.trained, model
     tf_first = fellegi_sunter.tf_bonus(cols, cols.first, model.u[F_FIRST, 4])
     tf_last = fellegi_sunter.tf_bonus(cols, cols.last, model.u[F_LAST, 4])
     weight = fellegi_sunter.weights(model, cmp.gamma, tf_first[cand.i], tf_last[cand.i])

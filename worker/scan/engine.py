@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Policy, Settings
 from worker.checks import CheckContext, run_checks
 from worker.checks.rootcause import BLOCKERS
+from worker.matching.index import Learned
 from worker.model.findings import FixKind
 from worker.model.scope import ALL, Scope, for_contact, for_patient
 from worker.model.snapshot import FileShares, Snapshot
@@ -82,6 +83,9 @@ class RunResult:
     op_ids: dict[str, set[str]] | None = None
     # Rows a family-scoped run read from the sources (None: a practice read).
     rows_read: int | None = None
+    # With `keep_duplicate_index`: what the duplicate matcher learned over every contact
+    # (worker.matching.index.Learned), for incremental scans to come.
+    learned_duplicates: Learned | None = None
 
     def summary(self) -> dict[str, Any]:
         extra = {} if self.rows_read is None else {"rows_read": self.rows_read}
@@ -213,6 +217,7 @@ def reconcile(
     keep_op_ids: bool = False,
     write_section: Callable[[], AbstractContextManager[Ceded | None]] | None = None,
     files: FileShares | None = None,
+    keep_duplicate_index: bool = False,
 ) -> RunResult:
     """Run every check on a fresh read and fold the result into the state database.
 
@@ -229,6 +234,7 @@ def reconcile(
     unreadable limit as a whole run's snapshot does. A partial run that read no file
     whole (an incremental or family run) also keeps to the last whole read's verdict
     (BLIND_KEY "over"): no fixes while a file was over the limit then.
+    `keep_duplicate_index`: return what the duplicate matcher learned (a full scan).
     """
     settings = deps.settings
     practice = settings.practice
@@ -280,6 +286,7 @@ def reconcile(
             files=files,
             carried={t: (int(v.get("bad") or 0), int(v.get("total") or 0))
                      for t, v in carried.items()},
+            keep_duplicate_index=keep_duplicate_index,
         )
         every = run_checks(ctx)
         findings = [f for f in every if scope.covers_finding(f)]
@@ -381,6 +388,7 @@ def reconcile(
             total_seconds=total, suppressed_recent=ctx.suppressed_recent,
             action_ids=action_ids, trace=trace,
             op_ids=op_row_ids(snap) if keep_op_ids else None,
+            learned_duplicates=ctx.learned_duplicates[0] if ctx.learned_duplicates else None,
         )
         bound.info("run_finished", run_id=run_id, **{
             k: v for k, v in result.summary().items() if k in ("records", "findings", "new",

@@ -22,14 +22,16 @@ full scans almost nothing changes, so an incremental scan:
    adapters' targeted reads (`select_*`; a filtered full stream for adapters without);
 5. runs the ordinary `reconcile` on that partial snapshot.
 
-`contact_duplicate`: when contacts changed (deleted ones included), the scan also
-streams the whole contacts table and the matcher runs over all of it, as in a full scan
-(same blocks, same learned weights). The contacts it decides are the changed ones and
-every member of an open group holding one (`grouped_with`); it keeps the groups holding
-one of those (`Snapshot.duplicate_findings`), and the scope decides exactly the groups
-that hold one (`Scope.duplicate_contact_ids`): a new group is raised, a group that no
-longer holds, grew or shrank is resolved, groups of unchanged contacts nearby are left
-alone. With no contact changed, the check is skipped.
+`contact_duplicate`: when contacts changed (deleted ones included), the contacts it
+decides are the changed ones and every member of an open group holding one
+(`grouped_with`). worker.scan.duplicate_index compares them with every contact of the
+practice through the same blocks, with the parameters the last full scan learned, from
+the blocking keys that scan kept: it reads by id only them and their candidates (the
+whole contacts table and the whole matcher only when no usable index is kept). It keeps
+the groups holding one of those (`Snapshot.duplicate_findings`), and the scope decides
+exactly the groups that hold one (`Scope.duplicate_contact_ids`): a new group is raised,
+a group that no longer holds, grew or shrank is resolved, groups of unchanged contacts
+nearby are left alone. With no contact changed, the check is skipped.
 
 What it leaves to the nightly full scan (docs/benchmarks.md): portal links added or
 removed by hand (links carry no change time; our own fixes are verified through their
@@ -51,7 +53,6 @@ import structlog
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from worker.checks.duplicates import duplicate_findings
 from worker.model.records import (
     WELCOME_ACTION,
     AuditEvent,
@@ -65,6 +66,7 @@ from worker.model.records import (
 )
 from worker.model.scope import Scope, for_contact, for_patient
 from worker.model.snapshot import FileShares, FileTally, Snapshot, shares_over
+from worker.scan import duplicate_index
 from worker.scan.deletions import TABLES, DeletionWatch, Removed
 from worker.scan.engine import Deps, RunResult, ScopeRequest, reconcile, utcnow
 from worker.scan.lifecycle import SyncResult
@@ -85,7 +87,7 @@ FamilyGuard = Callable[[float, Scope], AbstractContextManager[None]]
 WATERMARK = "watermark"
 OVERLAP_SLACK = timedelta(minutes=5)
 # Checks that need the whole practice, not a neighbourhood: skipped unless contacts
-# changed (then the contacts table is read whole for them).
+# changed (then decided through the kept duplicate index: worker.scan.duplicate_index).
 FULL_SCAN_ONLY = frozenset({"contact_duplicate"})
 
 
@@ -102,18 +104,22 @@ def read_watermark(session: Session, practice: str) -> dict[str, Any] | None:
     return kv_get(session, practice, WATERMARK)
 
 
-def record_scan(deps: Deps, now: datetime, result: RunResult, patients: int | None) -> None:
+def record_scan(deps: Deps, now: datetime, result: RunResult, patients: int | None,
+                also: duplicate_index.Persist | None = None) -> None:
     """After a successful full or incremental scan: move the watermark to its start.
 
     An incremental scan also counts as a successful scan of everything for the dead-man's
     switch (kv "last_success"): it looked at every record that changed. `patients` (the
     practice's size, known after a full read) is kept for the mass-change guard of later
-    incremental runs, whose snapshots hold only a neighbourhood.
+    incremental runs, whose snapshots hold only a neighbourhood. `also` writes in the
+    same transaction (the kept duplicate index, which must cover this watermark).
     """
     if result.dry_run or result.run_id is None:
         return
     practice = deps.settings.practice
     with deps.sessions() as session, session.begin():
+        if also is not None:
+            also(session)
         previous = read_watermark(session, practice) or {}
         kv_set(session, practice, WATERMARK, {
             "at": now.isoformat(), "run_id": result.run_id, "kind": result.kind,
@@ -131,13 +137,18 @@ def full_reconcile(
 ) -> RunResult:
     """A full-scope scan that also sets the watermark incremental scans start from, and
     keeps the ids of the OP rows it read for the next incremental scan to compare with
-    (worker.scan.deletions)."""
+    (worker.scan.deletions) and what its duplicate matcher learned
+    (worker.scan.duplicate_index)."""
     now = now or utcnow()
     with deps.sessions() as session:
         watch = DeletionWatch(session, deps.settings.practice)
     result = reconcile(deps, ScopeRequest(), kind=kind, now=now, task_id=task_id,
-                       keep_op_ids=True, write_section=write_section)
-    record_scan(deps, now, result, result.counts.get("patients"))
+                       keep_op_ids=True, write_section=write_section,
+                       keep_duplicate_index=True)
+    learned, result.learned_duplicates = result.learned_duplicates, None
+    record_scan(deps, now, result, result.counts.get("patients"),
+                duplicate_index.save_learned(learned, deps.settings.practice, now)
+                if learned is not None else None)
     if not result.dry_run and result.op_ids is not None:
         watch.from_snapshot(deps.sessions, result.op_ids)
         watch.keep(deps.sessions, now)
@@ -735,9 +746,10 @@ def incremental_reconcile(
     files = measured_files(changes.tally, sizes)
     over = shares_over(files.shares, settings.unreadable_alert_percent,
                        settings.unreadable_alert_min_rows)
+    mark_at = datetime.fromisoformat(mark["at"])
     if not changes.ids and not changes.emails and not due and not over:
         result = _nothing_changed(deps, now, since, reads.rows, time.perf_counter() - t0,
-                                  task_id)
+                                  task_id, duplicate_index.keep_current(deps, mark_at, now))
         if watch.read_ids:
             result.trace.append(_ids_read(removed))
         watch.keep(deps.sessions, now)
@@ -747,15 +759,15 @@ def incremental_reconcile(
     scope_ids.update(due)
     snap = neighbourhood(reads, scope_ids, changes.audit, changes.users)
     excluded, duplicate_ids = FULL_SCAN_ONLY, frozenset[str]()
+    dup: duplicate_index.Decision | None = None
     if changes.op_contacts or due.contacts:
         # Contacts changed (or a finding about contacts is due its confirming read):
-        # compare them with every contact of the practice, as a full scan does.
+        # compare them with every contact of the practice through the same blocks, as a
+        # full scan does (worker.scan.duplicate_index).
         focus = grouped_with(deps, practice, changes.op_contacts | due.contacts)
-        pool = [c for c in reads.counted(deps.op.contacts()) if isinstance(c, Contact)]
-        found = list(duplicate_findings(pool, settings.duplicate_match_threshold, focus))
-        del pool
-        snap.duplicate_findings = found
-        duplicate_ids = frozenset(focus).union(*(f.contact_ids for f in found))
+        dup = duplicate_index.decide(deps, reads, focus, mark_at, now)
+        snap.duplicate_findings = dup.findings
+        duplicate_ids = dup.decided
         excluded = frozenset()
     t_read = time.perf_counter() - t0
     label = (f"changed since {since.isoformat(timespec='seconds')}: "
@@ -778,7 +790,10 @@ def incremental_reconcile(
                            f"contact(s) and {len(scope_ids.users)} portal user(s) affected")
     if watch.read_ids:
         result.trace.insert(1, _ids_read(removed))
-    record_scan(deps, now, result, None)
+    if dup is not None:
+        result.trace.insert(1, dup.trace)
+    record_scan(deps, now, result, None, dup.persist if dup is not None
+                else duplicate_index.keep_current(deps, mark_at, now))
     watch.keep(deps.sessions, now)
     log.info("incremental_scan", run_id=result.run_id, rows_read=reads.rows,
              snapshot_records=snap.records, affected_patients=len(scope_ids.patients),
@@ -810,7 +825,7 @@ def _ids_read(removed: Removed) -> str:
 
 def _nothing_changed(
     deps: Deps, now: datetime, since: datetime, rows: int, elapsed: float,
-    task_id: str | None,
+    task_id: str | None, also: duplicate_index.Persist,
 ) -> RunResult:
     """Record the cheap run (so status and the dead-man's switch see it) and move on."""
     scope = Scope("entities", "nothing changed", exclude_checks=FULL_SCAN_ONLY)
@@ -830,5 +845,5 @@ def _nothing_changed(
         total_seconds=elapsed, suppressed_recent=0,
         trace=[f"incremental: nothing changed since {since.isoformat()} ({rows} row(s) read)"],
     )
-    record_scan(deps, now, result, None)
+    record_scan(deps, now, result, None, also)
     return result

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -225,6 +226,37 @@ class KeyValue(Base):
     practice: Mapped[str] = mapped_column(String(64), primary_key=True)
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime]
+
+
+class DuplicateIndex(Base):
+    """What an incremental scan needs to decide duplicate groups without reading every
+    contact (worker/scan/duplicate_index.py): the Fellegi-Sunter parameters the last whole
+    run of the matcher learned (`model`, JSON) and the blocking keys of every contact it
+    read (`keys`, packed by worker.matching.index). `covered_at` is the watermark whose
+    changes the keys (with `DuplicateKeyChange`) include; `token` names this build."""
+
+    __tablename__ = "duplicate_index"
+
+    practice: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token: Mapped[str] = mapped_column(String(32))
+    built_at: Mapped[datetime]
+    covered_at: Mapped[datetime]
+    contacts: Mapped[int] = mapped_column(default=0)
+    model: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    keys: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime]
+
+
+class DuplicateKeyChange(Base):
+    """A contact's blocking keys as an incremental scan last read them (`keys` None: the
+    contact is gone), applied over `DuplicateIndex.keys` until the next whole run."""
+
+    __tablename__ = "duplicate_key_changes"
+
+    practice: Mapped[str] = mapped_column(String(64), primary_key=True)
+    contact_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    keys: Mapped[list[Any] | None]
     updated_at: Mapped[datetime]
 
 
