@@ -70,3 +70,24 @@ def test_full_demo_run_logs_no_phi(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert len(logged.splitlines()) > 5
     leaked = [v for v in _phi_of_practice(PRACTICE) if v in logged]
     assert leaked == []
+
+
+def test_logs_follow_stderr_after_the_stream_they_started_on_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CLI sets up logging on stderr; when stderr was a redirect that is closed
+    later (a test's capture, a wrapper), a library thread's log line goes to the stderr
+    of the moment instead of failing with "I/O operation on closed file"."""
+    import sys
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    try:
+        setup_logging("INFO", "json")
+        first.close()
+        now = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", now)
+        logging.getLogger("mail.log").info("peer connected")
+        assert json.loads(now.getvalue())["event"] == "peer connected"
+    finally:
+        setup_logging("WARNING", "json")

@@ -71,12 +71,28 @@ def _shared_processors() -> list[Any]:
 _configured: tuple[str, str] | None = None
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the write, so a handler set up
+    while stderr was redirected (a test's capture, an embedding tool) never writes to
+    that stream after it is closed, from a library's thread for instance."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog and the stdlib root logger once per process (idempotent)."""
     global _configured
-    stream = stream or sys.stderr
     if fmt == "auto":
-        fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
+        fmt = "console" if getattr(stream or sys.stderr, "isatty", lambda: False)() else "json"
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if fmt == "console"
@@ -91,7 +107,7 @@ def setup_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None) ->
             renderer,
         ],
     )
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
