@@ -294,6 +294,23 @@ def test_rule_family_contact_only_shared_email_is_weak_evidence() -> None:
     assert "family_contact_only" in stats.vetoed
 
 
+def test_a_first_name_mistyped_into_no_name_at_home_is_a_re_registration() -> None:
+    """Stephen and "Stphen" at one home with the family's email and landline and no DOB:
+    nobody is called Stphen, so it is a slip of the keyboard, not a relative (issue 15:
+    first-name typos were the re-registrations missed most). Brian and Bryan, two real
+    names, stay two people on the same evidence."""
+    home = {"address": "12 Birch Rd", "postcode": "30301", "phone": "(404) 555-0101",
+            "email": "rosario.home@x.org"}
+    spouse = contact("c0", "Maria", "Rosario", dob=date(1980, 3, 3), **home)
+    group = one_group(spouse, contact("c1", "Stephen", "Rosario", **home),
+                      contact("c2", "Stphen", "Rosario", **home))
+    assert set(group.contact_ids) == {"c1", "c2"}
+    stats = DuplicateStats()
+    no_groups(spouse, contact("c1", "Brian", "Rosario", **home),
+              contact("c2", "Bryan", "Rosario", **home), stats=stats)
+    assert stats.vetoed
+
+
 def test_rule_relative_at_home_nickname_sharing_only_the_address() -> None:
     home = {"address": "77 Pine Ave", "postcode": "60601"}
     stats = DuplicateStats()

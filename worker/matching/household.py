@@ -87,6 +87,9 @@ def veto(cols: Columns, i: np.ndarray, j: np.ndarray, cmp: Compared) -> np.ndarr
     practice = (cols.email[i] >= 0) | (cols.phone[i] >= 0) | (cols.email[j] >= 0) | (
         cols.phone[j] >= 0)
     nothing_personal = (dob < 2) & (email != 3) & (phone != 3)
+    # A mistyped first name is not a relative: one edit from a known given name that is
+    # itself no known name (Stephen/Stphen, Troy/Tror), with no DOB against it.
+    typo = _first_name_typo(cols, fi, fj, first, known, dob)
     # Same DOB and last name: a typo that made another real name, unless practice data
     # shows nothing of one person's in common (then: twins, or strangers born one day),
     # or only the home with first names no typo links (a couple born the same day).
@@ -97,12 +100,35 @@ def veto(cols: Columns, i: np.ndarray, j: np.ndarray, cmp: Compared) -> np.ndarr
         & ~identical_else,
         (cmp.years_apart >= GENERATION_YEARS) & (dob >= 0) & (dob <= 1) & practice,
         (cols.suffix[i] > 0) & (cols.suffix[j] > 0) & (cols.suffix[i] != cols.suffix[j]),
-        (first < 4) & nothing_personal & ((email == 2) | (phone == 2)),
-        (first < 4) & nothing_personal & (g[:, F_ADDR] >= 1) & practice,
+        (first < 4) & nothing_personal & ((email == 2) | (phone == 2)) & ~typo,
+        (first < 4) & nothing_personal & (g[:, F_ADDR] >= 1) & practice & ~typo,
         (last == 0) & ~cmp.swapped & (email != 3) & (phone != 3) & practice,
         (first < 0) & (last < 0),
         (dob < 2) & (email < 1) & (phone < 1) & (g[:, F_ADDR] < 1),
     ]
     for pos in range(len(rules) - 1, -1, -1):
         out[rules[pos]] = pos
+    return out
+
+
+def _first_name_typo(cols: Columns, fi: np.ndarray, fj: np.ndarray, first: np.ndarray,
+                     known: np.ndarray, dob: np.ndarray) -> np.ndarray:
+    """Per pair: the first names are one edit (or one swap of neighbours) apart, exactly
+    one of them is a known given name, and the DOBs do not disagree (missing, or within
+    a typo). A name nobody is given, next to one everybody is, is a typing slip."""
+    out = np.zeros(len(fi), dtype=bool)
+    ok = (fi >= 0) & (fj >= 0)
+    one_known = np.zeros(len(fi), dtype=bool)
+    one_known[ok] = cols.name_known[fi[ok]] != cols.name_known[fj[ok]]
+    maybe = np.flatnonzero(ok & one_known & ~known & (first >= 1) & (first <= 2) & (dob != 0))
+    if not len(maybe):
+        return out
+    from rapidfuzz.distance import OSA
+
+    words = cols.name_words
+    pairs = {(int(a), int(b)) for a, b in zip(fi[maybe], fj[maybe], strict=True)}
+    slip = {(a, b) for a, b in pairs
+            if min(len(words[a][0]), len(words[b][0])) >= 3
+            and OSA.distance(words[a][0], words[b][0], score_cutoff=1) <= 1}
+    out[maybe] = [(int(a), int(b)) in slip for a, b in zip(fi[maybe], fj[maybe], strict=True)]
     return out
