@@ -4,6 +4,7 @@ SQLite state databases in tmp dirs, and a settings factory.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,10 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("OPRECON_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 BROKER_URL = os.environ.get("OPRECON_TEST_BROKER_URL", "redis://127.0.0.1:6379/14")
+
+# The test SMTP servers (aiosmtpd) log every connection at INFO from their own thread;
+# a test that left the root logger at INFO would print them into the test output.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 @pytest.fixture(autouse=True)
