@@ -361,12 +361,13 @@ def test_daily_digest_routes_groups_counts_and_steps(env: Any, smtp: SmtpSink) -
     assert "Silenced (not listed):           1" in text
     assert 'data-count="new">3<' in html
 
-    # Grouped by check; each item with who, what, steps and the next check.
+    # Grouped by check; each item with who, what and the next check; the steps the
+    # items share are said once for them (forty new items are not forty copies).
     section = text.split("== Parent without portal authority (authority_invalid): 2 ==")[1]
     section = section.split("\n== ")[0]
     assert "chart P101, contact C201" in section and "chart P102, contact C202" in section
-    assert section.count("What to do:") == 2
-    assert REMEDIES["authority_invalid"][0] in section
+    assert section.count("What to do for each:") == 1
+    assert section.count(REMEDIES["authority_invalid"][0]) == 1
     assert "oprecon checks again: on the next scan (every 5 minutes)" in section
     assert "[REMINDER] chart P103, contact C203" in text  # 3 days old: daily reminder
     assert "== Parent listed as Self on their own chart (self_role): 1 ==" in text
@@ -1634,3 +1635,22 @@ def test_next_check_says_staff_approval_root_cause_or_hold(env: Any, smtp: SmtpS
     assert "staff approval: oprecon fixes approve 7" in lines["welcome_not_sent"]
     assert "after patient_email_present P2 is fixed in OP" in lines["caregiver_link_missing"]
     assert "next scan" in lines["authority_invalid"]
+
+
+def test_a_daily_digest_says_the_steps_of_many_new_items_once(env: Any, smtp: SmtpSink) -> None:
+    """Forty parents whose authority needs a look, found the same day: the daily digest
+    lists each family once with its reference, and the steps once for all of them."""
+    e = env()
+    after_yesterday(e)
+    for i in range(40):
+        e.add("authority_invalid", "open", PREV_CLOSE + timedelta(hours=2, minutes=i),
+              patient=f"P{500 + i}", contact=f"C{500 + i}")
+    e.send_due()
+    [fd] = smtp.to(FD)
+    text, html = parts(fd)
+    assert len(fd.as_bytes()) < 25_000, len(fd.as_bytes())
+    for step in REMEDIES["authority_invalid"]:
+        assert text.count(step) == 1 and html.count(str(escape(step))) == 1, step
+    for i in range(40):
+        assert text.count(f"chart P{500 + i}, contact C{500 + i}") == 1
+    assert "New since the last digest:       40" in text

@@ -973,6 +973,8 @@ def build_daily(
         group.items.append(item)
     for group in listed.values():
         group.items.sort(key=lambda i: (not i.escalated, not i.new, i.since))
+        if len(group.items) > 1:  # forty new items of one check: the steps once, not forty times
+            group.sets = step_sets(group.items)
     digest.groups = [listed[c] for c in sorted(listed, key=_check_order)]
     digest.backlog_rows = [backlog_rows[c] for c in sorted(backlog_rows, key=_check_order)]
     return digest
