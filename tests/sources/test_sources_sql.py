@@ -38,6 +38,12 @@ PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 pytestmark = pytest.mark.services
 
 
+def hidden(n: int) -> str:
+    """How a bad value that holds a word is described instead of quoted (a name
+    shifted into the column must not be repeated)."""
+    return f"[{n} characters not shown: a word here may be a name from another column]"
+
+
 @pytest.fixture(scope="module")
 def pg_admin() -> Iterator[Engine]:
     engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -116,8 +122,8 @@ def test_csv_sqlite_and_postgresql_agree(
     }
     assert from_csv["invalid"] == sorted([
         ("bad dob (not a valid YYYY-MM-DD date)", "P9", None, None),
-        ("bad active 'maybe'", None, "C9", None),
-        ("unknown authority 'Shared'", "P1", "C9", None),
+        (f"bad active {hidden(5)}", None, "C9", None),
+        (f"unknown authority {hidden(6)}", "P1", "C9", None),
         ("missing patient_id", None, "C8", None),
         ("missing active", "P9", None, "U9"),
     ])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 
@@ -30,7 +30,14 @@ from worker.model.records import (
     PortalSource,
     PortalUser,
 )
-from worker.model.text import MAX_ID, has_control, id_problem, scrub_text, strip_controls
+from worker.model.text import (
+    MAX_ID,
+    REDACTED,
+    has_control,
+    id_problem,
+    scrub_text,
+    strip_controls,
+)
 
 Row = Mapping[str, str | None]
 
@@ -55,16 +62,33 @@ class _Problems:
         self.reasons.append(reason)
 
 
-def _shown(value: str) -> str:
+_WORD = re.compile(r"[^\W\d_]{3,}")
+
+
+def _shown(value: str, allowed: Iterable[str] = ()) -> str:
     """Quote a non-PHI value for a reason, shortened and safe to print.
 
     The field is not PHI, but its value may be: a bad value is often another column's
     (an export with columns swapped or shifted puts an email in `status`, a birth date
-    in `updated_at`). Emails, phone numbers and dates are masked as in the logs."""
+    in `updated_at`, a last name in `authority`). Emails, phone numbers and dates are
+    masked as in the logs; a name has no pattern to mask, so a value holding a word is
+    quoted only when it is a near miss of one of the column's own values (`Joint`
+    typed `Jiont`), and otherwise described, not quoted."""
     value = strip_controls(scrub_text(_SURROGATE.sub("\ufffd", value)))
+    if _WORD.search(value.replace(REDACTED, "")) and not _near(value, allowed):
+        return f"[{len(value)} characters not shown: a word here may be a name from another column]"
     if len(value) > _MAX_SHOWN:
         value = value[:_MAX_SHOWN] + "..."
     return f"'{value}'"
+
+
+def _near(value: str, allowed: Iterable[str]) -> bool:
+    """A typo of one of a column's values: two edits at most, on a word of 4 or more."""
+    from rapidfuzz.distance import OSA
+
+    lowered = value.lower()
+    return any(len(a) >= 4 and OSA.distance(lowered, a.lower(), score_cutoff=2) <= 2
+               for a in allowed)
 
 
 def _text(row: Row, key: str) -> str:
@@ -177,7 +201,8 @@ def _bool(row: Row, key: str, problems: _Problems) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    problems.add(f"missing {key}" if not value else f"bad {key} {_shown(value)}")
+    problems.add(f"missing {key}" if not value
+                 else f"bad {key} {_shown(value, (*_TRUE, *_FALSE))}")
     return False
 
 
@@ -187,7 +212,7 @@ def _authority(row: Row, problems: _Problems) -> Authority:
         return Authority.NONE
     found = _AUTHORITY.get(value.lower())
     if found is None:
-        problems.add(f"unknown authority {_shown(value)}")
+        problems.add(f"unknown authority {_shown(value, _AUTHORITY)}")
         return Authority.NONE
     return found
 
@@ -197,7 +222,8 @@ def _status(row: Row, problems: _Problems) -> str:
     found = _STATUS.get(value.lower())
     if found is None:
         problems.add(
-            "missing status" if not value else f"bad status {_shown(value)} (Active or Inactive)"
+            "missing status" if not value
+            else f"bad status {_shown(value, _STATUS)} (Active or Inactive)"
         )
         return ""
     return found
