@@ -24,12 +24,13 @@ class Scope:
     # neighbourhood, too little for checks that compare every contact with every other.
     exclude_checks: frozenset[str] = field(default_factory=frozenset)
     # Contacts whose duplicate groups this run decides (contact_duplicate only; when set,
-    # the only ones): an incremental scan's changed contacts and every member of their
-    # groups, so a group replaced by another is resolved even if none of its members
-    # changed, and groups of unchanged contacts nearby are left alone.
+    # the only ones): an incremental scan's changed contacts (a family run's scope
+    # contacts) and every member of their groups, so a group replaced by another is
+    # resolved even if none of its members changed, and groups of contacts nearby are
+    # left alone.
     duplicate_contact_ids: frozenset[str] = field(default_factory=frozenset)
-    # Checks this run reports but never resolves by not seeing them: a family run finds
-    # duplicate candidates through exact blocking keys only, the full scan decides.
+    # Checks this run reports but never resolves by not seeing them: a family run with no
+    # kept duplicate index finds candidates through exact keys only, the full scan decides.
     keep_unseen: frozenset[str] = field(default_factory=frozenset)
     # Ids this run leaves alone (worker.scan.locks, "fences"): a family run wrote their
     # findings from a newer read while this practice scan was reading.

@@ -1,4 +1,4 @@
-"""`contact_duplicate` in incremental scans, without reading every contact.
+"""`contact_duplicate` in incremental scans and family runs, without reading every contact.
 
 A full scan keeps what its duplicate matcher learned (worker.matching.index): the
 Fellegi-Sunter parameters and the blocking keys of every contact (`duplicate_index`, one
@@ -19,6 +19,11 @@ for a bulk change (more than `BULK_SHARE` of the contacts to decide), the scan f
 to reading every contact and running the whole matcher, as before, says so in its log
 and trace, and keeps what that run learned. A scan with no contact changes only moves
 `covered_at` along.
+
+Runs about a few families (on-call `--patient` / `--contact`: `decide_family`) decide the
+groups of their contacts through the same steps 1-2 and keep nothing; without a usable
+kept index they fall back to their exact-key candidates
+(worker.scan.incremental.duplicate_candidates), never to a read of every contact.
 """
 
 from __future__ import annotations
@@ -138,21 +143,36 @@ def _kept_index(deps: Any, mark_at: datetime) -> tuple[Any, KeyIndex | None, str
     return model, base.updated(updates), ""
 
 
-def decide(deps: Any, reads: Any, focus: set[str], mark_at: datetime,
-           now: datetime) -> Decision:
-    """The duplicate groups holding a `focus` contact (module docstring)."""
-    t0 = time.perf_counter()
-    practice = deps.settings.practice
-    threshold = deps.settings.duplicate_match_threshold
+@dataclass
+class _Looked:
+    """The groups around some contacts, decided through the kept index."""
+
+    findings: list[Finding]
+    changed: dict[str, np.ndarray | None]  # keys that differ from the kept ones
+    contacts: int  # contacts of the practice (kept keys)
+    read: int  # contact rows read
+    pairs: int
+    rounds: int
+
+
+def _through_index(deps: Any, reads: Any, focus: set[str], mark_at: datetime | None,
+                   known: Iterable[Contact] = ()) -> _Looked | str:
+    """Steps 1-2 of the module docstring (`known`: current records of focus contacts
+    already read, not read again), or why the kept index cannot be used."""
+    if mark_at is None:
+        return "no scan has set a watermark yet"
     model, index, reason = _kept_index(deps, mark_at)
     if model is None or index is None:
-        return _whole(deps, reads, focus, now, reason)
+        return reason
     if len(focus) > max(MIN_BULK, index.n * BULK_SHARE):
-        return _whole(deps, reads, focus, now, f"{len(focus)} contacts changed (a bulk "
-                      "change: one read of every contact costs less than reads by id)")
+        return (f"{len(focus)} contacts changed (a bulk change: one read of every "
+                "contact costs less than reads by id)")
     rows_before = reads.rows
     current: dict[str, Contact] = {}
-    for c in _read(reads, focus):
+    for c in known:
+        if c.contact_id in focus:
+            current.setdefault(c.contact_id, c)
+    for c in _read(reads, focus - set(current)):
         current.setdefault(c.contact_id, c)
     ids, keys = contact_keys(current.values())
     updates: dict[str, np.ndarray | None] = dict(zip(ids, keys, strict=True))
@@ -160,27 +180,66 @@ def decide(deps: Any, reads: Any, focus: set[str], mark_at: datetime,
     changed = {cid: k for cid, k in updates.items() if not _same(index.keys_of(cid), k)}
     index = index.updated(changed)
     around = groups_around(focus, index, model, lambda wanted: _read(reads, wanted),
-                           known=current.values(), threshold=threshold)
+                           known=current.values(),
+                           threshold=deps.settings.duplicate_match_threshold)
     if around.groups is None:
-        return _whole(deps, reads, focus, now,
-                      f"a duplicate group kept growing after {MAX_ROUNDS} rounds of reads")
-    findings = list(group_findings(around.groups))
-    read = reads.rows - rows_before
-    kept_changes = {cid: (k.tolist() if k is not None else None) for cid, k in changed.items()}
+        return f"a duplicate group kept growing after {MAX_ROUNDS} rounds of reads"
+    return _Looked(list(group_findings(around.groups)), changed, index.n,
+                   reads.rows - rows_before, around.pairs, around.rounds)
+
+
+def decide(deps: Any, reads: Any, focus: set[str], mark_at: datetime,
+           now: datetime) -> Decision:
+    """The duplicate groups holding a `focus` contact (module docstring)."""
+    t0 = time.perf_counter()
+    looked = _through_index(deps, reads, focus, mark_at)
+    if isinstance(looked, str):
+        return _whole(deps, reads, focus, now, looked)
+    practice = deps.settings.practice
+    findings, read = looked.findings, looked.read
+    kept_changes = {cid: (k.tolist() if k is not None else None)
+                    for cid, k in looked.changed.items()}
 
     def persist(session: Session) -> None:
         kept.save_key_changes(session, practice, kept_changes, now, now)
 
     seconds = time.perf_counter() - t0
     log.info("duplicates_incremental", focus=len(focus), contacts_read=read,
-             rounds=around.rounds, pairs=around.pairs, groups=len(findings),
-             keys_changed=len(changed), seconds=round(seconds, 3))
+             rounds=looked.rounds, pairs=looked.pairs, groups=len(findings),
+             keys_changed=len(looked.changed), seconds=round(seconds, 3))
     return Decision(
         findings, frozenset(focus).union(*(f.contact_ids or () for f in findings)),
-        f"contact_duplicate: {len(focus)} contact(s) compared through the kept blocking "
-        f"keys of {index.n} with the last full scan's parameters; {read} contact row(s) "
-        f"read, {around.pairs} pair(s) scored, {len(findings)} group(s), "
-        f"{seconds:.2f}s", persist, read)
+        _trace(focus, looked, seconds), persist, read)
+
+
+def decide_family(deps: Any, reads: Any, focus: set[str], mark_at: datetime | None,
+                  known: Iterable[Contact] = ()) -> Decision | str:
+    """For a run about a few families (worker.scan.incremental.family_reconcile): the
+    groups holding a `focus` contact, decided as `decide` does (the same kept keys and
+    parameters, the same reads by id), or why the kept index cannot be used. Nothing is
+    kept: a family run does not move the watermark, so the next incremental scan still
+    brings the keys of changed contacts up to date. Keys of contacts changed since the
+    last scan (other than the focus ones, read now) are that scan's: a contact changed
+    since to look like a focus contact is found by the next incremental scan."""
+    t0 = time.perf_counter()
+    looked = _through_index(deps, reads, focus, mark_at, known)
+    if isinstance(looked, str):
+        return looked
+    seconds = time.perf_counter() - t0
+    log.info("duplicates_family", focus=len(focus), contacts_read=looked.read,
+             rounds=looked.rounds, pairs=looked.pairs, groups=len(looked.findings),
+             seconds=round(seconds, 3))
+    return Decision(
+        looked.findings,
+        frozenset(focus).union(*(f.contact_ids or () for f in looked.findings)),
+        _trace(focus, looked, seconds), _noop, looked.read)
+
+
+def _trace(focus: Collection[str], looked: _Looked, seconds: float) -> str:
+    return (f"contact_duplicate: {len(focus)} contact(s) compared through the kept blocking "
+            f"keys of {looked.contacts} with the last full scan's parameters; {looked.read} "
+            f"contact row(s) read, {looked.pairs} pair(s) scored, {len(looked.findings)} "
+            f"group(s), {seconds:.2f}s")
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:

@@ -554,25 +554,18 @@ def neighbourhood(
 
 # -- family-scoped runs (on-call, verify) -----------------------------------------------
 
-# Rounds of the duplicate candidates' closure: each reads the blocking keys of the
-# contacts a group newly reached. Real groups are two or three records.
+# Rounds of the exact-key duplicate candidates' closure (`duplicate_candidates`, used
+# without a kept index): each reads the keys of the contacts a group newly reached.
 DUPLICATE_ROUNDS = 3
 
 
-def family_snapshot(
-    reads: Reads, seeds: Ids, now: datetime, window: timedelta, *, duplicates: bool
-) -> Snapshot:
+def family_snapshot(reads: Reads, seeds: Ids, now: datetime, window: timedelta) -> Snapshot:
     """What a run about a few families reads: their neighbourhood (as an incremental
-    scan reads it), the Welcome events of the window, and (`duplicates`) the contacts
-    that share a blocking key with theirs, so that `contact_duplicate` can be decided
-    for them without reading the practice."""
+    scan reads it) and the Welcome events of the window. `contact_duplicate` is decided
+    apart (`family_duplicates`)."""
     audit = [e for e in reads.changed(reads.portal, "portal_audit", "audit", now - window)
              if isinstance(e, InvalidRecord) or (e.action == WELCOME_ACTION and e.email)]
-    snap = neighbourhood(reads, seeds, audit, {})
-    if duplicates:
-        for contact in duplicate_candidates(reads, snap, seeds.contacts | _family(snap, seeds)):
-            snap.add(contact)
-    return snap
+    return neighbourhood(reads, seeds, audit, {})
 
 
 def family_view(reads: Reads, patient_id: str, now: datetime, window: timedelta) -> Snapshot:
@@ -580,7 +573,7 @@ def family_view(reads: Reads, patient_id: str, now: datetime, window: timedelta)
     portal users, links and sources), for a page or a `--local` run that shows one family:
     a targeted read, never the practice (`reads.rows` counts what it cost)."""
     seeds = _whole_family(reads, Ids(patients={patient_id}))
-    return family_snapshot(reads, seeds, now, window, duplicates=False)
+    return family_snapshot(reads, seeds, now, window)
 
 
 def contact_charts(reads: Reads, contact_id: str) -> list[str]:
@@ -596,16 +589,64 @@ def _family(snap: Snapshot, seeds: Ids) -> set[str]:
     return out
 
 
-def duplicate_candidates(reads: Reads, snap: Snapshot, seeds: set[str]) -> list[Contact]:
-    """Contacts not in `snap` that the duplicate check could group with a seed contact.
+def family_duplicates(
+    deps: Deps, reads: Reads, snap: Snapshot, seeds: Ids, scope: Scope,
+    said: set[str] | None = None,
+) -> tuple[Scope, str]:
+    """Decide `contact_duplicate` for a family run's contacts; returns the run's scope
+    and a line for its trace.
 
-    The check compares only pairs sharing an email, a phone, an address or a date of
-    birth (worker.matching.duplicates, "Cost"). This reads the contacts sharing a seed's
-    email, phone or date of birth (as written; an address pair always shares a name and
-    almost always one of those), then the same for every contact a group reaches, until
-    no group grows. What it can miss (the same phone written differently, an address
-    alone) the nightly full scan finds; the run does not resolve a duplicate it did not
-    see (`Scope.keep_unseen`)."""
+    The contacts compared: the seeds', those on the seed charts (their groups are
+    blockers that hold back a fix on those charts: worker.checks.rootcause) and every
+    member of an open group holding a scope contact (the group may have shrunk to one
+    without it). With a usable kept index they are compared with every contact of the
+    practice through it, with the last full scan's parameters
+    (worker.scan.duplicate_index.decide_family): the groups holding a scope contact are
+    the full scan's, so the run raises and resolves them (`Scope.duplicate_contact_ids`),
+    like an incremental scan. Without one (the reason is logged once per run: `said`),
+    contacts sharing an exact email, phone or DOB are read instead
+    (`duplicate_candidates`) and the run resolves no group it did not see
+    (`Scope.keep_unseen`)."""
+    practice = deps.settings.practice
+    own = grouped_with(deps, practice, set(scope.contact_ids))
+    family = seeds.contacts | _family(snap, seeds)
+    focus = own | family
+    with deps.sessions() as session:
+        mark = read_watermark(session, practice) or {}
+    mark_at = datetime.fromisoformat(mark["at"]) if mark.get("at") else None
+    known = [snap.contacts[c] for c in sorted(focus) if c in snap.contacts]
+    dup = duplicate_index.decide_family(deps, reads, focus, mark_at, known)
+    if isinstance(dup, str):
+        if said is None or dup not in said:
+            log.info("duplicates_family_fallback", reason=dup, focus=len(family))
+            if said is not None:
+                said.add(dup)
+        rows = reads.rows
+        for contact in duplicate_candidates(reads, snap, family):
+            snap.add(contact)
+        return replace(scope, keep_unseen=FULL_SCAN_ONLY), (
+            f"contact_duplicate: {dup}, so only contacts sharing an email, a phone or a date "
+            f"of birth as written with the family's were compared ({reads.rows - rows} "
+            "row(s) read); a group only a full scan sees is neither raised nor resolved")
+    snap.duplicate_findings = dup.findings
+    decided = set(own)
+    for f in dup.findings:
+        if not own.isdisjoint(f.contact_ids or ()):
+            decided.update(f.contact_ids or ())
+    return replace(scope, duplicate_contact_ids=frozenset(decided), keep_unseen=frozenset()
+                   ), dup.trace
+
+
+def duplicate_candidates(reads: Reads, snap: Snapshot, seeds: set[str]) -> list[Contact]:
+    """Without a kept index: contacts not in `snap` that the duplicate check could group
+    with a seed contact, read by exact keys.
+
+    This reads the contacts sharing a seed's email, phone or date of birth (as written),
+    then the same for every contact a group reaches, until no group grows, and the whole
+    matcher runs on that small pool. What it misses (the same phone written differently,
+    an address alone, a DOB typo) the next full scan finds; the run does not resolve a
+    duplicate it did not see (`Scope.keep_unseen`), and its probabilities are the small
+    pool's, not the practice's."""
     from worker.matching.duplicates import find_duplicate_groups, normalise_email, normalise_phone
 
     pool: dict[str, Contact] = dict(snap.contacts)
@@ -646,15 +687,17 @@ def family_reconcile(
     `scope` is fixed (verify); else it is the patient's or contact's, as in a full read.
     """
     settings = deps.settings
+    said: set[str] = set()  # duplicate fallback reasons logged (once per run)
     for attempt in range(1, attempts + 1):
         at = now or utcnow()
         read_at = time.time()
         t0 = time.perf_counter()
         reads = Reads(deps.op, deps.portal)
-        snap = family_snapshot(reads, seeds if scope is not None else _whole_family(reads, seeds),
-                               at, settings.welcome_window, duplicates=scope is None)
+        family = seeds if scope is not None else _whole_family(reads, seeds)
+        snap = family_snapshot(reads, family, at, settings.welcome_window)
+        run_scope, dup_trace = (scope, None) if scope is not None else family_duplicates(
+            deps, reads, snap, family, _family_scope(snap, request), said)
         t_read = time.perf_counter() - t0
-        run_scope = scope or _family_scope(snap, request)
         try:
             with guard(read_at, run_scope):
                 result = reconcile(deps, request, kind=kind, now=at, task_id=task_id,
@@ -667,6 +710,8 @@ def family_reconcile(
         result.total_seconds += t_read
         result.trace.insert(0, f"family-scoped: {reads.rows} row(s) read in {t_read:.2f}s "
                                f"(the family's neighbourhood, not the practice)")
+        if dup_trace is not None:
+            result.trace.insert(1, dup_trace)
         log.info("family_scan", run_id=result.run_id, kind=kind, rows_read=reads.rows,
                  snapshot_records=snap.records, seconds=round(time.perf_counter() - t0, 3))
         return result
