@@ -87,7 +87,7 @@ def test_logs_follow_stderr_after_the_stream_they_started_on_is_closed(
         first.close()
         now = io.StringIO()
         monkeypatch.setattr(sys, "stderr", now)
-        logging.getLogger("mail.log").info("peer connected")
+        logging.getLogger("some.library").info("peer connected")
         assert json.loads(now.getvalue())["event"] == "peer connected"
     finally:
         setup_logging("WARNING", "json")
