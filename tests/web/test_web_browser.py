@@ -1,10 +1,11 @@
 """Staff using the console in real headless Chromium (Debian's chromium and
 chromium-driver): log in, open a family from the dashboard, silence a finding, approve a
-staged batch, run an ad hoc reconcile on a real worker and watch it finish, and a viewer
-who finds every action disabled.
+staged batch, run an ad hoc reconcile on a real worker and watch it finish, follow a
+finding that names only contacts to their families, and a viewer who finds every action
+disabled.
 
 With OPRECON_TEST_SCREENSHOTS_DIR set (scripts/console-screenshots.sh sets it to docs/), the
-first test saves the dashboard, findings and family pages there.
+first test saves the dashboard, findings and family pages there, the second the contact page.
 """
 
 from __future__ import annotations
@@ -142,6 +143,28 @@ def test_operator_opens_a_family_from_the_dashboard_and_silences_a_finding(
     with world.sessions() as s:
         row = s.scalar(select(FindingRow).where(FindingRow.fingerprint == fingerprint))
         assert row is not None and row.state == S.OPEN
+
+
+def test_staff_follow_a_finding_that_names_only_contacts_to_their_families(
+    page: WebDriver, console: LiveConsole, world: World
+) -> None:
+    """A duplicate group names contacts, not a chart: its row links to the contact's
+    page, which lists the charts they are on (read from OP now) and the findings naming
+    them, and each chart opens its family."""
+    d = page
+    log_in(d, console, OPERATOR)
+    d.get(console.url + "/findings?check=contact_duplicate&state=all")
+    submit(d, d.find_element(By.LINK_TEXT, "via contact"))
+    assert "/families/" in d.current_url or "/contacts/" in d.current_url
+    # C000136 is a family contact on two charts: the page lets staff choose.
+    d.get(console.url + "/contacts/C000136")
+    charts = d.find_element(By.ID, "charts").text
+    assert "P000127" in charts and "P000128" in charts
+    assert "authority_invalid" in d.find_element(By.ID, "contact-findings").text
+    shot(d, "console-contact.png")
+    submit(d, d.find_element(By.LINK_TEXT, "P000127"))
+    assert d.current_url.endswith("/families/P000127")
+    assert "C000136" in d.find_element(By.ID, "contacts").text
 
 
 def test_operator_reviews_each_staged_fix_then_approves_the_batch(
