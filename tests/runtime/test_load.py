@@ -127,11 +127,15 @@ def test_fences_order_family_and_practice_writes(settings: Settings) -> None:
         assert not ceded
 
 
+@pytest.mark.parametrize("late", ["full scan", "shard"])
 def test_a_practice_scan_from_an_older_read_leaves_a_newer_family_result_alone(
-    settings: Settings, sessions: Any
+    settings: Settings, sessions: Any, late: str
 ) -> None:
-    """The on-call run saw the chart fixed and resolved its finding; a full scan that had
-    read the practice before the fix commits afterwards: it must not reopen it."""
+    """The on-call run saw the chart fixed and resolved its finding; a full scan (or one
+    shard of a sharded nightly scan: no practice lock, but the same write section) that
+    had read the practice before the fix commits afterwards: it must not reopen it."""
+    from worker.scan import shards
+
     before = clean_family() + [patient("P2", email="kid@example.org"), contact("C2"),
                                fc("P2", "C2")]
     deps = _deps(settings, sessions, before)
@@ -149,40 +153,17 @@ def test_a_practice_scan_from_an_older_read_leaves_a_newer_family_result_alone(
     assert on_call.status == "succeeded" and on_call.result is not None
     assert on_call.result.sync.resolved == 1
 
-    late = reconcile(deps, ScopeRequest(), kind="full", now=NOW + timedelta(minutes=2),
-                     snapshot=old_snapshot,
-                     write_section=lambda: practice_write(settings, read_at, wait_seconds=5))
-    assert any("on-call runs that read them after this scan did" in t for t in late.trace)
-    with deps.sessions() as s:
-        row = s.scalar(select(FindingRow).where(FindingRow.check == "patient_email_present"))
-        assert row is not None and row.state == S.RESOLVED
+    def section() -> Any:
+        return practice_write(settings, read_at, wait_seconds=5)
 
-
-def test_a_shard_from_an_older_read_leaves_a_newer_family_result_alone(
-    settings: Settings, sessions: Any
-) -> None:
-    """As above, for one shard of a sharded nightly scan: shards take no practice lock,
-    but their writes go through the same write section, so the on-call run's newer
-    result stands."""
-    from worker.scan import shards
-
-    before = clean_family() + [patient("P2", email="kid@example.org"), contact("C2"),
-                               fc("P2", "C2")]
-    deps = _deps(settings, sessions, before)
-    assert service.scan(settings, "full", deps=deps, now=NOW).status == "succeeded"
-    read_at = time.time()  # the shard's read (of the practice before the fix) starts here
-    time.sleep(0.01)
-    fixed_deps = _deps(settings, sessions, clean_family() + [patient("P2"), contact("C2"),
-                                                             fc("P2", "C2")])
-    on_call = service.scan(settings, "adhoc", ScopeRequest("patient", "P2"), deps=fixed_deps,
-                           now=NOW + timedelta(minutes=1))
-    assert on_call.result is not None and on_call.result.sync.resolved == 1
-
-    parent = shards.start(deps, 1, now=NOW + timedelta(minutes=2))
-    late = shards.run_shard(
-        deps, parent, 0, 1, now=NOW + timedelta(minutes=2),
-        write_section=lambda: practice_write(settings, read_at, wait_seconds=5))
-    assert any("on-call runs that read them after this scan did" in t for t in late.trace)
+    later = NOW + timedelta(minutes=2)
+    if late == "shard":  # it reads `deps`, the practice as it was before the fix
+        result = shards.run_shard(deps, shards.start(deps, 1, now=later), 0, 1, now=later,
+                                  write_section=section)
+    else:
+        result = reconcile(deps, ScopeRequest(), kind="full", now=later,
+                           snapshot=old_snapshot, write_section=section)
+    assert any("on-call runs that read them after this scan did" in t for t in result.trace)
     with deps.sessions() as s:
         row = s.scalar(select(FindingRow).where(FindingRow.check == "patient_email_present"))
         assert row is not None and row.state == S.RESOLVED

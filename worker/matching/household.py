@@ -51,6 +51,7 @@ one person", and a third record with better evidence may still link the two.
 from __future__ import annotations
 
 import numpy as np
+from rapidfuzz.distance import OSA
 
 from worker.matching.columns import Columns
 from worker.matching.compare import F_ADDR, F_DOB, F_EMAIL, F_FIRST, F_LAST, F_PHONE, Compared
@@ -123,8 +124,6 @@ def _first_name_typo(cols: Columns, fi: np.ndarray, fj: np.ndarray, first: np.nd
     maybe = np.flatnonzero(ok & one_known & ~known & (first >= 1) & (first <= 2) & (dob != 0))
     if not len(maybe):
         return out
-    from rapidfuzz.distance import OSA
-
     words = cols.name_words
     pairs = {(int(a), int(b)) for a, b in zip(fi[maybe], fj[maybe], strict=True)}
     slip = {(a, b) for a, b in pairs
